@@ -1,0 +1,472 @@
+"""Phi4Flash (SambaY): the decoder-hybrid-decoder of microsoft/Phi-4-mini-flash-reasoning, top-down.
+
+Paper: "Decoder-Hybrid-Decoder Architecture for Efficient Reasoning with Long Generation" (arXiv 2507.06607).
+Reference code: the checkpoint's ``modeling_phi4flash.py``; the spec is shared/reference/architecture.md.
+
+Layout for L layers (see config.py): a self-decoder of Mamba and sliding-window differential attention
+(layers 0 .. L/2-1), the Mamba layer L/2 that also emits the GMU memory, the full-attention layer L/2+1
+whose K/V every cross-attention layer reads, then a cross-decoder of GMUs (gating by layer L/2's memory)
+and query-only cross-attention layers. No positional encoding anywhere.
+
+Glossary: B batch, T new tokens, S keys, D hidden, E Mamba inner width, K conv taps, N SSM state, R dt
+rank, H query heads, Hkv kv heads, Dh head width, W window, V vocab.
+
+Precision follows the official code: the residual stream is float32 from the first layer on, whatever
+the model dtype; LayerNorm inputs are cast to the weights' dtype; the selective scan, A = -exp(A_log),
+the lambda exponentials and the subln RMSNorm are computed in float32; ``A_log`` and the lambdas are
+kept in float32. Module names equal checkpoint names (``model.layers.N.attn.Wqkv.weight``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import GlobalKV, MambaState, Phi4FlashCache, SlidingKV
+from .config import (
+    CROSS_ATTENTION,
+    FULL_ATTENTION,
+    GMU,
+    MAMBA_KINDS,
+    MAMBA_MEMORY,
+    SLIDING_ATTENTION,
+    Phi4FlashConfig,
+)
+from .ops import (
+    acc_dtype,
+    attention_mask,
+    causal_conv1d,
+    causal_conv1d_step,
+    differential_attention,
+    selective_scan,
+    selective_scan_step,
+)
+
+logger = logging.getLogger(__name__)
+
+# Parameters kept in float32 (float64 for a float64 model) whatever the model dtype.
+FP32_PARAMETERS = ("A_log", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+
+
+@dataclass
+class _Context:
+    """Where the T new tokens sit, shared by all layers of one forward call."""
+
+    query_pos: torch.Tensor  # (b, T) absolute positions
+    key_valid: torch.Tensor | None  # (b, T) False at left padding (full forward only)
+    cache: Phi4FlashCache | None
+    rows: torch.Tensor | None  # (b,) cache rows of this batch; None means all rows in order
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
+
+
+def _put(t: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> None:
+    if rows is None:
+        t.copy_(value)
+    else:
+        t[rows] = value
+
+
+class Phi4FlashForCausalLM(nn.Module):
+    """The language model: :class:`Phi4FlashModel` plus a tied LM head.
+
+    ``model(input_ids)`` returns logits (B, T, V) in float32. With ``cache=`` the tokens continue what
+    the cache holds (prefill, chunked prefill, multi-token continuation or one-token decode).
+    """
+
+    def __init__(self, config: Phi4FlashConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Phi4FlashModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                cache: Phi4FlashCache | None = None, rows: list[int] | torch.Tensor | None = None,
+                logits_to_keep: int = 0, skip_cross_decoder: bool = True) -> torch.Tensor:
+        """Logits for the new tokens.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T) 1 for real tokens, 0 for left padding (full forward without cache).
+            cache: decode state to continue from and update; ``None`` for a stateless full forward.
+            rows: cache rows that the B sequences occupy (default: all rows, in order). With T > 1 the
+                rows must be at the same length.
+            logits_to_keep: 0 for every position; 1 for the last one only, which also lets the
+                cross-decoder run on the last token only (the prefill skip) unless ``skip_cross_decoder``
+                is False.
+            skip_cross_decoder: allow the prefill skip when ``logits_to_keep == 1``.
+
+        Returns:
+            (B, T, V) float32 logits, or (B, 1, V) with ``logits_to_keep=1``.
+        """
+        last_only = logits_to_keep == 1 and skip_cross_decoder
+        hidden = self.model(input_ids, attention_mask, cache=cache, rows=rows, last_only=last_only)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, cache: Phi4FlashCache,
+             rows: list[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step: (B,) next token ids -> (B, V) float32 logits; rows may be at different lengths."""
+        return self(input_ids[:, None], cache=cache, rows=rows)[:, -1]
+
+    def new_cache(self, batch_size: int, max_length: int) -> Phi4FlashCache:
+        """Empty decode state for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        weight = self.model.embed_tokens.weight
+        return Phi4FlashCache(self.config, batch_size, max_length, dtype=weight.dtype, device=weight.device)
+
+    def to_dtype(self, dtype: torch.dtype) -> Phi4FlashForCausalLM:
+        """Cast to ``dtype``, keeping A_log and the lambdas in at least float32."""
+        self.to(dtype)
+        keep = acc_dtype(dtype)
+        for name, param in self.named_parameters():
+            if name.rsplit(".", 1)[-1] in FP32_PARAMETERS:
+                param.data = param.data.to(keep)
+        return self
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random initialisation in the style of the official code (for training and tests)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, Mamba):
+                module.reset_ssm_parameters()
+            elif isinstance(module, DiffAttentionCore):
+                for p in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
+                    nn.init.normal_(p, std=0.1)
+                nn.init.ones_(module.subln.weight)
+
+
+class Phi4FlashModel(nn.Module):
+    """Embedding, the L decoder layers, the final LayerNorm; returns the final hidden states."""
+
+    def __init__(self, config: Phi4FlashConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, idx) for idx in range(config.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                cache: Phi4FlashCache | None = None, rows: list[int] | torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) hidden states, or (B, 1, D) when ``last_only`` (cross-decoder skip)."""
+        config = self.config
+        batch, length = input_ids.shape
+        device = input_ids.device
+        steps = torch.arange(length, device=device)
+        if cache is None:
+            ctx = _Context(query_pos=steps.expand(batch, length), cache=None, rows=None,
+                           key_valid=None if attention_mask is None else attention_mask.to(device).bool())
+        else:
+            if attention_mask is not None:
+                raise ValueError("attention_mask is for the stateless full forward; a cache keeps each row's "
+                                 "own length, so pass unpadded rows instead")
+            row_index = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=device)
+            start = _take(cache.lengths, row_index)
+            if start.shape[0] != batch:
+                raise ValueError(f"input has {batch} rows but the cache selection has {start.shape[0]}")
+            if length > 1 and bool((start != start[0]).any()):
+                raise ValueError("multi-token continuation needs all selected cache rows at the same length")
+            if int(start.max()) + length > cache.max_length:
+                raise ValueError(f"{int(start.max())} cached + {length} new tokens exceed the cache's "
+                                 f"max_length={cache.max_length}")
+            ctx = _Context(query_pos=start[:, None] + steps, key_valid=None, cache=cache, rows=row_index)
+
+        residual_dtype = acc_dtype(self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(input_ids).to(residual_dtype)  # (B, T, D)
+        memory: torch.Tensor | None = None  # (B, T, E) from the memory layer, read by the GMUs
+        shared_kv: tuple[torch.Tensor, ...] | None = None  # from the full-attention layer, read by cross layers
+        for idx, layer in enumerate(self.layers):
+            if last_only and idx == config.kv_layer + 1 and x.shape[1] > 1:
+                # The cross-decoder works per token on the shared K/V: the last token alone gives the
+                # same next-token logits, at half the prefill cost.
+                x, memory = x[:, -1:], memory[:, -1:] if memory is not None else None
+                ctx = _Context(query_pos=ctx.query_pos[:, -1:], key_valid=None, cache=ctx.cache, rows=ctx.rows)
+            x, memory, shared_kv = layer(x, ctx, memory, shared_kv)
+        if cache is not None:
+            if ctx.rows is None:
+                cache.lengths += length
+            else:
+                cache.lengths[ctx.rows] += length
+        return self.final_layernorm(x.to(self.final_layernorm.weight.dtype))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + mixer(LN(x)), then + MLP(LN(.)); the mixer is always called ``attn``."""
+
+    def __init__(self, config: Phi4FlashConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.kind = config.layer_kinds[layer_idx]
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+        self.attn: nn.Module
+        if self.kind in MAMBA_KINDS:
+            self.attn = Mamba(config, layer_idx, emits_memory=self.kind == MAMBA_MEMORY)
+        elif self.kind == GMU:
+            self.attn = GatedMemoryUnit(config)
+        else:
+            self.attn = DiffAttention(config, layer_idx, self.kind)
+
+    def forward(self, x: torch.Tensor, ctx: _Context, memory: torch.Tensor | None,
+                shared_kv: tuple[torch.Tensor, ...] | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
+        """(B, T, D) residual stream -> the same, plus the memory and shared K/V passed along."""
+        h = self.input_layernorm(x.to(self.input_layernorm.weight.dtype))
+        if self.kind in MAMBA_KINDS:
+            out, emitted = self.attn(h, ctx)
+            memory = emitted if emitted is not None else memory
+        elif self.kind == GMU:
+            out = self.attn(h, memory)
+        else:
+            out, kv = self.attn(h, ctx, shared_kv)
+            shared_kv = kv if kv is not None else shared_kv
+        x = x + out.to(x.dtype)
+        x = x + self.mlp(self.post_attention_layernorm(x.to(self.post_attention_layernorm.weight.dtype))).to(x.dtype)
+        return x, memory, shared_kv
+
+
+class MLP(nn.Module):
+    """SwiGLU without biases: fc2(up * SiLU(gate)), gate = first half of fc1's output."""
+
+    def __init__(self, config: Phi4FlashConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        gate, up = self.fc1(x).chunk(2, dim=-1)  # (B, T, I) each
+        return self.fc2(up * F.silu(gate))
+
+
+class Mamba(nn.Module):
+    """Mamba-1 mixer; with ``emits_memory`` it also returns the GMU memory (the scan's read-out with the
+    D skip, before the SiLU(z) gate)."""
+
+    def __init__(self, config: Phi4FlashConfig, layer_idx: int, emits_memory: bool = False) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        d, e, n, r, k = (config.hidden_size, config.mamba_d_inner, config.mamba_d_state, config.mamba_dt_rank,
+                         config.mamba_d_conv)
+        self.emits_memory = emits_memory
+        self.d_state, self.dt_rank = n, r
+        self.in_proj = nn.Linear(d, 2 * e, bias=False)
+        self.conv1d = nn.Conv1d(e, e, kernel_size=k, groups=e, padding=k - 1, bias=True)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, e, bias=True)
+        self.A_log = nn.Parameter(torch.empty(e, n, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(e))
+        self.out_proj = nn.Linear(e, d, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        """Mamba's initialisation of A_log, D and the dt projection."""
+        if self.A_log.is_meta:
+            return
+        e, n = self.A_log.shape
+        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(e, n))
+        self.D.fill_(1.0)
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+        dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def _delta_b_c(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(..., E) conv output -> delta (..., E) after softplus, B and C (..., N); float32."""
+        acc = acc_dtype(x.dtype)
+        dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
+        return delta, b.to(acc), c.to(acc)
+
+    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scan read-out y and gate input z (same shape) -> (out_proj input gated, memory or None)."""
+        dtype = z.dtype
+        if self.emits_memory:
+            memory = y.to(dtype)
+            return memory * F.silu(z), memory
+        return (y * F.silu(z.to(y.dtype))).to(dtype), None
+
+    def forward(self, h: torch.Tensor, ctx: _Context) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, D) -> output (B, T, D) and the memory (B, T, E) or None."""
+        state = None
+        if ctx.cache is not None:
+            state = ctx.cache.layers[self.layer_idx]
+            assert isinstance(state, MambaState)
+            if h.shape[1] == 1:
+                return self.step(h[:, 0], state, ctx.rows)
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, T, E) each
+        x = x.transpose(1, 2)  # (B, E, T)
+        valid = None if ctx.key_valid is None else ctx.key_valid[:, None, :].to(x.dtype)
+        if valid is not None:  # left padding: zero inputs keep the state at zero, exactly
+            x = x * valid
+        x, conv_state = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias,
+                                      None if state is None else _take(state.conv, ctx.rows))
+        if valid is not None:
+            x = x * valid
+        delta, b, c = self._delta_b_c(x.transpose(1, 2))  # (B, T, E), (B, T, N), (B, T, N)
+        A = -torch.exp(self.A_log.to(acc_dtype(x.dtype)))  # (E, N)
+        y, ssm_state = selective_scan(x, delta.transpose(1, 2), A, b.transpose(1, 2), c.transpose(1, 2), self.D,
+                                      None if state is None else _take(state.ssm, ctx.rows))
+        if state is not None:
+            _put(state.conv, ctx.rows, conv_state.to(state.conv.dtype))
+            _put(state.ssm, ctx.rows, ssm_state.to(state.ssm.dtype))
+        gated, memory = self._gate(y.transpose(1, 2), z)  # (B, T, E)
+        return self.out_proj(gated), memory
+
+    def step(self, h: torch.Tensor, state: MambaState, rows: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token: (B, D) -> output (B, 1, D) and memory (B, 1, E) or None; updates ``state``."""
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, E) each
+        conv, ssm = _take(state.conv, rows), _take(state.ssm, rows)
+        x = causal_conv1d_step(x, self.conv1d.weight, self.conv1d.bias, conv)
+        delta, b, c = self._delta_b_c(x)
+        A = -torch.exp(self.A_log.to(acc_dtype(x.dtype)))
+        y = selective_scan_step(x, delta, A, b, c, self.D, ssm)  # (B, E)
+        if rows is not None:
+            state.conv[rows], state.ssm[rows] = conv, ssm
+        gated, memory = self._gate(y, z)
+        out = self.out_proj(gated)[:, None]
+        return out, None if memory is None else memory[:, None]
+
+
+class GatedMemoryUnit(nn.Module):
+    """GMU: out_proj(SiLU(in_proj(h)) * memory), per token, no biases."""
+
+    def __init__(self, config: Phi4FlashConfig) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(config.hidden_size, config.mamba_d_inner, bias=False)
+        self.out_proj = nn.Linear(config.mamba_d_inner, config.hidden_size, bias=False)
+
+    def forward(self, h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, D) and memory (B, T, E) -> (B, T, D)."""
+        if memory is None:
+            raise RuntimeError("a GMU layer needs the memory of the memory-emitting Mamba layer")
+        return self.out_proj(F.silu(self.in_proj(h)) * memory.to(h.dtype))
+
+
+class DiffAttentionCore(nn.Module):
+    """The lambdas and subln of differential attention (checkpoint name ``inner_cross_attn``)."""
+
+    def __init__(self, head_dim: int, layer_idx: int, eps: float) -> None:
+        super().__init__()
+        self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer_idx)  # global layer index, Mamba layers counted
+        self.lambda_q1 = nn.Parameter(torch.zeros(head_dim, dtype=torch.float32))
+        self.lambda_k1 = nn.Parameter(torch.zeros(head_dim, dtype=torch.float32))
+        self.lambda_q2 = nn.Parameter(torch.zeros(head_dim, dtype=torch.float32))
+        self.lambda_k2 = nn.Parameter(torch.zeros(head_dim, dtype=torch.float32))
+        self.subln = RMSNormWeight(2 * head_dim)
+        self.eps = eps
+
+    def lam(self) -> torch.Tensor:
+        """lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init, in float32 (0-dim)."""
+        acc = acc_dtype(self.lambda_q1.dtype)
+        l1 = torch.exp((self.lambda_q1.to(acc) * self.lambda_k1.to(acc)).sum())
+        l2 = torch.exp((self.lambda_q2.to(acc) * self.lambda_k2.to(acc)).sum())
+        return l1 - l2 + self.lambda_init
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, T, H, Dh), k/v (B, S, Hkv, Dh) -> (B, T, H * Dh)."""
+        return differential_attention(q, k, v, self.lam(), self.lambda_init, self.subln.weight, self.eps, mask)
+
+
+class RMSNormWeight(nn.Module):
+    """Holds the subln gain (checkpoint name ``subln.weight``); the norm itself is in ops."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class DiffAttention(nn.Module):
+    """Differential attention: sliding-window, full (K/V shared) or cross (queries only)."""
+
+    def __init__(self, config: Phi4FlashConfig, layer_idx: int, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                            config.head_dim)
+        self.window = config.sliding_window if kind == SLIDING_ATTENTION else None
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.Wqkv = nn.Linear(config.hidden_size, q_dim if kind == CROSS_ATTENTION else q_dim + 2 * kv_dim, bias=True)
+        self.out_proj = nn.Linear(q_dim, config.hidden_size, bias=True)
+        self.inner_cross_attn = DiffAttentionCore(self.head_dim, layer_idx, config.layer_norm_eps)
+        self.layer_idx = layer_idx
+
+    def forward(self, h: torch.Tensor, ctx: _Context, shared_kv: tuple[torch.Tensor, ...] | None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """(B, T, D) -> (B, T, D); the full-attention layer also returns (k, v, key_pos, key_valid) to share."""
+        b, t, _ = h.shape
+        qkv = self.Wqkv(h)
+        q_dim = self.num_heads * self.head_dim
+        q = qkv[..., :q_dim].view(b, t, self.num_heads, self.head_dim)  # (B, T, H, Dh)
+        if self.kind == CROSS_ATTENTION:
+            if shared_kv is None:
+                raise RuntimeError("a cross-attention layer needs the full-attention layer's K/V")
+            k, v, key_pos, key_valid = shared_kv
+            mask = attention_mask(ctx.query_pos, key_pos, key_valid, None)
+            return self.out_proj(self.inner_cross_attn(q, k, v, mask)), None
+        k, v = qkv[..., q_dim:].view(b, t, 2, self.num_kv_heads, self.head_dim).unbind(2)  # (B, T, Hkv, Dh) each
+        key_pos, key_valid = ctx.query_pos, ctx.key_valid
+        if ctx.cache is not None:
+            state = ctx.cache.layers[self.layer_idx]
+            if isinstance(state, SlidingKV):
+                k, v, key_pos, key_valid = self._sliding_keys(state, k, v, ctx)
+            else:
+                assert isinstance(state, GlobalKV)
+                k, v, key_pos = self._global_keys(state, k, v, ctx)
+                key_valid = None
+        mask = attention_mask(ctx.query_pos, key_pos, key_valid, self.window)
+        out = self.out_proj(self.inner_cross_attn(q, k, v, mask))
+        return out, (k, v, key_pos, key_valid) if self.kind == FULL_ATTENTION else None
+
+    def _sliding_keys(self, state: SlidingKV, k: torch.Tensor, v: torch.Tensor, ctx: _Context
+                      ) -> tuple[torch.Tensor, ...]:
+        """Keys = the ring's (earlier positions) + the new ones; then the ring keeps the newest W."""
+        w = state.k.shape[1]
+        start = ctx.query_pos[:, :1]  # (b, 1) length before these tokens
+        slots = torch.arange(w, device=k.device)
+        ring_pos = (start - 1) - torch.remainder(start - 1 - slots, w)  # (b, W) position held by each slot
+        ring_k, ring_v = _take(state.k, ctx.rows), _take(state.v, ctx.rows)
+        keys = torch.cat([ring_k, k], dim=1)  # (b, W + T, Hkv, Dh)
+        values = torch.cat([ring_v, v], dim=1)
+        key_pos = torch.cat([ring_pos, ctx.query_pos], dim=1)
+        key_valid = key_pos >= 0
+        keep = min(k.shape[1], w)
+        new_pos = ctx.query_pos[:, -keep:]  # (b, keep)
+        slot = torch.remainder(new_pos, w)
+        row = (torch.arange(k.shape[0], device=k.device) if ctx.rows is None else ctx.rows)[:, None].expand_as(slot)
+        state.k[row, slot] = k[:, -keep:].to(state.k.dtype)
+        state.v[row, slot] = v[:, -keep:].to(state.v.dtype)
+        return keys, values, key_pos, key_valid
+
+    def _global_keys(self, state: GlobalKV, k: torch.Tensor, v: torch.Tensor, ctx: _Context
+                     ) -> tuple[torch.Tensor, ...]:
+        """Write the new K/V at their positions; keys = every position up to the furthest query."""
+        row = (torch.arange(k.shape[0], device=k.device) if ctx.rows is None else ctx.rows)[:, None]
+        row = row.expand_as(ctx.query_pos)
+        state.k[row, ctx.query_pos] = k.to(state.k.dtype)
+        state.v[row, ctx.query_pos] = v.to(state.v.dtype)
+        length = int(ctx.query_pos.max()) + 1
+        keys = _take(state.k, ctx.rows)[:, :length]  # (b, S, Hkv, Dh)
+        values = _take(state.v, ctx.rows)[:, :length]
+        key_pos = torch.arange(length, device=k.device).expand(k.shape[0], length)
+        return keys, values, key_pos

@@ -1,0 +1,246 @@
+"""Pure tensor functions of the SambaY blocks: causal conv, selective scan, differential attention core.
+
+Shape letters: B batch, T new tokens, S keys, E Mamba inner width, K conv taps, N SSM state size,
+H query heads, Hkv key/value heads, Dh head width, W sliding window.
+
+Every function computes in at least float32 (``acc_dtype``), whatever the model dtype, as the official
+kernels do; float64 inputs stay float64 so that the model can be checked against float64 references.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for ``dtype``: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# -- causal depthwise conv ------------------------------------------------------------------------------
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv over time, continuing from ``state``; SiLU applied.
+
+    Args:
+        x: (B, E, T) pre-conv inputs.
+        weight: (E, 1, K) conv kernel; tap K-1 multiplies the current token.
+        bias: (E,) or None.
+        state: (B, E, K) the last K pre-conv inputs seen so far, newest last (zeros for a fresh sequence),
+            as the official cache keeps them. None means a fresh sequence.
+
+    Returns:
+        (y, new_state): y (B, E, T) after SiLU; new_state (B, E, K) the last K inputs including ``x``.
+    """
+    k = weight.shape[-1]
+    if state is None:
+        state = x.new_zeros(x.shape[0], x.shape[1], k)
+    history = torch.cat([state.to(x.dtype), x], dim=-1)  # (B, E, K + T)
+    y = F.conv1d(history[..., 1:], weight.to(x.dtype), None if bias is None else bias.to(x.dtype), groups=x.shape[1])
+    return F.silu(y), history[..., -k:]
+
+
+def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       state: torch.Tensor) -> torch.Tensor:
+    """One decode step of :func:`causal_conv1d`; updates ``state`` (B, E, K) in place.
+
+    Args:
+        x: (B, E) the new token's pre-conv input.
+        weight: (E, 1, K). bias: (E,) or None. state: (B, E, K), newest last.
+
+    Returns:
+        (B, E) after SiLU.
+    """
+    state.copy_(torch.cat([state[..., 1:], x.unsqueeze(-1).to(state.dtype)], dim=-1))
+    y = (state.to(x.dtype) * weight[:, 0, :].to(x.dtype)).sum(-1)  # (B, E)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return F.silu(y)
+
+
+# -- selective scan ---------------------------------------------------------------------------------------
+
+
+def selective_scan_reference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                             C: torch.Tensor, D: torch.Tensor | None,
+                             state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Mamba-1 selective scan, one time step after another (the definition; slow).
+
+    s_t = exp(delta_t * A) * s_{t-1} + delta_t * B_t * u_t;   y_t = C_t . s_t + D * u_t
+
+    Args:
+        u: (B, E, T) inputs. delta: (B, E, T) step sizes, softplus already applied. A: (E, N), negative.
+        B, C: (B, N, T). D: (E,) skip or None. state: (B, E, N) initial state or None (zeros).
+
+    Returns:
+        (y, last_state): y (B, E, T) in the accumulation dtype; last_state (B, E, N).
+    """
+    dt = acc_dtype(u.dtype)
+    u, delta, A, B, C = u.to(dt), delta.to(dt), A.to(dt), B.to(dt), C.to(dt)
+    s = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if state is None else state.to(dt)
+    ys = []
+    for t in range(u.shape[-1]):
+        decay = torch.exp(delta[:, :, t, None] * A)  # (B, E, N)
+        s = decay * s + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((s * C[:, None, :, t]).sum(-1))  # (B, E)
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.to(dt)[:, None] * u
+    return y, s
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor | None, state: torch.Tensor | None = None,
+                   chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same scan as :func:`selective_scan_reference`, computed chunk by chunk.
+
+    Inside a chunk of c steps every state is a weighted sum of the chunk's inputs with weights
+    exp(cum_t - cum_s) for s <= t (never above 1, so no overflow), where cum is the running sum of
+    delta * A; one loop step per chunk instead of per token. Memory: (B, E, c, c, N) per chunk.
+    """
+    dt = acc_dtype(u.dtype)
+    u, delta, A, B, C = u.to(dt), delta.to(dt), A.to(dt), B.to(dt), C.to(dt)
+    batch, width, length = u.shape
+    s = u.new_zeros(batch, width, A.shape[1]) if state is None else state.to(dt)
+    ys = []
+    for start in range(0, length, chunk_size):
+        stop = min(start + chunk_size, length)
+        c = stop - start
+        d = delta[:, :, start:stop]  # (B, E, c)
+        cum = torch.cumsum(d[..., None] * A[None, :, None, :], dim=2)  # (B, E, c, N)
+        seg = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (B, E, c_t, c_s, N)
+        causal = torch.ones(c, c, dtype=torch.bool, device=u.device).tril()
+        weights = torch.exp(seg.masked_fill(~causal[None, None, :, :, None], float("-inf")))
+        inputs = (d * u[:, :, start:stop])[..., None] * B[:, None, :, start:stop].transpose(-1, -2)  # (B, E, c, N)
+        states = torch.einsum("betsn,besn->betn", weights, inputs) + torch.exp(cum) * s[:, :, None, :]
+        ys.append(torch.einsum("betn,bnt->bet", states, C[:, :, start:stop]))
+        s = states[:, :, -1]
+    y = torch.cat(ys, dim=-1) if ys else u.new_zeros(batch, width, 0)
+    if D is not None:
+        y = y + D.to(dt)[:, None] * u
+    return y, s
+
+
+def selective_scan_step(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                        D: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
+    """One decode step of the scan; updates ``state`` (B, E, N) in place.
+
+    Args:
+        u, delta: (B, E). A: (E, N). B, C: (B, N). D: (E,) or None.
+
+    Returns:
+        y (B, E) in the accumulation dtype.
+    """
+    dt = acc_dtype(u.dtype)
+    u, delta, A, B, C = u.to(dt), delta.to(dt), A.to(dt), B.to(dt), C.to(dt)
+    s = torch.exp(delta[..., None] * A) * state.to(dt) + (delta * u)[..., None] * B[:, None, :]
+    state.copy_(s)
+    y = (s * C[:, None, :]).sum(-1)
+    if D is not None:
+        y = y + D.to(dt) * u
+    return y
+
+
+# -- attention ----------------------------------------------------------------------------------------------
+
+
+def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor | None,
+                   window: int | None) -> torch.Tensor:
+    """Boolean mask (True = attend) of shape (B, 1, T, S) for causal attention by absolute position.
+
+    A query at position i sees a key at position j when j <= i and, with a window W, j > i - W: W keys
+    in all, the query's own included (flash-attn window_size=(W-1, 0)). Invalid keys (padding, empty
+    cache slots) are hidden, except that a query always sees its own position so that padded rows
+    stay finite.
+
+    Args:
+        query_pos: (B, T) absolute positions. key_pos: (B, S). key_valid: (B, S) or None (all valid).
+        window: W or None for full attention.
+    """
+    q = query_pos[:, :, None]
+    k = key_pos[:, None, :]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (k > q - window)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, :]
+    mask = mask | (k == q)
+    return mask[:, None]
+
+
+def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
+                           lambda_init: float, subln_weight: torch.Tensor, eps: float,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+    """Differential attention with the official even/odd head pairing.
+
+    Heads split into even (group 1) and odd (group 2) halves, GQA within each half: query head h uses
+    kv head 2 * floor((h // 2) / g) + h % 2 with g = H / Hkv. Both halves attend over [V_even || V_odd];
+    Y = O1 - lambda * O2, RMS-normalised over 2*Dh channels (in float32), times (1 - lambda_init); pair j
+    becomes heads 2j and 2j+1.
+
+    Args:
+        q: (B, T, H, Dh). k, v: (B, S, Hkv, Dh). lam: 0-dim lambda. subln_weight: (2*Dh,).
+        mask: (B, 1, T, S) boolean or None (no masking at all).
+
+    Returns:
+        (B, T, H * Dh) in q's dtype.
+    """
+    b, t, h, dh = q.shape
+    hkv = k.shape[2]
+    q = q.view(b, t, h // 2, 2, dh).permute(0, 3, 2, 1, 4).reshape(b, h, t, dh)  # evens then odds
+    k = k.view(b, -1, hkv // 2, 2, dh).permute(0, 3, 2, 1, 4).reshape(b, hkv, -1, dh)
+    v = v.view(b, -1, hkv // 2, 2, dh).permute(0, 2, 1, 3, 4).reshape(b, hkv // 2, -1, 2 * dh)  # [V1 || V2]
+    v = torch.cat([v, v], dim=1)  # (B, Hkv, S, 2Dh): both halves read the same values
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(dh), enable_gqa=hkv != h)
+    o1, o2 = o[:, : h // 2], o[:, h // 2:]  # (B, H/2, T, 2Dh)
+    y = o1 - lam.to(o.dtype) * o2
+    acc = acc_dtype(y.dtype)
+    y32 = y.to(acc)
+    y = (y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + eps)).to(y.dtype) * subln_weight.to(y.dtype)
+    y = y * (1.0 - lambda_init)
+    return y.transpose(1, 2).reshape(b, t, h * dh)
+
+
+# -- optional CUDA kernels ------------------------------------------------------------------------------------
+
+_KERNELS: dict[str, object] | None = None
+
+
+def cuda_kernels() -> dict[str, object]:
+    """The optional CUDA kernels that are importable (mamba-ssm, causal-conv1d), loaded once, lazily.
+
+    Called only for CUDA tensors, so CPU runs never import them.
+    """
+    global _KERNELS
+    if _KERNELS is None:
+        found: dict[str, object] = {}
+        try:
+            from causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # type: ignore[import-not-found]
+
+            found["causal_conv1d_fn"] = causal_conv1d_fn
+            found["causal_conv1d_update"] = causal_conv1d_update
+        except Exception:  # noqa: BLE001 - any failure to import an optional kernel means "not available"
+            pass
+        try:
+            from mamba_ssm.ops.selective_scan_interface import (  # type: ignore[import-not-found]
+                selective_scan_fn,
+            )
+            from mamba_ssm.ops.triton.selective_state_update import (  # type: ignore[import-not-found]
+                selective_state_update,
+            )
+
+            found["selective_scan_fn"] = selective_scan_fn
+            found["selective_state_update"] = selective_state_update
+        except Exception:  # noqa: BLE001
+            pass
+        logger.info("phi4flash CUDA kernels available: %s (pure PyTorch for the rest)", sorted(found) or "none")
+        _KERNELS = found
+    return _KERNELS

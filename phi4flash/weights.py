@@ -1,0 +1,241 @@
+"""Load a Phi4Flash checkpoint (a local folder, a hub id, or "embedded") into the native model, and save one.
+
+The model is built on the meta device and filled tensor by tensor, so peak memory stays near one copy
+of the weights. Loading is strict: missing, unexpected or mis-shaped tensors fail with a list of them.
+Never ``trust_remote_code``: only config.json, safetensors and tokenizer files are read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import Phi4FlashConfig
+from .model import FP32_PARAMETERS, Phi4FlashForCausalLM
+from .ops import acc_dtype
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+# Only what the native code reads: no *.py (no remote code), no pytorch_model.bin.
+CHECKPOINT_PATTERNS = [
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "model-*.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt",
+]
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "float64": torch.float64, "double": torch.float64}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message lists what is wrong and how to fix it."""
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' / 'bf16' / torch.bfloat16 ... -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).replace("torch.", "")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, float64") from None
+
+
+def resolve_checkpoint(source: str | os.PathLike[str], *, revision: str | None = None,
+                       token: str | bool | None = None) -> Path:
+    """Return a local folder for ``source``: "embedded", a local directory, or a hub id (downloaded).
+
+    Hub downloads use huggingface_hub (its progress bars, cache, ``HF_HUB_OFFLINE`` and token) and fetch
+    only the files the native code reads.
+    """
+    if str(source) == EMBEDDED:
+        if not (EMBEDDED_DIR / "config.json").exists():
+            raise CheckpointError(f"the embedded checkpoint is missing from {EMBEDDED_DIR}; reinstall phi4flash or "
+                                  "remake it with `python -m phi4flash.training.train`")
+        return EMBEDDED_DIR
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} has no config.json: point at a Phi4Flash checkpoint folder")
+        return path
+    text = str(source)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise CheckpointError(f"{text!r} is neither a checkpoint folder nor a hub id like "
+                              "'microsoft/Phi-4-mini-flash-reasoning' (or 'embedded' for the built-in tiny model)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(text, revision=revision, token=token, allow_patterns=CHECKPOINT_PATTERNS))
+    except GatedRepoError as err:
+        raise CheckpointError(f"{text} is gated: accept its terms on the hub and pass token=... ({err})") from err
+    except RepositoryNotFoundError as err:
+        raise CheckpointError(f"unknown model id {text!r} on the hub; check the spelling, or pass a local folder "
+                              "(private repos need token=...)") from err
+    except RevisionNotFoundError as err:
+        raise CheckpointError(f"revision {revision!r} not found for {text}") from err
+    except LocalEntryNotFoundError as err:
+        raise CheckpointError(f"{text} is not in the local cache and the hub cannot be reached (offline mode "
+                              "or no network); download it once online, or pass a local folder") from err
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file, via the index when the checkpoint is sharded."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+
+
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor names and shapes the model needs (tied lm_head excluded)."""
+    names = {}
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        names[name] = tuple(param.shape)
+    return names
+
+
+def load_model(source: str | os.PathLike[str], *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None, revision: str | None = None,
+               token: str | bool | None = None) -> Phi4FlashForCausalLM:
+    """Load a Phi4Flash checkpoint into the native model.
+
+    Args:
+        source: a checkpoint folder, a hub id ("microsoft/Phi-4-mini-flash-reasoning"), or "embedded".
+        dtype: model dtype; default: the checkpoint's ``torch_dtype``. A_log and the lambdas stay float32.
+        device: default "cpu".
+        revision, token: passed to the hub download.
+
+    Returns:
+        The model in eval mode, without gradients.
+
+    Raises:
+        CheckpointError: unknown id, missing files, or missing / unexpected / mis-shaped tensors (all listed).
+        ConfigError: a config.json of another model type or with values phi4flash cannot run.
+    """
+    path = resolve_checkpoint(source, revision=revision, token=token)
+    config = Phi4FlashConfig.from_json(path)
+    target = parse_dtype(dtype if dtype is not None else config.torch_dtype)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Phi4FlashForCausalLM(config)
+    expected = expected_shapes(model)
+    files = _weight_files(path)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(files) - tied)
+    unexpected = sorted(set(files) - set(expected) - tied)
+    wrong_shape = []
+    handles: dict[Path, object] = {}
+    try:
+        for file in sorted(set(files.values())):
+            handles[file] = safe_open(file, framework="pt", device="cpu")
+        for name, file in files.items():
+            if name in expected:
+                shape = tuple(handles[file].get_slice(name).get_shape())  # type: ignore[attr-defined]
+                if shape != expected[name]:
+                    wrong_shape.append(f"{name}: checkpoint {list(shape)}, model {list(expected[name])}")
+        if missing or unexpected or wrong_shape:
+            lines = [f"checkpoint {path} does not match the Phi4Flash architecture of its config.json:"]
+            lines += [f"  missing tensor: {n}" for n in missing]
+            lines += [f"  unexpected tensor: {n}" for n in unexpected]
+            lines += [f"  wrong shape: {n}" for n in wrong_shape]
+            lines.append("fix: use the checkpoint's own config.json, or re-export the weights under the official names")
+            raise CheckpointError("\n".join(lines))
+        for name, file in files.items():
+            if name not in expected:
+                continue
+            keep = acc_dtype(target) if name.rsplit(".", 1)[-1] in FP32_PARAMETERS else target
+            tensor = handles[file].get_tensor(name).to(device=device, dtype=keep)  # type: ignore[attr-defined]
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    finally:
+        handles.clear()
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    elif "lm_head.weight" not in files:
+        raise CheckpointError(f"checkpoint {path}: tie_word_embeddings is false but lm_head.weight is missing")
+    model.eval()
+    _log_kernel_path(device)
+    model.checkpoint_path = path  # type: ignore[assignment]
+    return model
+
+
+def _log_kernel_path(device: torch.device) -> None:
+    if device.type == "cuda":
+        from .ops import cuda_kernels
+
+        kernels = cuda_kernels()
+        logger.info("phi4flash on CUDA: %s", "optional kernels " + ", ".join(sorted(kernels)) if kernels
+                    else "pure PyTorch path (install phi4flash[cuda] for mamba-ssm / causal-conv1d kernels)")
+    else:
+        logger.info("phi4flash on %s: pure PyTorch path", device.type)
+
+
+def save_checkpoint(model: Phi4FlashForCausalLM, out_dir: str | os.PathLike[str], *,
+                    dtype: str | torch.dtype | None = None, max_shard_bytes: int | None = None) -> Path:
+    """Write config.json and safetensors (sharded with an index when ``max_shard_bytes`` is set).
+
+    Names are the official ones; a tied lm_head is not written. With ``dtype``, tensors are cast to it,
+    except A_log and the lambdas, which stay float32 as in the real checkpoint.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = parse_dtype(dtype) if dtype is not None else model.model.embed_tokens.weight.dtype
+    config = model.config.to_dict()
+    config["torch_dtype"] = str(target).replace("torch.", "")
+    with open(out / "config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    tensors = {}
+    for name, shape in expected_shapes(model).items():
+        del shape
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        param = model.get_parameter(name).detach()
+        keep = acc_dtype(target) if name.rsplit(".", 1)[-1] in FP32_PARAMETERS else target
+        tensors[name] = param.to(device="cpu", dtype=keep).contiguous().clone()
+    if max_shard_bytes is None:
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        return out
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(out / "model.safetensors.index.json", "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return out
