@@ -98,6 +98,20 @@ class Phi4FlashCache:
                 total += per_row
         return total
 
+    def grow(self, needed: int) -> None:
+        """Make room for ``needed`` positions in the global K/V (doubling, up to the context length)."""
+        if needed <= self.max_length:
+            return
+        if needed > self.config.context_length:
+            raise ValueError(f"{needed} tokens exceed the model's context_length={self.config.context_length}")
+        new_length = min(max(needed, 2 * self.max_length), self.config.context_length)
+        for state in self.layers.values():
+            if isinstance(state, GlobalKV):
+                pad = (0, 0, 0, 0, 0, new_length - self.max_length)
+                state.k = torch.nn.functional.pad(state.k, pad)
+                state.v = torch.nn.functional.pad(state.v, pad)
+        self.max_length = new_length
+
     def reset(self, rows: list[int] | None = None) -> None:
         """Forget the given rows (all when None): zero their state and length."""
         index = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)

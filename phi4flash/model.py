@@ -185,9 +185,7 @@ class Phi4FlashModel(nn.Module):
                 raise ValueError(f"input has {batch} rows but the cache selection has {start.shape[0]}")
             if length > 1 and bool((start != start[0]).any()):
                 raise ValueError("multi-token continuation needs all selected cache rows at the same length")
-            if int(start.max()) + length > cache.max_length:
-                raise ValueError(f"{int(start.max())} cached + {length} new tokens exceed the cache's "
-                                 f"max_length={cache.max_length}")
+            cache.grow(int(start.max()) + length)
             ctx = _Context(query_pos=start[:, None] + steps, key_valid=None, cache=cache, rows=row_index)
 
         residual_dtype = acc_dtype(self.embed_tokens.weight.dtype)
