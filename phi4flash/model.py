@@ -127,11 +127,9 @@ class Phi4FlashForCausalLM(nn.Module):
 
     def to_dtype(self, dtype: torch.dtype) -> Phi4FlashForCausalLM:
         """Cast to ``dtype``, keeping A_log and the lambdas in at least float32."""
-        self.to(dtype)
         keep = acc_dtype(dtype)
         for name, param in self.named_parameters():
-            if name.rsplit(".", 1)[-1] in FP32_PARAMETERS:
-                param.data = param.data.to(keep)
+            param.data = param.data.to(keep if name.rsplit(".", 1)[-1] in FP32_PARAMETERS else dtype)
         return self
 
     @torch.no_grad()

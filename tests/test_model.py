@@ -1,0 +1,335 @@
+"""The native model: config rules, golden parity with the official implementation, loading, numerics."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import GOLDEN, REFERENCE_CHECKPOINT, tiny_config, tiny_model
+from safetensors.torch import load_file, save_file
+
+from phi4flash import CheckpointError, ConfigError, Phi4FlashConfig, Phi4FlashForCausalLM, load_model, save_checkpoint
+from phi4flash.config import derive_layer_kinds
+from phi4flash.model import DiffAttention, _Context
+from phi4flash.ops import (
+    attention_mask,
+    causal_conv1d,
+    causal_conv1d_step,
+    selective_scan,
+    selective_scan_reference,
+    selective_scan_step,
+)
+
+# -- config ------------------------------------------------------------------------------------------------
+
+
+def test_layer_kinds_of_the_real_model() -> None:
+    kinds = Phi4FlashConfig.from_json(REFERENCE_CHECKPOINT).layer_kinds
+    assert kinds[:16] == ["mamba", "sliding_attention"] * 8
+    assert kinds[16:18] == ["mamba_memory", "full_attention"]
+    assert kinds[18:] == ["gmu", "cross_attention"] * 7
+
+
+@pytest.mark.parametrize("layers", [8, 12, 16, 20, 32, 40])
+def test_layer_kinds_for_any_multiple_of_four(layers: int) -> None:
+    kinds = derive_layer_kinds(layers)
+    half = layers // 2
+    assert kinds[half] == "mamba_memory" and kinds[half + 1] == "full_attention"
+    assert kinds.count("mamba") == half // 2 and kinds.count("sliding_attention") == half // 2
+    assert kinds.count("gmu") == kinds.count("cross_attention") == (layers - half - 2) // 2
+
+
+def test_golden_config_and_ignored_keys() -> None:
+    data = json.loads((GOLDEN / "config.json").read_text())
+    config = Phi4FlashConfig.from_dict({**data, "mamba_dt_rank": 99, "mlp_bias": True})
+    assert config.mamba_dt_rank == math.ceil(64 / 16) == 4
+    assert config.layer_kinds == derive_layer_kinds(8)
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"model_type": "phi3"}, "model_type"),
+        ({"num_hidden_layers": 6}, "num_hidden_layers"),
+        ({"num_hidden_layers": 10}, "num_hidden_layers"),
+        ({"num_attention_heads": 3, "hidden_size": 63}, "num_attention_heads"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"sliding_window": 0}, "sliding_window"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"mb_per_layer": 3}, "mb_per_layer"),
+    ],
+)
+def test_bad_configs_are_refused_naming_the_key(change: dict, key: str) -> None:
+    data = {**json.loads((GOLDEN / "config.json").read_text()), **change}
+    with pytest.raises(ConfigError, match=key):
+        Phi4FlashConfig.from_dict(data)
+
+
+# -- the real architecture on the meta device ----------------------------------------------------------------
+
+
+def test_real_config_has_the_checkpoint_names_shapes_and_size() -> None:
+    config = Phi4FlashConfig.from_json(REFERENCE_CHECKPOINT)
+    with torch.device("meta"):
+        model = Phi4FlashForCausalLM(config)
+    params = dict(model.named_parameters())
+    index = json.loads((REFERENCE_CHECKPOINT / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(index) == 434
+    assert set(params) == set(index)  # lm_head.weight is the tied embedding
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(p.numel() for p in model.parameters()) == 3_852_562_944
+    expected = {
+        "model.embed_tokens.weight": (200064, 2560),
+        "model.layers.0.attn.in_proj.weight": (10240, 2560),
+        "model.layers.0.attn.conv1d.weight": (5120, 1, 4),
+        "model.layers.0.attn.x_proj.weight": (192, 5120),
+        "model.layers.0.attn.dt_proj.weight": (5120, 160),
+        "model.layers.16.attn.A_log": (5120, 16),
+        "model.layers.1.attn.Wqkv.weight": (5120, 2560),
+        "model.layers.17.attn.Wqkv.bias": (5120,),
+        "model.layers.17.attn.inner_cross_attn.lambda_q1": (64,),
+        "model.layers.17.attn.inner_cross_attn.subln.weight": (128,),
+        "model.layers.19.attn.Wqkv.weight": (2560, 2560),
+        "model.layers.18.attn.in_proj.weight": (5120, 2560),
+        "model.layers.18.attn.out_proj.weight": (2560, 5120),
+        "model.layers.31.mlp.fc1.weight": (20480, 2560),
+        "model.layers.31.mlp.fc2.weight": (2560, 10240),
+        "model.final_layernorm.bias": (2560,),
+    }
+    for name, shape in expected.items():
+        assert tuple(params[name].shape) == shape, name
+
+
+# -- golden parity --------------------------------------------------------------------------------------------
+
+
+def _golden_cases() -> tuple[dict, dict]:
+    return load_file(GOLDEN / "cases.safetensors"), load_file(GOLDEN / "reference_fp64.safetensors")
+
+
+def test_golden_full_forward_float32() -> None:
+    cases, _ = _golden_cases()
+    model = load_model(GOLDEN)
+    with torch.no_grad():
+        logits = model(cases["input_ids"])
+    assert (logits - cases["logits_full"]).abs().max().item() <= 2e-4
+
+
+def test_golden_full_forward_float64() -> None:
+    _, reference = _golden_cases()
+    cases, _ = _golden_cases()
+    model = load_model(GOLDEN, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(cases["input_ids"])
+    assert logits.dtype == torch.float32 or logits.dtype == torch.float64
+    model64 = load_model(GOLDEN, dtype="float64")
+    with torch.no_grad():
+        hidden = model64.model(cases["input_ids"])
+        logits64 = model64.lm_head(hidden)
+    assert (logits64 - reference["logits_full"].double()).abs().max().item() <= 5e-6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_golden_decode(dtype: str) -> None:
+    cases, reference = _golden_cases()
+    expected = (cases if dtype == "float32" else reference)["logits_decode"].double()
+    model = load_model(GOLDEN, dtype=dtype)
+    ids, prompt_len = cases["input_ids"], int(cases["prompt_len"])
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
+    with torch.no_grad():
+        model(ids[:, :prompt_len], cache=cache, logits_to_keep=1)
+        steps = [model.step(ids[:, j], cache) for j in range(prompt_len, ids.shape[1])]
+    got = torch.stack(steps, dim=1).double()
+    assert (got - expected).abs().max().item() <= (2e-4 if dtype == "float32" else 5e-6)
+
+
+# -- loading ---------------------------------------------------------------------------------------------------
+
+
+def test_sharded_mixed_dtype_checkpoint_round_trip(tmp_path) -> None:
+    model = tiny_model()
+    save_checkpoint(model, tmp_path, dtype="bfloat16", max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    dtypes = set()
+    for file in set(index["weight_map"].values()):
+        dtypes |= {t.dtype for t in load_file(tmp_path / file).values()}
+    assert dtypes == {torch.bfloat16, torch.float32}  # A_log and lambdas stay float32
+    loaded = load_model(tmp_path)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert loaded.model.layers[0].attn.A_log.dtype == torch.float32
+    reference = tiny_model().to_dtype(torch.bfloat16)
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), reference(ids))
+    as_fp32 = load_model(tmp_path, dtype="float32")
+    assert as_fp32.model.embed_tokens.weight.dtype == torch.float32
+
+
+def _write_single(tmp_path, tensors: dict) -> None:
+    config = tiny_config().to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(tensors, tmp_path / "model.safetensors")
+
+
+def _tiny_tensors() -> dict[str, torch.Tensor]:
+    model = tiny_model()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n != "lm_head.weight"}
+
+
+def test_missing_tensor_is_named(tmp_path) -> None:
+    tensors = _tiny_tensors()
+    del tensors["model.layers.3.attn.Wqkv.bias"]
+    _write_single(tmp_path, tensors)
+    with pytest.raises(CheckpointError, match=r"missing tensor: model\.layers\.3\.attn\.Wqkv\.bias"):
+        load_model(tmp_path)
+
+
+def test_unexpected_tensor_is_named(tmp_path) -> None:
+    tensors = _tiny_tensors()
+    tensors["model.layers.3.attn.rotary.inv_freq"] = torch.zeros(4)
+    _write_single(tmp_path, tensors)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor: model\.layers\.3\.attn\.rotary\.inv_freq"):
+        load_model(tmp_path)
+
+
+def test_misshaped_tensor_is_named(tmp_path) -> None:
+    tensors = _tiny_tensors()
+    tensors["model.layers.6.attn.in_proj.weight"] = torch.zeros(256, 64)  # a Mamba shape on a GMU layer
+    _write_single(tmp_path, tensors)
+    with pytest.raises(CheckpointError, match=r"wrong shape: model\.layers\.6\.attn\.in_proj\.weight"):
+        load_model(tmp_path)
+
+
+def test_unknown_model_type_and_bad_sources(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_config().to_dict(), "model_type": "llama"}))
+    with pytest.raises(ConfigError, match="model_type='llama'"):
+        load_model(tmp_path)
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a hub id"):
+        load_model(str(tmp_path / "nope" / "deeper"))
+
+
+def test_hub_id_offline_gives_a_clear_error(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="not in the local cache"):
+        load_model("microsoft/Phi-4-mini-flash-reasoning")
+
+
+# -- ops ------------------------------------------------------------------------------------------------------
+
+
+def _scan_inputs(batch: int = 2, width: int = 6, length: int = 37, n: int = 4) -> tuple[torch.Tensor, ...]:
+    u = torch.randn(batch, width, length, dtype=torch.float64)
+    delta = torch.nn.functional.softplus(torch.randn(batch, width, length, dtype=torch.float64))
+    A = -torch.exp(torch.randn(width, n, dtype=torch.float64))
+    B = torch.randn(batch, n, length, dtype=torch.float64)
+    C = torch.randn(batch, n, length, dtype=torch.float64)
+    D = torch.randn(width, dtype=torch.float64)
+    return u, delta, A, B, C, D
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_fast_scan_equals_reference(chunk: int) -> None:
+    u, delta, A, B, C, D = _scan_inputs()
+    state = torch.randn(2, 6, 4, dtype=torch.float64)
+    y_ref, s_ref = selective_scan_reference(u, delta, A, B, C, D, state)
+    y, s = selective_scan(u, delta, A, B, C, D, state, chunk_size=chunk)
+    assert torch.allclose(y, y_ref, atol=1e-10) and torch.allclose(s, s_ref, atol=1e-10)
+
+
+def test_scan_prefix_plus_steps_equals_full_scan() -> None:
+    u, delta, A, B, C, D = _scan_inputs()
+    y_full, s_full = selective_scan_reference(u, delta, A, B, C, D)
+    y, state = selective_scan(u[..., :20], delta[..., :20], A, B[..., :20], C[..., :20], D)
+    steps = [selective_scan_step(u[..., t], delta[..., t], A, B[..., t], C[..., t], D, state) for t in range(20, 37)]
+    assert torch.allclose(torch.cat([y, torch.stack(steps, -1)], -1), y_full, atol=1e-10)
+    assert torch.allclose(state, s_full, atol=1e-10)
+
+
+def test_conv_continuation_and_step_equal_full_conv() -> None:
+    x = torch.randn(2, 6, 11, dtype=torch.float64)
+    weight, bias = torch.randn(6, 1, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    full, state_full = causal_conv1d(x, weight, bias)
+    head, state = causal_conv1d(x[..., :2], weight, bias)  # shorter than the kernel: zero-padded state
+    assert torch.equal(state[..., :2], torch.zeros(2, 6, 2, dtype=torch.float64))
+    mid, state = causal_conv1d(x[..., 2:7], weight, bias, state)
+    steps = [causal_conv1d_step(x[..., t], weight, bias, state) for t in range(7, 11)]
+    assert torch.allclose(torch.cat([head, mid, torch.stack(steps, -1)], -1), full, atol=1e-12)
+    assert torch.allclose(state, state_full) and torch.equal(state_full, x[..., -4:])
+
+
+def test_window_mask_has_exactly_window_keys_including_self() -> None:
+    pos = torch.arange(20)[None]
+    mask = attention_mask(pos, pos, None, 8)[0, 0]
+    assert mask.sum(-1).tolist() == [min(i + 1, 8) for i in range(20)]
+    assert mask[15, 15] and mask[15, 8] and not mask[15, 7] and not mask[15, 16]
+
+
+def test_sliding_attention_layer_sees_exactly_window_tokens() -> None:
+    model = tiny_model()
+    layer = model.model.layers[1].attn
+    assert isinstance(layer, DiffAttention) and layer.window == 8
+    h = torch.randn(1, 20, 64)
+    ctx = _Context(query_pos=torch.arange(20)[None], key_valid=None, cache=None, rows=None)
+    with torch.no_grad():
+        base, _ = layer(h, ctx, None)
+        for j, visible in ((19 - 8, False), (19 - 7, True)):
+            changed = h.clone()
+            changed[0, j] += 1.0
+            out, _ = layer(changed, ctx, None)
+            assert (not torch.allclose(out[0, 19], base[0, 19])) == visible, j
+
+
+# -- batching, padding, dtypes -----------------------------------------------------------------------------------
+
+
+def test_left_padded_batch_equals_each_sequence_alone() -> None:
+    model = tiny_model()
+    a, b = torch.randint(0, 100, (1, 13)), torch.randint(0, 100, (1, 5))
+    batch = torch.cat([a, torch.cat([torch.full((1, 8), 100), b], 1)])
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :8] = 0
+    with torch.no_grad():
+        padded = model(batch, attention_mask=mask)
+        alone_a, alone_b = model(a), model(b)
+    assert (padded[0] - alone_a[0]).abs().max() < 1e-5
+    assert (padded[1, 8:] - alone_b[0]).abs().max() < 1e-5
+
+
+def test_bfloat16_and_float16_stay_close_to_float32() -> None:
+    ids = torch.randint(0, 100, (2, 24))
+    reference = tiny_model()
+    with torch.no_grad():
+        expected = reference(ids)
+        scale = expected.abs().max()
+        for dtype, bound in ((torch.bfloat16, 0.08), (torch.float16, 0.01)):
+            model = tiny_model().to_dtype(dtype)
+            got = model(ids)
+            # measured on this CPU (seed 1234): bf16 4.3e-2, fp16 3.7e-3 of the largest logit
+            assert ((got - expected).abs().max() / scale).item() < bound, dtype
+
+
+def test_import_loads_no_ui_or_server_frameworks() -> None:
+    code = ("import sys, phi4flash, torch; m = phi4flash.Phi4FlashForCausalLM; "
+            "bad = [n for n in ('gradio', 'langchain_core', 'fastapi', 'uvicorn', 'mamba_ssm', 'causal_conv1d', "
+            "'flash_attn') if n in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_forward_matches_cpu() -> None:
+    cases, _ = _golden_cases()
+    cpu = load_model(GOLDEN)
+    gpu = load_model(GOLDEN, device="cuda")
+    with torch.no_grad():
+        assert (gpu(cases["input_ids"].cuda()).cpu() - cpu(cases["input_ids"])).abs().max() < 1e-3
