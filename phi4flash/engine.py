@@ -105,6 +105,7 @@ class _Request:
     splitter: ReasoningSplitter | None = None
     pending: str = ""  # text held back because it may start a stop string
     channel: str = "answer"
+    unresolved: dict[str, int] = field(default_factory=dict)  # tokens counted before their text came out
     finished: bool = False
 
 
@@ -403,8 +404,15 @@ class LocalEngine:
         if hit or final:
             pieces += request.splitter.flush()
         request.channel = request.splitter.channel
-        if token_ids:
+        if token_ids:  # count now (exact timing); the channel is settled once the token's text comes out
             request.recorder.token(request.channel)
+            request.unresolved[request.channel] = request.unresolved.get(request.channel, 0) + 1
+        if pieces:
+            settled = pieces[-1][0]
+            for channel, count in request.unresolved.items():
+                if channel != settled:
+                    request.recorder.reassign(channel, settled, count)
+            request.unresolved.clear()
         metrics = request.recorder.snapshot()
         for channel, piece in pieces:
             request.events.put(StreamEvent(channel, piece, metrics, token_ids))

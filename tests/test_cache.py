@@ -1,0 +1,100 @@
+"""Decode state: prefill + steps == full forward, the prefill skip, chunking, kept states, mixed-length rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+WINDOW = 8
+
+
+def _full(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("prompt_len", [3, WINDOW, WINDOW + 5, 2 * WINDOW + 1])
+def test_prefill_then_steps_reproduce_the_full_forward(seed: int, prompt_len: int) -> None:
+    model = tiny_model(seed)
+    ids = torch.randint(0, 100, (2, prompt_len + 3 * WINDOW))  # the generation runs well past the window
+    expected = _full(model, ids)
+    cache = model.new_cache(2, 8)  # small on purpose: the global K/V grows
+    with torch.no_grad():
+        first = model(ids[:, :prompt_len], cache=cache, logits_to_keep=1)[:, -1]
+        steps = [model.step(ids[:, t], cache) for t in range(prompt_len, ids.shape[1])]
+    assert (first - expected[:, prompt_len - 1]).abs().max() <= 2e-4
+    assert (torch.stack(steps, 1) - expected[:, prompt_len:]).abs().max() <= 2e-4
+    assert cache.lengths.tolist() == [ids.shape[1]] * 2
+
+
+def test_prefill_skip_gives_the_same_next_token_logits() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 100, (2, 30))
+    with torch.no_grad():
+        skipped = model(ids, cache=model.new_cache(2, 64), logits_to_keep=1)
+        full = model(ids, cache=model.new_cache(2, 64), logits_to_keep=1, skip_cross_decoder=False)
+        stateless = model(ids)[:, -1:]
+    assert (skipped - full).abs().max() <= 1e-5
+    assert (skipped - stateless).abs().max() <= 1e-5
+
+
+def test_chunked_prefill_and_multi_token_continuation_equal_one_shot() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 100, (1, 41))
+    expected = _full(model, ids)
+    cache = model.new_cache(1, 64)
+    with torch.no_grad():
+        for start in range(0, 35, 6):
+            out = model(ids[:, start:min(start + 6, 35)], cache=cache)  # every position's logits
+            assert (out - expected[:, start:min(start + 6, 35)]).abs().max() <= 2e-4
+        tail = model(ids[:, 35:], cache=cache)
+    assert (tail - expected[:, 35:]).abs().max() <= 2e-4
+
+
+def test_kept_state_continues_like_the_whole_conversation() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 100, (1, 30))
+    expected = _full(model, ids)
+    first = model.new_cache(2, 32)
+    with torch.no_grad():
+        model(ids[:, :17], cache=first, rows=[1])
+        snapshot = first.extract(1)
+        second = model.new_cache(3, 32)
+        second.load(2, snapshot)
+        out = model(ids[:, 17:], cache=second, rows=[2])
+    assert snapshot.lengths.tolist() == [17]
+    assert (out - expected[:, 17:]).abs().max() <= 2e-4
+
+
+def test_rows_at_different_lengths_decode_together() -> None:
+    model = tiny_model()
+    a, b = torch.randint(0, 100, (1, 19)), torch.randint(0, 100, (1, 6))
+    exp_a, exp_b = _full(model, a), _full(model, b)
+    cache = model.new_cache(3, 32)
+    with torch.no_grad():
+        model(a[:, :15], cache=cache, rows=[2])
+        model(b[:, :2], cache=cache, rows=[0])
+        for t in range(4):
+            logits = model.step(torch.tensor([a[0, 15 + t], b[0, 2 + t]]), cache, rows=[2, 0])
+            assert (logits[0] - exp_a[0, 15 + t]).abs().max() <= 2e-4
+            assert (logits[1] - exp_b[0, 2 + t]).abs().max() <= 2e-4
+    assert cache.lengths.tolist() == [6, 0, 19]
+
+
+def test_cache_state_sizes_and_reset() -> None:
+    model = tiny_model()
+    cache = model.new_cache(2, 16)
+    config = model.config
+    mamba = cache.layers[0]
+    assert tuple(mamba.conv.shape) == (2, config.mamba_d_inner, config.mamba_d_conv)
+    assert tuple(cache.layers[1].k.shape) == (2, WINDOW, config.num_key_value_heads, config.head_dim)
+    assert set(cache.layers) == {0, 1, 2, 3, 4, 5}  # GMU (6) and cross-attention (7) keep nothing
+    with torch.no_grad():
+        model(torch.randint(0, 100, (2, 5)), cache=cache)
+    cache.reset([0])
+    assert cache.lengths.tolist() == [0, 5]
+    assert cache.layers[0].ssm[0].abs().sum() == 0 and cache.layers[0].ssm[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="same length"):
+        model(torch.randint(0, 100, (2, 3)), cache=cache)
