@@ -153,7 +153,8 @@ class Phi4FlashConfig:
 
         def positive_int(key: str) -> None:
             value = getattr(self, key)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, "must be a positive integer")
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            need(is_int and value > 0, key, "must be a positive integer")
 
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "sliding_window", "mamba_d_state", "mamba_d_conv", "mamba_expand",

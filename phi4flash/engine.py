@@ -13,8 +13,8 @@ from __future__ import annotations
 import atexit
 import logging
 import queue
-import weakref
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -354,7 +354,7 @@ class LocalEngine:
         ids = torch.tensor([r.next_token for r in self._running], device=self.torch_device)
         logits = self.model.step(ids, self._cache, rows=None if rows == list(range(self.max_batch)) else rows)
         self._sync()
-        for request, row_logits in zip(list(self._running), logits):
+        for request, row_logits in zip(list(self._running), logits, strict=True):
             try:
                 self._emit_token(request, row_logits)
             except Exception as err:  # noqa: BLE001 - e.g. a failing logits_processor ends only its request

@@ -130,7 +130,7 @@ class MetricsRecorder:
         m.finish_reason = reason
         m.cache_bytes = cache_bytes
         m.total_time_s = self._clock() - self._start
-        gaps = sorted(b - a for a, b in zip(self._token_times, self._token_times[1:]))
+        gaps = sorted(b - a for a, b in zip(self._token_times, self._token_times[1:], strict=False))
         if gaps:
             m.inter_token_latency_p50_s = _percentile(gaps, 0.5)
             m.inter_token_latency_p95_s = _percentile(gaps, 0.95)

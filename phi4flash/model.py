@@ -438,21 +438,24 @@ class DiffAttention(nn.Module):
                       ) -> tuple[torch.Tensor, ...]:
         """Keys = the ring's (earlier positions) + the new ones; then the ring keeps the newest W."""
         w = state.k.shape[1]
-        start = ctx.query_pos[:, :1]  # (b, 1) length before these tokens
         slots = torch.arange(w, device=k.device)
-        ring_pos = (start - 1) - torch.remainder(start - 1 - slots, w)  # (b, W) position held by each slot
-        ring_k, ring_v = _take(state.k, ctx.rows), _take(state.v, ctx.rows)
-        keys = torch.cat([ring_k, k], dim=1)  # (b, W + T, Hkv, Dh)
-        values = torch.cat([ring_v, v], dim=1)
+        row = (torch.arange(k.shape[0], device=k.device) if ctx.rows is None else ctx.rows)[:, None]
+        if k.shape[1] == 1:  # decode: write first, then the ring alone holds exactly the window
+            pos = ctx.query_pos  # (b, 1)
+            state.k[row, torch.remainder(pos, w)] = k.to(state.k.dtype)
+            state.v[row, torch.remainder(pos, w)] = v.to(state.v.dtype)
+            ring_pos = pos - torch.remainder(pos - slots, w)  # (b, W) position held by each slot
+            return _take(state.k, ctx.rows), _take(state.v, ctx.rows), ring_pos, ring_pos >= 0
+        start = ctx.query_pos[:, :1]  # (b, 1) length before these tokens
+        ring_pos = (start - 1) - torch.remainder(start - 1 - slots, w)
+        keys = torch.cat([_take(state.k, ctx.rows), k], dim=1)  # (b, W + T, Hkv, Dh)
+        values = torch.cat([_take(state.v, ctx.rows), v], dim=1)
         key_pos = torch.cat([ring_pos, ctx.query_pos], dim=1)
-        key_valid = key_pos >= 0
         keep = min(k.shape[1], w)
-        new_pos = ctx.query_pos[:, -keep:]  # (b, keep)
-        slot = torch.remainder(new_pos, w)
-        row = (torch.arange(k.shape[0], device=k.device) if ctx.rows is None else ctx.rows)[:, None].expand_as(slot)
-        state.k[row, slot] = k[:, -keep:].to(state.k.dtype)
-        state.v[row, slot] = v[:, -keep:].to(state.v.dtype)
-        return keys, values, key_pos, key_valid
+        slot = torch.remainder(ctx.query_pos[:, -keep:], w)  # (b, keep)
+        state.k[row.expand_as(slot), slot] = k[:, -keep:].to(state.k.dtype)
+        state.v[row.expand_as(slot), slot] = v[:, -keep:].to(state.v.dtype)
+        return keys, values, key_pos, key_pos >= 0
 
     def _global_keys(self, state: GlobalKV, k: torch.Tensor, v: torch.Tensor, ctx: _Context
                      ) -> tuple[torch.Tensor, ...]:

@@ -99,12 +99,12 @@ def selective_scan_reference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tens
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor | None, state: torch.Tensor | None = None,
-                   chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same scan as :func:`selective_scan_reference`, computed chunk by chunk.
+                   chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same scan as :func:`selective_scan_reference`, as a parallel (Hillis-Steele) prefix scan.
 
-    Inside a chunk of c steps every state is a weighted sum of the chunk's inputs with weights
-    exp(cum_t - cum_s) for s <= t (never above 1, so no overflow), where cum is the running sum of
-    delta * A; one loop step per chunk instead of per token. Memory: (B, E, c, c, N) per chunk.
+    The recurrence s_t = a_t * s_{t-1} + b_t composes associatively, so log2(c) whole-tensor steps over a
+    chunk of c tokens replace c sequential ones; decays are products of numbers in (0, 1], so nothing
+    overflows. Chunks of ``chunk_size`` tokens bound the memory at (B, E, c, N) per tensor.
     """
     dt = acc_dtype(u.dtype)
     u, delta, A, B, C = u.to(dt), delta.to(dt), A.to(dt), B.to(dt), C.to(dt)
@@ -113,16 +113,17 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     ys = []
     for start in range(0, length, chunk_size):
         stop = min(start + chunk_size, length)
-        c = stop - start
-        d = delta[:, :, start:stop]  # (B, E, c)
-        cum = torch.cumsum(d[..., None] * A[None, :, None, :], dim=2)  # (B, E, c, N)
-        seg = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (B, E, c_t, c_s, N)
-        causal = torch.ones(c, c, dtype=torch.bool, device=u.device).tril()
-        weights = torch.exp(seg.masked_fill(~causal[None, None, :, :, None], float("-inf")))
-        inputs = (d * u[:, :, start:stop])[..., None] * B[:, None, :, start:stop].transpose(-1, -2)  # (B, E, c, N)
-        states = torch.einsum("betsn,besn->betn", weights, inputs) + torch.exp(cum) * s[:, :, None, :]
-        ys.append(torch.einsum("betn,bnt->bet", states, C[:, :, start:stop]))
-        s = states[:, :, -1]
+        d = delta[:, :, start:stop, None]  # (B, E, c, 1)
+        a = torch.exp(d * A[None, :, None, :])  # (B, E, c, N) decay of each step
+        b = d * u[:, :, start:stop, None] * B[:, None, :, start:stop].transpose(-1, -2)  # (B, E, c, N) input
+        b = torch.cat([b[:, :, :1] + a[:, :, :1] * s[:, :, None], b[:, :, 1:]], dim=2)  # fold in the carried state
+        step = 1
+        while step < stop - start:  # after this, b[t] = s_t and a[t] = prod of the decays up to t
+            b = torch.cat([b[:, :, :step], torch.addcmul(b[:, :, step:], a[:, :, step:], b[:, :, :-step])], dim=2)
+            a = torch.cat([a[:, :, :step], a[:, :, step:] * a[:, :, :-step]], dim=2)
+            step *= 2
+        ys.append(torch.einsum("betn,bnt->bet", b, C[:, :, start:stop]))
+        s = b[:, :, -1]
     y = torch.cat(ys, dim=-1) if ys else u.new_zeros(batch, width, 0)
     if D is not None:
         y = y + D.to(dt)[:, None] * u
@@ -194,19 +195,41 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         (B, T, H * Dh) in q's dtype.
     """
     b, t, h, dh = q.shape
-    hkv = k.shape[2]
-    q = q.view(b, t, h // 2, 2, dh).permute(0, 3, 2, 1, 4).reshape(b, h, t, dh)  # evens then odds
-    k = k.view(b, -1, hkv // 2, 2, dh).permute(0, 3, 2, 1, 4).reshape(b, hkv, -1, dh)
-    v = v.view(b, -1, hkv // 2, 2, dh).permute(0, 2, 1, 3, 4).reshape(b, hkv // 2, -1, 2 * dh)  # [V1 || V2]
-    v = torch.cat([v, v], dim=1)  # (B, Hkv, S, 2Dh): both halves read the same values
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(dh), enable_gqa=hkv != h)
-    o1, o2 = o[:, : h // 2], o[:, h // 2:]  # (B, H/2, T, 2Dh)
-    y = o1 - lam.to(o.dtype) * o2
+    s, hkv = k.shape[1], k.shape[2]
+    pairs = q.view(b, t, h // 2, 2, dh)
+    kv_pairs = k.view(b, s, hkv // 2, 2, dh)
+    v12 = v.view(b, s, hkv // 2, 2 * dh).transpose(1, 2)  # (B, Hkv/2, S, 2Dh): [V_even || V_odd] per pair, a view
+    outs = []
+    for group in (0, 1):  # 0: even heads with even kv heads; 1: odd with odd
+        qg = pairs[:, :, :, group].transpose(1, 2)  # (B, H/2, T, Dh)
+        kg = kv_pairs[:, :, :, group].transpose(1, 2)  # (B, Hkv/2, S, Dh)
+        outs.append(_attend(qg, kg, v12, mask, 1.0 / math.sqrt(dh)))  # (B, H/2, T, 2Dh)
+    y = outs[0] - lam.to(outs[0].dtype) * outs[1]
     acc = acc_dtype(y.dtype)
     y32 = y.to(acc)
     y = (y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + eps)).to(y.dtype) * subln_weight.to(y.dtype)
     y = y * (1.0 - lambda_init)
     return y.transpose(1, 2).reshape(b, t, h * dh)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Softmax attention, GQA with query head i on kv head i // g: q (B, Hq, T, D), k (B, Hk, S, D), v (B, Hk, S, Dv).
+
+    Few queries (decode) use plain matmuls on views of the cache; many queries (prefill) use
+    scaled_dot_product_attention and its fused kernels.
+    """
+    b, hq, t, d = q.shape
+    hk = k.shape[1]
+    if t * 8 > k.shape[2] and t > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hk)
+    g = hq // hk
+    qg = q.reshape(b, hk, g * t, d)  # query head i = kv head (i // g), row r*T + t
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # (B, Hk, g*T, S)
+    if mask is not None:
+        m = mask[:, :, None].expand(b, 1, g, t, mask.shape[-1]).reshape(b, 1, g * t, mask.shape[-1])
+        scores = scores.masked_fill(~m, float("-inf"))
+    probs = torch.softmax(scores.to(acc_dtype(scores.dtype)), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(b, hq, t, v.shape[-1])
 
 
 # -- optional CUDA kernels ------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from model_helpers import tiny_model
 
 WINDOW = 8
 

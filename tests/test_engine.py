@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 from _tiny_tokenizer import tiny_chat_tokenizer
-from conftest import tiny_model
+from model_helpers import tiny_model
 
 from phi4flash import GenerationConfig, LocalEngine, PromptTooLongError
 
@@ -101,7 +101,8 @@ def test_reasoning_and_answer_channels_and_counts(engine: LocalEngine) -> None:
     assert final.done and final.metrics.finish_reason == "stop"
     n_tokens = len(engine.tokenizer.encode(text)) + 1  # + the stop token
     assert final.metrics.reasoning_tokens + final.metrics.answer_tokens == n_tokens
-    assert final.metrics.reasoning_tokens >= len(engine.tokenizer.encode("<think>Let me think about this step by step."))
+    thinking = "<think>Let me think about this step by step."
+    assert final.metrics.reasoning_tokens >= len(engine.tokenizer.encode(thinking))
     assert final.token_ids == engine.tokenizer.encode(text)
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import GOLDEN, REFERENCE_CHECKPOINT, tiny_config, tiny_model
+from model_helpers import GOLDEN, REFERENCE_CHECKPOINT, tiny_config, tiny_model
 from safetensors.torch import load_file, save_file
 
 from phi4flash import CheckpointError, ConfigError, Phi4FlashConfig, Phi4FlashForCausalLM, load_model, save_checkpoint
@@ -237,7 +237,7 @@ def _scan_inputs(batch: int = 2, width: int = 6, length: int = 37, n: int = 4) -
     return u, delta, A, B, C, D
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+@pytest.mark.parametrize("chunk", [1, 5, 16, 256])
 def test_fast_scan_equals_reference(chunk: int) -> None:
     u, delta, A, B, C, D = _scan_inputs()
     state = torch.randn(2, 6, 4, dtype=torch.float64)

@@ -1,0 +1,108 @@
+"""``phi4flash serve``: the OpenAI-compatible server on uvicorn, or scaled out on Ray Serve.
+
+Examples::
+
+    phi4flash serve --model embedded --port 8000
+    phi4flash serve --model microsoft/Phi-4-mini-flash-reasoning --max-batch 16 --api-key "$KEY"
+    phi4flash serve --model embedded --ray --replicas 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._defaults import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser(prog: str = "phi4flash serve") -> argparse.ArgumentParser:
+    """The ``serve`` argument parser (the lead's top-level CLI may reuse it as a sub-parser's parent)."""
+    p = argparse.ArgumentParser(prog=prog, description="Serve the model over an OpenAI-compatible HTTP API.")
+    p.add_argument("--model", default="embedded", help="'embedded', a Hugging Face hub id, or a checkpoint folder")
+    p.add_argument("--model-name", default=None, help="id served in /v1/models (default: the engine's model_name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("PHI4FLASH_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $PHI4FLASH_API_KEY, else none)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one batch")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="requests in flight (running + waiting) before new ones get 429")
+    p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="completion budget when a request sets no max_tokens")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--ray", action="store_true", help="run on Ray Serve (needs the 'ray' extra)")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with its own engine")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica")
+    return p
+
+
+def load_engine(model: str, *, max_batch: int, device: str = "auto", dtype: str = "auto") -> Any:
+    """Load an engine with ``phi4flash.load``, passing device and dtype only when they are not "auto".
+
+    Args:
+        model: "embedded", a hub id or a checkpoint folder.
+        max_batch: Requests the engine decodes together.
+        device: Device name or "auto".
+        dtype: Dtype name or "auto".
+
+    Returns:
+        The loaded engine.
+    """
+    import phi4flash  # noqa: PLC0415  (torch loads here, after argument parsing)
+
+    kwargs: dict[str, Any] = {"max_batch": max_batch}
+    if device != "auto":
+        kwargs["device"] = device
+    if dtype != "auto":
+        kwargs["dtype"] = dtype
+    return phi4flash.load(model, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``phi4flash serve`` with ``argv`` (the arguments after ``serve``); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.max_batch < 1 or args.max_queue < 1 or args.replicas < 1:
+        parser.error("--max-batch, --max-queue and --replicas must be >= 1")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("binding %s: the server is reachable from other machines%s", args.host,
+                       "" if args.api_key else " and has no --api-key")
+    if args.ray:
+        try:
+            from .ray_app import serve_with_ray  # noqa: PLC0415
+        except ImportError as exc:
+            parser.error(f"--ray needs Ray Serve: pip install 'phi4flash[ray]' ({exc})")
+        return serve_with_ray(model=args.model, replicas=args.replicas, host=args.host, port=args.port,
+                              api_key=args.api_key, model_name=args.model_name, max_batch=args.max_batch,
+                              max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
+                              device=args.device, dtype=args.dtype, replica_cpus=args.replica_cpus,
+                              replica_gpus=args.replica_gpus)
+    try:
+        import uvicorn  # noqa: PLC0415
+
+        from .app import create_app  # noqa: PLC0415
+    except ImportError as exc:
+        parser.error(f"phi4flash serve needs the 'serve' extra: pip install 'phi4flash[serve]' ({exc})")
+
+    loader = functools.partial(load_engine, args.model, max_batch=args.max_batch, device=args.device,
+                               dtype=args.dtype)
+    # The model loads on a thread after the socket is bound, so /health answers (503) while it loads.
+    app = create_app(loader, api_key=args.api_key, model_name=args.model_name, max_queue=args.max_queue,
+                     default_max_tokens=args.default_max_tokens)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

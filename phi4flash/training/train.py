@@ -1,0 +1,386 @@
+"""Train the embedded tiny Phi4Flash on the synthetic math chats, on a CPU, with one command.
+
+    python -m phi4flash.training.train [--steps N] [--out DIR] [--seed S]
+
+Steps: generate the training chats (data.py), train the byte-level BPE tokenizer on them, build a
+small config of the real architecture (8 layers: every block kind once or twice), train with AdamW and
+a warmup + cosine schedule, the loss only on the assistant turn, then write a checkpoint in the real
+model's format (config.json, model.safetensors under the official names without the tied lm_head,
+generation_config.json, tokenizer files) plus the loss curve (loss_curve.png) and train_summary.json.
+
+Everything is seeded: the same command gives the same data, tokenizer and initial weights (CPU float
+arithmetic may still differ slightly between machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from . import data as data_mod
+from .tokenizer_train import generation_config, model_config, save_tokenizer_files, train_tokenizer, write_json
+
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
+
+# The shipped model: 8 layers (Mamba, SWA, Mamba, SWA, memory Mamba, full attention, GMU, cross-attention).
+# Sized for a 2-core CPU: about 2.2M parameters, ~1.3 s per step of 32 chats.
+DEFAULT_MODEL: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "sliding_window": 64,
+    "mamba_d_state": 8,
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in train_summary.json)."""
+
+    steps: int = 1400
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 80
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    vocab_size: int = 512
+    tokenizer_examples: int = 20000
+    threads: int = 1
+    bf16: bool = True
+    model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
+    weights: dict[str, float] | None = None  # family mix; None means data.DEFAULT_WEIGHTS
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    out_dir: Path
+    losses: list[float]
+    seconds: float
+    parameters: int
+    summary: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A faster selective scan for training on a CPU.
+# ----------------------------------------------------------------------------------------------------
+
+
+class _LinearRecurrence(torch.autograd.Function):
+    """s_t = a_t * s_{t-1} + b_t over the leading (time) axis, with a hand-written backward.
+
+    Autograd through a Python loop records several nodes per step; this keeps one fused op per step
+    forward and backward, which on a CPU is several times faster for short training sequences.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, decay: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        states = torch.empty_like(inp)
+        states[0] = inp[0]
+        for t in range(1, inp.shape[0]):
+            torch.addcmul(inp[t], decay[t], states[t - 1], out=states[t])
+        ctx.save_for_backward(decay, states)
+        return states
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        decay, states = ctx.saved_tensors
+        grad = grad.contiguous()
+        acc = torch.empty_like(grad)
+        last = grad.shape[0] - 1
+        acc[last] = grad[last]
+        for t in range(last - 1, -1, -1):
+            torch.addcmul(grad[t], decay[t + 1], acc[t + 1], out=acc[t])
+        grad_decay = torch.zeros_like(decay)
+        grad_decay[1:] = acc[1:] * states[:-1]
+        return grad_decay, acc
+
+
+def training_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  D: torch.Tensor | None, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for :func:`phi4flash.ops.selective_scan` (same arguments and results), fast to differentiate.
+
+    Args:
+        u: (B, E, T) inputs. delta: (B, E, T) step sizes after softplus. A: (E, N), negative.
+        B, C: (B, N, T). D: (E,) skip or None. state: (B, E, N) initial state or None.
+
+    Returns:
+        (y (B, E, T) float32, last state (B, E, N) float32).
+    """
+    u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
+    d = delta.permute(2, 0, 1)  # (T, B, E): time first, so each step is one contiguous slice
+    decay = torch.exp(d[..., None] * A)  # (T, B, E, N)
+    inp = (d * u.permute(2, 0, 1))[..., None] * B.permute(2, 0, 1)[:, :, None, :]
+    if state is not None:
+        inp = torch.cat([(inp[0] + decay[0] * state.float())[None], inp[1:]])
+    states = _LinearRecurrence.apply(decay.contiguous(), inp.contiguous())
+    y = torch.einsum("tben,tbn->bet", states, C.permute(2, 0, 1))
+    if D is not None:
+        y = y + D.float()[:, None] * u
+    return y, states[-1]
+
+
+@contextlib.contextmanager
+def _fast_scan() -> Iterator[None]:
+    """Use :func:`training_scan` inside the model while training.
+
+    The model's chunked scan is built for long prompts at inference; for 100-token training chats on a
+    CPU it is ~20x slower than this recurrence, so the training loop swaps it in and back out.
+    """
+    from .. import model as model_mod
+
+    saved = model_mod.selective_scan
+    model_mod.selective_scan = training_scan
+    try:
+        yield
+    finally:
+        model_mod.selective_scan = saved
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data to batches.
+# ----------------------------------------------------------------------------------------------------
+
+
+def encode_example(tok: Tokenizer, ex: data_mod.Example) -> tuple[list[int], int]:
+    """Token ids of prompt + completion + ``<|end|>``, and the prompt length (the loss starts there)."""
+    prompt = tok.encode(data_mod.render_prompt(ex.messages)).ids
+    completion = tok.encode(ex.completion + "<|end|>").ids
+    return prompt + completion, len(prompt)
+
+
+def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Group chats of similar length (less padding), right-pad, and shuffle the batch order.
+
+    Returns (input_ids (B, T), labels (B, T)) pairs; labels are -100 on the prompt and the padding.
+    Right padding needs no attention mask: causal layers never look ahead, and padded positions carry no loss.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(encoded)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: len(encoded[i][0]))
+        for b in range(0, len(chunk) - batch_size + 1, batch_size):
+            rows = [encoded[i] for i in chunk[b:b + batch_size]]
+            length = max(len(ids) for ids, _ in rows)
+            x = torch.full((len(rows), length), pad_id, dtype=torch.long)
+            y = torch.full((len(rows), length), -100, dtype=torch.long)
+            for r, (ids, plen) in enumerate(rows):
+                x[r, :len(ids)] = torch.tensor(ids)
+                # Targets are the next tokens; the first target is the first token after the prompt.
+                y[r, plen - 1:len(ids) - 1] = torch.tensor(ids[plen:])
+            batches.append((x, y))
+    rng.shuffle(batches)
+    return batches
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay the matrices only; norms, biases, A_log, D and the lambdas stay undecayed."""
+    decay, rest = [], []
+    for _, p in model.named_parameters():
+        (decay if p.dim() >= 2 else rest).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = False) -> TrainResult:
+    """Run one training and write the checkpoint into ``out_dir``.
+
+    Args:
+        cfg: The run's settings (``cfg.steps == 0`` writes a random-weight checkpoint).
+        out_dir: Checkpoint folder (created if needed; existing checkpoint files are replaced).
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        The losses per step, wall time and a summary (also written to train_summary.json).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, out, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
+    from ..config import Phi4FlashConfig
+    from ..model import Phi4FlashForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+
+    n_examples = max(cfg.steps * cfg.batch_size, cfg.tokenizer_examples)
+    examples = data_mod.generate(n_examples, seed=cfg.seed, split="train", weights=cfg.weights)
+    texts = (data_mod.render_prompt(ex.messages) + ex.completion + "<|end|>"
+             for ex in examples[:cfg.tokenizer_examples])
+    tok = train_tokenizer(texts, cfg.vocab_size)
+    config_dict = model_config(tok, **cfg.model)
+    config = Phi4FlashConfig.from_dict(config_dict)
+
+    model = Phi4FlashForCausalLM(config)
+    model.init_weights(std=0.02)
+    n_params = sum(p.numel() for p in model.parameters())
+    pad_id = tok.token_to_id("<|endoftext|>")
+    encoded = [encode_example(tok, ex) for ex in examples[:cfg.steps * cfg.batch_size]]
+    batches = make_batches(encoded, cfg.batch_size, pad_id, cfg.seed)
+
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    losses: list[float] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches), desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+    train_started = time.perf_counter()
+    with _fast_scan():
+        for step, (x, y) in enumerate(batches):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            with autocast:
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+            if bar is not None:
+                recent = losses[-20:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr_at(step, cfg):.2e}")
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    train_seconds = time.perf_counter() - train_started
+
+    save_all(model, tok, config_dict, out)
+    summary = {
+        "command": "python -m phi4flash.training.train",
+        "train_config": asdict(cfg),
+        "parameters": n_params,
+        "examples": len(batches) * cfg.batch_size,
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "final_loss": _tail_mean(losses),
+        "first_loss": losses[0] if losses else None,
+        "torch": torch.__version__,
+    }
+    if losses:
+        plot_losses(losses, out / "loss_curve.png")
+    write_json(out / "train_summary.json", summary)
+    return TrainResult(out, losses, train_seconds, n_params, summary)
+
+
+def _tail_mean(losses: Sequence[float], n: int = 50) -> float | None:
+    tail = list(losses[-n:])
+    return round(sum(tail) / len(tail), 5) if tail else None
+
+
+def save_all(model: torch.nn.Module, tok: Tokenizer, config_dict: dict[str, Any], out: Path) -> None:
+    """Write the checkpoint: weights (official names, no tied lm_head), config, generation config, tokenizer."""
+    from safetensors.torch import save_file
+
+    try:
+        from ..weights import save_checkpoint
+    except ImportError:  # the model code predates weights.py: write the same file directly
+        tensors = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()
+                   if k != "lm_head.weight"}
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    else:
+        save_checkpoint(model, out, dtype=torch.float32)
+    # Our own config.json: the real checkpoint's key set (save_checkpoint's has extra derived keys).
+    write_json(out / "config.json", config_dict)
+    write_json(out / "generation_config.json", generation_config(tok))
+    save_tokenizer_files(tok, out)
+    for path in out.iterdir():
+        if path.is_file():
+            path.chmod(0o644)  # safetensors writes 0600; the files ship in the wheel and must be readable
+
+
+def plot_losses(losses: Sequence[float], path: Path) -> None:
+    """Save the loss per step and its moving average as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = max(1, len(losses) // 50)
+    smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(losses, color="#9bbbd9", linewidth=0.8, label="loss per step")
+    ax.plot(smooth, color="#1f4e79", linewidth=1.6, label=f"moving average ({k} steps)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy on the assistant turn (nats/token)")
+    ax.set_title("phi4flash embedded tiny model: training loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m phi4flash.training.train [--steps N] [--out DIR] [--seed S]``."""
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(prog="python -m phi4flash.training.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (0: random weights)")
+    parser.add_argument("--out", default=str(EMBEDDED_DIR), help="checkpoint folder (default: the embedded one)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="torch threads (1 is fastest on a busy 2-core machine)")
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    parser.add_argument("--hidden-size", type=int, default=DEFAULT_MODEL["hidden_size"])
+    parser.add_argument("--layers", type=int, default=DEFAULT_MODEL["num_hidden_layers"])
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    model = dict(DEFAULT_MODEL, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
+                 num_hidden_layers=args.layers)
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
+                      bf16=not args.no_bf16, model=model)
+    result = train(cfg, args.out, progress=True)
+    s = result.summary
+    print(f"trained {s['parameters']:,} parameters for {cfg.steps} steps ({s['examples']:,} chats) "  # noqa: T201
+          f"in {s['train_seconds'] / 60:.1f} min; loss {s['first_loss']} -> {s['final_loss']}")
+    print(f"wrote {result.out_dir} (loss curve: {result.out_dir / 'loss_curve.png'})")  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""The web chat's pure parts: history normalisation, the latency panel, the error page, the CLI options."""
+
+from __future__ import annotations
+
+import pytest
+from demo_helpers import number, parse_stats
+
+gr = pytest.importorskip("gradio")
+
+from phi4flash import LatencyMetrics  # noqa: E402
+from phi4flash_demo import build_demo, build_error_demo  # noqa: E402
+from phi4flash_demo.app import finalize_stopped, format_context, history_to_messages, render_stats  # noqa: E402
+from phi4flash_demo.cli import parse_args  # noqa: E402
+
+
+def test_history_from_the_browser_and_from_the_api_give_the_same_messages() -> None:
+    browser = [
+        {"role": "user", "content": [{"type": "text", "text": "Solve x + 1 = 3"}], "metadata": None},
+        {"role": "assistant", "content": [{"type": "text", "text": "x minus..."}],
+         "metadata": {"title": "Thought · 12 tokens", "status": "done"}},
+        {"role": "assistant", "content": [{"type": "text", "text": "x = 2"}], "metadata": None},
+        {"role": "user", "content": [{"type": "text", "text": "too long text"}], "metadata": None},
+        {"role": "assistant", "content": "cannot", "metadata": {"title": "⚠️ Cannot answer"}},
+        {"role": "user", "content": [{"type": "text", "text": "And x + 2 = 3?"}], "metadata": None},
+        {"role": "assistant", "content": [{"type": "text", "text": "x = 1"}], "metadata": {}},
+    ]
+    api = [{**m, "content": m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]}
+           for m in browser]
+    expected = [
+        {"role": "user", "content": "Solve x + 1 = 3"},
+        {"role": "assistant", "content": "x = 2"},
+        {"role": "user", "content": "And x + 2 = 3?"},  # the unanswered turn before it is dropped
+        {"role": "assistant", "content": "x = 1"},
+    ]
+    assert history_to_messages(browser) == expected
+    assert history_to_messages(api) == expected
+
+
+def test_a_trailing_unanswered_question_is_dropped() -> None:
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "thinking", "metadata":
+                                                   {"title": "Thinking (stopped)", "status": "done"}}]
+    assert history_to_messages(history) == []
+
+
+def test_latency_panel_shows_the_engine_numbers() -> None:
+    m = LatencyMetrics(prompt_tokens=1200, reused_prompt_tokens=1000, reasoning_tokens=30, answer_tokens=4,
+                       time_to_first_token_s=0.25, prefill_tokens_per_s=800.0, decode_tokens_per_s=41.5,
+                       decode_tokens_per_s_recent=40.0, total_time_s=1.5, finish_reason="stop",
+                       context_length=65536, device="cuda:0", dtype="bfloat16",
+                       decode_tokens_per_s_history=[38.0, 41.0, 40.0])
+    stats = parse_stats(render_stats(m, "done (stop)", active=3))
+    assert stats["phase"] == "done (stop)"
+    assert number(stats["ttft"]) == 250 and number(stats["prefill"]) == 800
+    assert number(stats["decode"]) == 41.5  # the average once finished
+    assert stats["context"] == "1,234 / 64K" and stats["reused"] == "1,000"
+    assert stats["device"] == "cuda:0 · bfloat16" and stats["active"] == "3"
+    assert "<polyline" in render_stats(m, "done")
+    live = parse_stats(render_stats(LatencyMetrics(decode_tokens_per_s=41.5, decode_tokens_per_s_recent=40.0),
+                                    "thinking…"))
+    assert number(live["decode"]) == 40.0 and live["finish"] == "–"
+    assert format_context(4096) == "4K" and format_context(5000) == "5,000"
+
+
+def test_stop_finalizer_ends_the_spinner_and_keeps_the_partial_answer() -> None:
+    history = [{"role": "user", "content": "q"},
+               {"role": "assistant", "content": "so far", "metadata": {"title": "Thinking", "status": "pending"}}]
+    new_history, stats_html = finalize_stopped(history, render_stats(LatencyMetrics(reasoning_tokens=5), "thinking…"))
+    assert new_history[1]["metadata"]["status"] == "done" and new_history[1]["content"] == "so far"
+    assert "stopped" in new_history[1]["metadata"]["title"]
+    stats = parse_stats(stats_html)
+    assert stats["phase"] == "stopped" and stats["finish"] == "cancelled" and stats["reasoning"] == "5"
+
+
+def test_a_model_that_failed_to_load_gets_a_page_that_says_why() -> None:
+    for demo in (build_demo(FileNotFoundError("no checkpoint in /models/x")),
+                 build_error_demo(FileNotFoundError("no checkpoint in /models/x"))):
+        text = str(demo.config)
+        assert "FileNotFoundError: no checkpoint in /models/x" in text
+        assert "How to fix it" in text and "--model embedded" in text
+
+
+def test_cli_defaults_and_options() -> None:
+    args = parse_args([])
+    assert (args.model, args.remote, args.host, args.port, args.share) == ("embedded", None, "127.0.0.1", None, False)
+    args = parse_args(["--model", "microsoft/Phi-4-mini-flash-reasoning", "--remote", "http://h:8000", "--host",
+                       "0.0.0.0", "--port", "7861", "--share"])
+    assert (args.model, args.remote, args.host, args.port, args.share) == (
+        "microsoft/Phi-4-mini-flash-reasoning", "http://h:8000", "0.0.0.0", 7861, True)

@@ -1,0 +1,38 @@
+"""Tiny random models for the tests: configs covering every layer kind, and the shared/ paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from phi4flash.config import Phi4FlashConfig
+from phi4flash.model import Phi4FlashForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PHI4FLASH_SHARED", REPO.parent / "shared"))
+GOLDEN = SHARED / "golden" / "tiny8"
+REFERENCE_CHECKPOINT = SHARED / "reference" / "checkpoint"
+
+
+def tiny_config(**overrides: object) -> Phi4FlashConfig:
+    """8 layers (every kind), hidden 64, 4 heads / 2 kv heads, window 8, vocab 101."""
+    values: dict[str, object] = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=8,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                                     mamba_d_state=4, context_length=512, bos_token_id=100, eos_token_id=100,
+                                     pad_token_id=100, torch_dtype="float32")
+    values.update(overrides)
+    return Phi4FlashConfig(**values)  # type: ignore[arg-type]
+
+
+def tiny_model(seed: int = 0, **overrides: object) -> Phi4FlashForCausalLM:
+    """A random-weight model of :func:`tiny_config`, initialised so that every parameter matters."""
+    torch.manual_seed(seed)
+    model = Phi4FlashForCausalLM(tiny_config(**overrides))
+    model.init_weights(std=0.1)
+    with torch.no_grad():  # non-trivial norms and biases, so that tests can see them
+        for name, param in model.named_parameters():
+            if name.endswith(("layernorm.bias", "Wqkv.bias", "out_proj.bias")):
+                param.normal_(0, 0.1)
+    return model.eval()

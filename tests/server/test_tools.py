@@ -1,0 +1,134 @@
+"""Tool definitions in, OpenAI tool_calls out (through phi4flash.tools)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from phi4flash import LatencyMetrics, StreamEvent
+from phi4flash.server.app import _tools_module, create_app, serve_in_background
+
+from .server_helpers import API_KEY
+
+pytestmark = pytest.mark.skipif(_tools_module() is None, reason="phi4flash.tools is not available")
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+USER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_tools_reach_the_prompt(server: str, model_id: str, engine: Any) -> None:
+    plain = httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=60,
+                       json={"model": model_id, "messages": USER, "max_tokens": 1, "temperature": 0})
+    with_tools = httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=60,
+                            json={"model": model_id, "messages": USER, "max_tokens": 1, "temperature": 0,
+                                  "tools": TOOLS})
+    assert plain.status_code == with_tools.status_code == 200, with_tools.text
+    assert with_tools.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"]
+    none = httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=60,
+                      json={"model": model_id, "messages": USER, "max_tokens": 1, "temperature": 0,
+                            "tools": TOOLS, "tool_choice": "none"})
+    assert none.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]
+
+
+def test_tool_call_history_is_accepted(server: str, model_id: str) -> None:
+    messages = USER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+    ]
+    r = httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=60,
+                   json={"model": model_id, "messages": messages, "tools": TOOLS, "max_tokens": 1})
+    assert r.status_code == 200, r.text
+
+
+def test_invalid_tool_definition_is_400(server: str, model_id: str) -> None:
+    r = httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=60,
+                   json={"model": model_id, "messages": USER, "tools": [{"type": "function", "function": {}}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+
+
+class ScriptedEngine:
+    """Replays a fixed completion: the random-weight model cannot be relied on to write a tool call, and
+    what is under test here is only how the server turns a call in the answer into ``tool_calls``."""
+
+    model_name = "scripted"
+    device = "cpu"
+    dtype = "float32"
+    context_length = 4096
+
+    def __init__(self, pieces: list[tuple[str, str]]) -> None:
+        self.pieces = pieces
+        self.seen: list[Any] = []
+
+    def count_tokens(self, messages: Any) -> int:
+        return 10
+
+    def stream(self, messages: Any, config: Any = None, *, cancel: Any = None) -> Iterator[StreamEvent]:
+        self.seen.append(messages)
+        m = LatencyMetrics(prompt_tokens=10)
+        for channel, text in self.pieces:
+            if channel == "reasoning":
+                m.reasoning_tokens += 1
+            else:
+                m.answer_tokens += 1
+            yield StreamEvent(channel=channel, text=text, metrics=m)  # type: ignore[arg-type]
+        m.finish_reason = "stop"
+        yield StreamEvent(channel="answer", text="", metrics=m, done=True)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+CALL = '<|tool_call|>{"name": "get_weather", "arguments": {"city": "Paris"}}<|/tool_call|>'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_call_in_the_answer_becomes_tool_calls(stream: bool) -> None:
+    engine = ScriptedEngine([("reasoning", "Need the weather."), ("answer", CALL[:20]), ("answer", CALL[20:])])
+    with serve_in_background(create_app(engine)) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                       json={"messages": USER, "tools": TOOLS, "stream": stream})
+    assert r.status_code == 200, r.text
+    assert engine.seen[0][0]["role"] == "system" and "get_weather" in engine.seen[0][0]["tools"]
+    if stream:
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        calls = [d["tool_calls"] for d in deltas if d.get("tool_calls")]
+        assert len(calls) == 1
+        (call,) = calls[0]
+        assert call["index"] == 0
+        assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Need the weather."
+        assert not any(d.get("content") for d in deltas)
+        finish = chunks[-1]["choices"][0]["finish_reason"]
+    else:
+        choice = r.json()["choices"][0]
+        (call,) = choice["message"]["tool_calls"]
+        assert choice["message"]["content"] is None
+        assert choice["message"]["reasoning_content"] == "Need the weather."
+        finish = choice["finish_reason"]
+    assert finish == "tool_calls"
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_openai_client_reads_tool_calls() -> None:
+    openai = pytest.importorskip("openai")
+    engine = ScriptedEngine([("answer", "Let me check. "), ("answer", CALL)])
+    with serve_in_background(create_app(engine)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS)
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert message.content == "Let me check."
+    assert message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris"}
