@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import queue
 import threading
 import weakref
@@ -50,6 +51,17 @@ def _close_live_engines() -> None:
     # Stop scheduler threads before the interpreter tears down torch's thread pools.
     for engine in list(_LIVE_ENGINES):
         engine.close()
+
+
+def _restart_after_fork() -> None:
+    # A forked child (ZeroGPU runs each @spaces.GPU call in one) has the engine's state but not its
+    # scheduler thread; give it a fresh queue and thread, so that streams work there too.
+    for engine in list(_LIVE_ENGINES):
+        engine._start_scheduler()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restart_after_fork)
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -151,16 +163,19 @@ class LocalEngine:
         self.vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
         self._suppress = [i for i in tokenizer.unused_ids if i < self.vocab_limit]
         self._cache = model.new_cache(max_batch, min(self.context_length, 1024))
-        self._free_rows = list(range(max_batch))
         self._kept: OrderedDict[tuple[int, ...], Phi4FlashCache] = OrderedDict()
         self._kept_bytes = 0
+        self._start_scheduler()
+        _LIVE_ENGINES.add(self)
+
+    def _start_scheduler(self) -> None:
+        """A fresh request queue, empty batch and scheduler thread (at start, and in a forked child)."""
+        self._free_rows = list(range(self.max_batch))
         self._incoming: queue.Queue[_Request] = queue.Queue()
         self._running: list[_Request] = []
         self._closed = False
-        self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._run, name="phi4flash-engine", daemon=True)
         self._worker.start()
-        _LIVE_ENGINES.add(self)
 
     # -- public API -------------------------------------------------------------------------------
     def default_config(self, **overrides: Any) -> GenerationConfig:

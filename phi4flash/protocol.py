@@ -79,8 +79,9 @@ class GenerationConfig:
 class StreamEvent:
     """One piece of a streamed completion.
 
-    Every stream ends with exactly one event whose ``done`` is True, ``text`` empty and
-    ``metrics.finish_reason`` set.
+    Every stream ends with exactly one event whose ``done`` is True, ``text`` empty,
+    ``metrics.finish_reason`` set and ``token_ids`` holding every generated token id (stop token
+    excluded); other events carry the ids of the step that produced them.
     """
 
     channel: Channel

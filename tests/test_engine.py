@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -192,3 +193,17 @@ def test_a_failing_request_does_not_poison_the_next(engine: LocalEngine) -> None
     with pytest.raises(RuntimeError, match="processor exploded"):
         engine.generate(HELLO, GenerationConfig(temperature=0, logits_processor=broken))
     assert engine.generate(HELLO, GREEDY).token_ids == engine.generate(HELLO, GREEDY).token_ids
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_engine_works_in_a_forked_child(engine: LocalEngine) -> None:
+    # ZeroGPU runs each @spaces.GPU call in a forked process: the engine must restart its scheduler there.
+    expected = engine.generate(HELLO, GREEDY).token_ids
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        try:
+            same = engine.generate(HELLO, GREEDY).token_ids == expected
+        finally:
+            os._exit(0 if same else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -1,0 +1,62 @@
+"""The shipped embedded model: loads offline, has every block kind, and reasons its way to right answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import phi4flash
+from phi4flash import GenerationConfig
+from phi4flash.config import LAYER_KINDS
+from phi4flash.training import data
+
+PER_FAMILY = 3
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = phi4flash.load("embedded")
+    yield eng
+    eng.close()
+
+
+def test_loads_offline_without_touching_the_network() -> None:
+    code = """
+import socket, sys
+def refuse(*args, **kwargs):
+    raise AssertionError(f"network access attempted: {args}")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+import phi4flash
+engine = phi4flash.load("embedded")
+done = engine.generate([{"role": "user", "content": "What is 12 + 30?"}], phi4flash.GenerationConfig(temperature=0))
+engine.close()
+print(done.finish_reason)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={"PATH": "", "HOME": "/tmp", "HF_HUB_OFFLINE": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "stop"
+
+
+def test_has_every_block_kind_and_fits_in_the_wheel(engine) -> None:
+    config = engine.model.config
+    assert config.model_type == "phi4flash"
+    assert set(config.layer_kinds) == set(LAYER_KINDS)
+    weights = phi4flash.weights.EMBEDDED_DIR / "model.safetensors"
+    assert weights.stat().st_size <= 25 * 2**20
+
+
+@pytest.mark.parametrize("family", data.MATH_FAMILIES)
+def test_answers_held_out_problems_with_its_reasoning_apart(engine, family: str) -> None:
+    problems = data.generate(PER_FAMILY * len(data.MATH_FAMILIES), seed=0, split="heldout", families=[family])
+    problems = problems[:PER_FAMILY]
+    results = engine.generate_batch([p.message_dicts() for p in problems],
+                                    GenerationConfig(temperature=0, max_new_tokens=320))
+    for problem, done in zip(problems, results, strict=True):
+        assert done.finish_reason == "stop", (problem.question, done)
+        assert data.extract_boxed(done.answer) == problem.value, (problem.question, done.reasoning, done.answer)
+        assert done.reasoning and "\\boxed" not in done.reasoning and "<think>" not in done.reasoning
+        assert done.metrics.reasoning_tokens > done.metrics.answer_tokens > 0
