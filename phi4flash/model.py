@@ -40,11 +40,11 @@ from .config import (
 from .ops import (
     acc_dtype,
     attention_mask,
-    causal_conv1d,
-    causal_conv1d_step,
+    causal_conv1d_auto,
+    causal_conv1d_step_auto,
     differential_attention,
-    selective_scan,
-    selective_scan_step,
+    selective_scan_auto,
+    selective_scan_step_auto,
 )
 
 logger = logging.getLogger(__name__)
@@ -314,14 +314,16 @@ class Mamba(nn.Module):
         valid = None if ctx.key_valid is None else ctx.key_valid[:, None, :].to(x.dtype)
         if valid is not None:  # left padding: zero inputs keep the state at zero, exactly
             x = x * valid
-        x, conv_state = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias,
-                                      None if state is None else _take(state.conv, ctx.rows))
+        # A fresh sequence starts from zero state: pass None so that a CUDA kernel may take it.
+        fresh = state is None or not bool(ctx.query_pos[:, 0].any())
+        x, conv_state = causal_conv1d_auto(x, self.conv1d.weight, self.conv1d.bias,
+                                           None if fresh else _take(state.conv, ctx.rows))
         if valid is not None:
             x = x * valid
         delta, b, c = self._delta_b_c(x.transpose(1, 2))  # (B, T, E), (B, T, N), (B, T, N)
         A = -torch.exp(self.A_log.to(acc_dtype(x.dtype)))  # (E, N)
-        y, ssm_state = selective_scan(x, delta.transpose(1, 2), A, b.transpose(1, 2), c.transpose(1, 2), self.D,
-                                      None if state is None else _take(state.ssm, ctx.rows))
+        y, ssm_state = selective_scan_auto(x, delta.transpose(1, 2), A, b.transpose(1, 2), c.transpose(1, 2), self.D,
+                                           None if fresh else _take(state.ssm, ctx.rows))
         if state is not None:
             _put(state.conv, ctx.rows, conv_state.to(state.conv.dtype))
             _put(state.ssm, ctx.rows, ssm_state.to(state.ssm.dtype))
@@ -333,10 +335,10 @@ class Mamba(nn.Module):
         """One token: (B, D) -> output (B, 1, D) and memory (B, 1, E) or None; updates ``state``."""
         x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, E) each
         conv, ssm = _take(state.conv, rows), _take(state.ssm, rows)
-        x = causal_conv1d_step(x, self.conv1d.weight, self.conv1d.bias, conv)
+        x = causal_conv1d_step_auto(x, self.conv1d.weight, self.conv1d.bias, conv)
         delta, b, c = self._delta_b_c(x)
         A = -torch.exp(self.A_log.to(acc_dtype(x.dtype)))
-        y = selective_scan_step(x, delta, A, b, c, self.D, ssm)  # (B, E)
+        y = selective_scan_step_auto(x, delta, A, b, c, self.D, ssm)  # (B, E)
         if rows is not None:
             state.conv[rows], state.ssm[rows] = conv, ssm
         gated, memory = self._gate(y, z)

@@ -267,3 +267,56 @@ def cuda_kernels() -> dict[str, object]:
         logger.info("phi4flash CUDA kernels available: %s (pure PyTorch for the rest)", sorted(found) or "none")
         _KERNELS = found
     return _KERNELS
+
+
+def _kernel(name: str, x: torch.Tensor) -> object | None:
+    """The optional CUDA kernel ``name`` when ``x`` is a CUDA tensor it can take, else None."""
+    if not x.is_cuda or x.dtype == torch.float64:
+        return None
+    return cuda_kernels().get(name)
+
+
+def causal_conv1d_auto(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`causal_conv1d`, through causal-conv1d's kernel for a fresh sequence on CUDA when installed."""
+    kernel = _kernel("causal_conv1d_fn", x)
+    if kernel is None or state is not None:
+        return causal_conv1d(x, weight, bias, state)
+    k = weight.shape[-1]
+    y = kernel(x.contiguous(), weight[:, 0, :].to(x.dtype), None if bias is None else bias.to(x.dtype),
+               activation="silu")
+    return y, F.pad(x, (max(0, k - x.shape[-1]), 0))[..., -k:]
+
+
+def causal_conv1d_step_auto(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            state: torch.Tensor) -> torch.Tensor:
+    """:func:`causal_conv1d_step`, through causal-conv1d's update kernel on CUDA when installed."""
+    kernel = _kernel("causal_conv1d_update", x)
+    if kernel is None or state.dtype != x.dtype:
+        return causal_conv1d_step(x, weight, bias, state)
+    return kernel(x, state, weight[:, 0, :].to(x.dtype), None if bias is None else bias.to(x.dtype), "silu")
+
+
+def selective_scan_auto(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                        D: torch.Tensor | None, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`selective_scan`, through mamba-ssm's kernel for a fresh sequence on CUDA when installed
+    (the kernel cannot start from a state; delta arrives with softplus applied, so none is asked of it)."""
+    kernel = _kernel("selective_scan_fn", u)
+    if kernel is None or state is not None:
+        return selective_scan(u, delta, A, B, C, D, state)
+    f32 = torch.float32
+    y, last = kernel(u.to(f32).contiguous(), delta.to(f32).contiguous(), A.to(f32).contiguous(),
+                     B.to(f32).contiguous(), C.to(f32).contiguous(), None if D is None else D.to(f32),
+                     return_last_state=True)
+    return y, last
+
+
+def selective_scan_step_auto(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                             C: torch.Tensor, D: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
+    """:func:`selective_scan_step`, through mamba-ssm's state-update kernel on CUDA when installed."""
+    kernel = _kernel("selective_state_update", u)
+    if kernel is None or state.dtype != torch.float32:
+        return selective_scan_step(u, delta, A, B, C, D, state)
+    f32 = torch.float32
+    return kernel(state, u.to(f32), delta.to(f32), A.to(f32), B.to(f32), C.to(f32),
+                  None if D is None else D.to(f32))

@@ -98,3 +98,20 @@ def test_cache_state_sizes_and_reset() -> None:
     assert cache.layers[0].ssm[0].abs().sum() == 0 and cache.layers[0].ssm[1].abs().sum() > 0
     with pytest.raises(ValueError, match="same length"):
         model(torch.randint(0, 100, (2, 3)), cache=cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_prefill_and_decode_match_the_cpu_full_forward(dtype: torch.dtype) -> None:
+    # On CUDA the optional kernels (mamba-ssm, causal-conv1d) take the fresh prefill and the steps.
+    model = tiny_model()
+    ids = torch.randint(0, 100, (2, 40))
+    expected = _full(model, ids)
+    gpu = tiny_model().cuda().to_dtype(dtype)
+    cache = gpu.new_cache(2, 64)
+    with torch.no_grad():
+        first = gpu(ids[:, :20].cuda(), cache=cache, logits_to_keep=1)[:, -1]
+        steps = [gpu.step(ids[:, t].cuda(), cache) for t in range(20, 40)]
+    got = torch.cat([first[:, None], torch.stack(steps, 1)], 1).cpu()
+    bound = 2e-3 if dtype == torch.float32 else 0.1 * expected.abs().max().item()
+    assert (got - expected[:, 19:]).abs().max() <= bound
