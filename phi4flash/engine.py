@@ -160,6 +160,7 @@ class LocalEngine:
         self.reasoning_first = reasoning_first
         self.defaults = generation_config_defaults(checkpoint_dir) if checkpoint_dir is not None else {}
         self.stop_token_ids = frozenset(tokenizer.stop_token_ids) | frozenset(model.config.stop_token_ids)
+        self._stop_index = torch.tensor(sorted(self.stop_token_ids), dtype=torch.long, device=self.torch_device)
         self.vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
         self._suppress = [i for i in tokenizer.unused_ids if i < self.vocab_limit]
         self._cache = model.new_cache(max_batch, min(self.context_length, 1024))
@@ -381,6 +382,8 @@ class LocalEngine:
         assert request.sampler is not None and request.recorder is not None and request.detokenizer is not None
         if config.logits_processor is not None:
             logits = config.logits_processor(list(request.generated), logits.float())
+        if len(request.generated) < config.min_new_tokens:
+            logits = logits.index_fill(0, self._stop_index, float("-inf"))
         previous = [request.prompt_ids + request.generated] if config.repetition_penalty != 1.0 else None
         token = int(request.sampler(logits[None], previous)[0])
         if token in self.stop_token_ids:

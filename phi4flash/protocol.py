@@ -27,10 +27,12 @@ class GenerationConfig:
     """How to sample one completion. Defaults follow the model card (temperature 0.6, top_p 0.95).
 
     ``temperature == 0`` means greedy decoding. ``stop`` strings may span tokens and are trimmed from
-    the output. ``logits_processor`` lets adapters constrain decoding (tool calls, JSON schemas).
+    the output. ``min_new_tokens`` keeps the stop tokens away until that many tokens are generated (like
+    vLLM's ``min_tokens``). ``logits_processor`` lets adapters constrain decoding (tool calls, JSON schemas).
     """
 
     max_new_tokens: int = 4096
+    min_new_tokens: int = 0
     temperature: float = 0.6
     top_p: float = 0.95
     top_k: int = 0
@@ -56,6 +58,8 @@ class GenerationConfig:
 
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             raise bad("max_new_tokens", self.max_new_tokens, "must be an integer >= 1")
+        if not isinstance(self.min_new_tokens, int) or isinstance(self.min_new_tokens, bool) or self.min_new_tokens < 0:
+            raise bad("min_new_tokens", self.min_new_tokens, "must be an integer >= 0")
         if not finite(self.temperature) or self.temperature < 0:
             raise bad("temperature", self.temperature, "must be a finite number >= 0 (0 means greedy)")
         if not finite(self.top_p) or not 0 < self.top_p <= 1:

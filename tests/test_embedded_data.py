@@ -49,7 +49,8 @@ def test_answers_match_an_independent_solver(train_examples: list[data.Example],
     assert checked > 3000
 
 
-_CLAIM = re.compile(r"(?<![\d.])(\d+(?:[-+×/]\d+)+)=(\d+)(?!\d)")
+_CLAIM = re.compile(r"(?<![\d.])(\d+(?:[-+×/]\d+)+)=(\d+)(?!\d| r\d)")
+_DIVISION = re.compile(r"(?<![\d.])(\d+)/(\d+)=(\d+) r(\d+)")
 _NEGATIVE = re.compile(r"(?<![\d.])(\d+(?:-\d+)+)<0")
 
 
@@ -81,6 +82,9 @@ def test_every_step_of_the_reasoning_is_right(train_examples: list[data.Example]
             claims += 1
         for expr in _NEGATIVE.findall(ex.reasoning):
             assert _value(expr) < 0
+        for n, d, q, r in _DIVISION.findall(ex.reasoning):
+            assert int(d) * int(q) + int(r) == int(n) and 0 <= int(r) < int(d), f"{n}/{d}={q} r{r}"
+            claims += 1
     assert claims > 5000
 
 
@@ -91,7 +95,11 @@ def test_digit_by_digit_lines_end_with_the_answer() -> None:
     sub = data.subtraction_steps(1000, 999)
     assert sub[-1] == "1-0-1=0, borrow 0, so far 0001, left 0-0"
     mul = data.multiplication_steps(47, 6)
-    assert mul[-1] == "0×6+2=2, carry 0, so far 282, left 0"
+    assert mul[-1] == "0×6=0, 0+2=2, carry 0, so far 282, left 0"
+    div = data.division_steps(136, 4)
+    assert div == ["1/4=0 r1, so far 0, left 36", "13/4=3 r1, so far 03, left 6", "16/4=4 r0, so far 034, left none"]
+    lines, value = data.column(180, "/", 12)
+    assert value == 15 and lines[0] == "Work out 180/12:" and lines[-1] == "180/12=15"
 
 
 def test_heldout_split_never_overlaps_training(train_examples: list[data.Example],
@@ -102,6 +110,15 @@ def test_heldout_split_never_overlaps_training(train_examples: list[data.Example
     assert not train_keys & {e.key for e in heldout_examples}
     train_questions = {m["content"] for e in train_examples for m in e.messages}
     assert not train_questions & {e.question for e in heldout_examples}
+
+
+def test_demo_problems_are_training_problems() -> None:
+    demos = data.demo_examples()
+    assert {d.key for d in demos} == data.DEMO_KEYS
+    assert not any(data.is_held_out(d.key) for d in demos)
+    assert [d.value for d in demos] == ["75", "60", "45", "5"]
+    for d in demos:
+        assert data.exact_value(d.question) == int(d.value)
 
 
 def test_demo_problem_is_in_the_word_family() -> None:
@@ -133,4 +150,4 @@ def test_tokenizer_digits_specials_and_short_sequences(train_examples: list[data
     assert tok.decode(enc.ids, skip_special_tokens=False) == "<|user|>What is 4728 + 395?<|end|><|assistant|>"
     single_turn = [t for t, e in zip(texts, train_examples[:1500], strict=True) if len(e.messages) == 1]
     lengths = [len(tok.encode(t).ids) for t in single_turn]
-    assert max(lengths) < 200 and sum(lengths) / len(lengths) < 120
+    assert sum(length < 200 for length in lengths) / len(lengths) > 0.9 and sum(lengths) / len(lengths) < 150

@@ -207,3 +207,19 @@ def test_engine_works_in_a_forked_child(engine: LocalEngine) -> None:
             os._exit(0 if same else 3)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_min_new_tokens_keeps_the_stop_tokens_away(engine: LocalEngine) -> None:
+    end = engine.tokenizer.token_to_id("<|end|>")
+
+    def stop_at_once(generated, logits):
+        forced = torch.full_like(logits, float("-inf"))
+        forced[end] = 0.0
+        forced[7] = -1.0  # a fallback once <|end|> is forbidden
+        return forced
+
+    assert engine.generate(HELLO, GenerationConfig(temperature=0, logits_processor=stop_at_once)).token_ids == []
+    done = engine.generate(HELLO, GenerationConfig(temperature=0, min_new_tokens=5, logits_processor=stop_at_once))
+    assert done.token_ids == [7] * 5 and done.finish_reason == "stop"
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        GenerationConfig(min_new_tokens=-1).validate()

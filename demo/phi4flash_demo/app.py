@@ -139,6 +139,16 @@ def strip_think_tags(text: str) -> str:
     return re.sub(r"</?think>", "", text)
 
 
+def display_math(text: str) -> str:
+    """Wrap a bare ``\\boxed{...}`` (the models' final-answer convention) in ``$...$`` so that it renders.
+
+    Text that already uses math delimiters is left alone.
+    """
+    if "$" in text or "\\(" in text or "\\[" in text:
+        return text
+    return re.sub(r"\\boxed\{(?:[^{}]|\{[^{}]*\})*\}", lambda m: f"${m.group(0)}$", text)
+
+
 def error_message(text: str, title: str = ERROR_TITLE) -> gr.ChatMessage:
     """An assistant note shown in the chat; its title keeps it out of the next prompt (no status: shown open)."""
     return gr.ChatMessage(role="assistant", content=text, metadata={"title": title})
@@ -264,7 +274,7 @@ def build_turn(engine: Engine, runtime: DemoRuntime) -> Callable[[list[dict[str,
                                     stopped=done and not answer and final is not None
                                     and final.finish_reason == "cancelled"))
             if answer:
-                out.append(gr.ChatMessage(role="assistant", content=strip_think_tags(answer).lstrip()))
+                out.append(gr.ChatMessage(role="assistant", content=display_math(strip_think_tags(answer).lstrip())))
             return out
 
         def phase() -> str:

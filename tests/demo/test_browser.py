@@ -29,6 +29,16 @@ SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshot.png"
 @pytest.fixture
 def page(url: str) -> Any:
     """A fresh page on the chat (a new browser context: its own history and session)."""
+    yield from _page(url)
+
+
+@pytest.fixture
+def long_page(long_url: str) -> Any:
+    """A fresh page on the chat whose generations run to max new tokens."""
+    yield from _page(long_url)
+
+
+def _page(url: str) -> Any:
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
@@ -70,7 +80,7 @@ def _stats(page: Any) -> dict[str, str]:
 
 def test_question_streams_thinking_then_answer_with_latency_panel(page: Any, engine: Any, tmp_path: Path) -> None:
     _settings(page, temperature=0, max_new_tokens=256, seed=0)
-    _ask(page, EXAMPLES[0])
+    _ask(page, EXAMPLES[1])
     page.wait_for_selector("#chatbot .thought-group .loading-spinner", timeout=20_000)  # live thinking: spinner
     page.wait_for_selector('#stats [data-phase^="done"]')
     stats = _stats(page)
@@ -79,7 +89,7 @@ def test_question_streams_thinking_then_answer_with_latency_panel(page: Any, eng
         page.wait_for_function("document.querySelectorAll('#chatbot .bot.message').length >= 1")
 
     prompt = number(stats["prompt"])
-    assert prompt == engine.count_tokens([{"role": "user", "content": EXAMPLES[0]}])
+    assert prompt == engine.count_tokens([{"role": "user", "content": EXAMPLES[1]}])
     generated = number(stats["reasoning"]) + number(stats["answer"])
     assert 0 < generated <= 256
     assert number(stats["context"].split("/")[0]) == prompt + generated
@@ -100,8 +110,8 @@ def test_question_streams_thinking_then_answer_with_latency_panel(page: Any, eng
     shutil.copyfile(shot, SCREENSHOT)
 
 
-def test_stop_button_stops_the_generation(page: Any, demo: Any, tmp_path: Path) -> None:
-    runtime = demo.phi4flash_runtime
+def test_stop_button_stops_the_generation(long_page: Any, long_demo: Any, tmp_path: Path) -> None:
+    page, runtime = long_page, long_demo.phi4flash_runtime
     _open_settings(page)
     limit = int(page.locator('input[aria-label="number input for Max new tokens"]').get_attribute("max") or 4096)
     for seed in (1, 2, 3):  # a trained model may finish before the click: try another sample

@@ -67,9 +67,9 @@ def test_streamed_answer_with_reasoning_and_metrics(url: str, engine: Any, demo:
         assert answers(messages) and answers(messages)[0].strip()
 
 
-def test_stop_cancels_the_engine_and_the_next_message_works(url: str, engine: Any, demo: Any) -> None:
-    runtime = demo.phi4flash_runtime
-    client = gradio_client.Client(url, verbose=False)
+def test_stop_cancels_the_engine_and_the_next_message_works(long_url: str, engine: Any, long_demo: Any) -> None:
+    runtime, demo = long_demo.phi4flash_runtime, long_demo
+    client = gradio_client.Client(long_url, verbose=False)
     try:
         for seed in (1, 2, 3):  # a trained model may finish before we press Stop: try another sample
             _wait_idle(demo)

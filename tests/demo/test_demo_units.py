@@ -86,3 +86,12 @@ def test_cli_defaults_and_options() -> None:
                        "0.0.0.0", "--port", "7861", "--share"])
     assert (args.model, args.remote, args.host, args.port, args.share) == (
         "microsoft/Phi-4-mini-flash-reasoning", "http://h:8000", "0.0.0.0", 7861, True)
+
+
+def test_bare_boxed_answers_are_wrapped_for_math_rendering() -> None:
+    from phi4flash_demo.app import display_math
+
+    assert display_math(r"x = \boxed{35}") == r"x = $\boxed{35}$"
+    assert display_math(r"\boxed{\frac{1}{2}}") == r"$\boxed{\frac{1}{2}}$"
+    assert display_math(r"so $\boxed{3}$") == r"so $\boxed{3}$"  # already math: untouched
+    assert display_math("no math here") == "no math here"
