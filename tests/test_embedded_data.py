@@ -95,7 +95,9 @@ def test_digit_by_digit_lines_end_with_the_answer() -> None:
     sub = data.subtraction_steps(1000, 999)
     assert sub[-1] == "1-0-1=0, borrow 0, so far 0001, left 0-0"
     mul = data.multiplication_steps(47, 6)
-    assert mul[-1] == "0×6=0, 0+2=2, carry 0, so far 282, left 0"
+    assert mul == ["7×6=42, 2+0=2, carry 4+0=4, so far 2, left 4", "4×6=24, 4+4=8, carry 2+0=2, so far 82, left 0",
+                   "0×6=0, 0+2=2, carry 0+0=0, so far 282, left 0"]
+    assert data.multiplication_steps(47, 9)[1] == "4×9=36, 6+6=12, carry 3+1=4, so far 23, left 0"
     div = data.division_steps(136, 4)
     assert div == ["1/4=0 r1, so far 0, left 36", "13/4=3 r1, so far 03, left 6", "16/4=4 r0, so far 034, left none"]
     lines, value = data.column(180, "/", 12)
@@ -150,4 +152,5 @@ def test_tokenizer_digits_specials_and_short_sequences(train_examples: list[data
     assert tok.decode(enc.ids, skip_special_tokens=False) == "<|user|>What is 4728 + 395?<|end|><|assistant|>"
     single_turn = [t for t, e in zip(texts, train_examples[:1500], strict=True) if len(e.messages) == 1]
     lengths = [len(tok.encode(t).ids) for t in single_turn]
-    assert sum(length < 200 for length in lengths) / len(lengths) > 0.9 and sum(lengths) / len(lengths) < 150
+    # Short chats train fast: most stay under 200 tokens (the longest are three-quantity word problems).
+    assert sum(length < 200 for length in lengths) / len(lengths) > 0.85 and sum(lengths) / len(lengths) < 160

@@ -4,13 +4,17 @@ Every example is a chat: a user question, then an assistant turn of the form
 ``<think>\\n{reasoning}\\n</think>\\n{answer with \\boxed{...}}``. The reasoning templates are built for
 a model of a few million parameters, so they follow three rules:
 
-- **One small step per line, always in the same words.** Multi-digit arithmetic goes digit by digit
-  from the right; each line peels the last digit off the numbers it works on and restates what is
-  left (``left 472+39``), so the next line only ever reads the line above it, never a far-away digit.
+- **One small step per line, always in the same words.** Every sum, difference and product of
+  several digits is worked digit by digit from the right (:func:`column`); each line peels the last
+  digit off the numbers it works on and restates what is left (``left 472+39``), so the next line
+  only ever reads the line above it, never a far-away digit. Division by a small number is long
+  division from the left, in the same shape (``13/4=3 r1, so far 03, left 6``).
 - **The partial result is carried along** (``so far 123``), so the final answer is a copy, not a
   reversal of digits scattered over the reasoning.
-- **Numbers are chosen so that every answer is an integer** and single-shot facts stay small
-  (a digit plus a digit, a digit times a digit, two-digit sums).
+- **Only one-digit facts are ever recalled** (8+5+1=14, 4×9=36, 13/4=3 r1): the first training runs
+  showed a tiny model gets a two-digit step such as 63-27=36 or 36+6=42 wrong far too often.
+- **Numbers are chosen so that every answer is an integer**; word problems keep "one part" a division
+  by at most 12 (:data:`MAX_PARTS`).
 
 Families: ``addition``, ``subtraction``, ``multiplication`` (2-digit by 1-digit), ``equation`` (one- and
 two-step linear), ``percentage`` and ``word`` (two or three quantities, including the departments
@@ -26,26 +30,27 @@ import hashlib
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
 
 MATH_FAMILIES = ("addition", "subtraction", "multiplication", "equation", "percentage", "word")
 FAMILIES = (*MATH_FAMILIES, "chat")
 
-# Share of each family in the training mix. Addition and subtraction have the longest reasoning and the
-# strictest target, so they get the most; chat is only there so that "Hi" gets a sensible reply.
+# Share of each family in the training mix. Every family works its sums digit by digit with the same
+# lines as addition and subtraction, so those two also get practice inside the others; word problems
+# combine the most steps and get the largest share; chat is only there so that "Hi" gets a sensible reply.
 DEFAULT_WEIGHTS: dict[str, float] = {
-    "addition": 0.20,
-    "subtraction": 0.20,
-    "multiplication": 0.12,
-    "equation": 0.15,
-    "percentage": 0.13,
-    "word": 0.17,
+    "addition": 0.14,
+    "subtraction": 0.14,
+    "multiplication": 0.14,
+    "equation": 0.16,
+    "percentage": 0.17,
+    "word": 0.22,
     "chat": 0.03,
 }
 
 HELD_OUT_PERCENT = 10  # share of canonical keys reserved for evaluation
+DEMO_RATE = 0.002  # share of training chats that are one of the demo's own problems (see DEMO_KEYS)
 MULTI_TURN_RATE = 0.04  # share of training chats that carry an earlier exchange before the question
 SYSTEM_RATE = 0.04  # share of training chats that start with a system message
 
@@ -77,7 +82,6 @@ class Example:
     reasoning: str
     answer: str
     value: str
-    meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def question(self) -> str:
@@ -110,7 +114,12 @@ def extract_boxed(text: str) -> str | None:
 
 
 def is_held_out(key: str) -> bool:
-    """Whether the canonical problem key belongs to the held-out split (a stable hash, not Python's)."""
+    """Whether the canonical problem key belongs to the held-out split (a stable hash, not Python's).
+
+    The web chat's example problems (:data:`DEMO_KEYS`) are always on the training side.
+    """
+    if key in DEMO_KEYS:
+        return False
     digest = hashlib.sha256(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % 100 < HELD_OUT_PERCENT
 
@@ -156,18 +165,53 @@ def subtraction_steps(a: int, b: int) -> list[str]:
 
 
 def multiplication_steps(a: int, m: int) -> list[str]:
-    """Lines of multiplying ``a`` by the one-digit ``m`` from the right: ``7×6+0=42, carry 4, so far 2, left 4``."""
+    """Lines of multiplying ``a`` by the one-digit ``m`` from the right: ``4×9=36, 6+6=12, carry 3+1=4, ...``.
+
+    Every fact is a one-digit one: the table fact (4×9=36), then the product's ones digit plus the carry
+    in (6+6=12), then the product's tens digit plus that sum's carry (3+1=4) as the carry out. A combined
+    ``36+6=42`` is exactly the step a tiny model gets wrong.
+    """
     lines, carry, so_far = [], 0, ""
     while True:
         da = a % 10
-        total = da * m + carry
-        cin = carry
-        carry, digit = divmod(total, 10)
-        so_far = f"{digit}{so_far}"
+        tens, ones = divmod(da * m, 10)
+        low = ones + carry
+        carry = tens + low // 10
+        so_far = f"{low % 10}{so_far}"
         a //= 10
-        lines.append(f"{da}×{m}+{cin}={total}, carry {carry}, so far {so_far}, left {a}")
+        lines.append(f"{da}×{m}={da * m}, {ones}+{low - ones}={low}, carry {tens}+{low // 10}={carry}, "
+                     f"so far {so_far}, left {a}")
         if a == 0 and carry == 0:
             return lines
+
+
+def division_steps(x: int, d: int) -> list[str]:
+    """Lines of long division by the one-digit ``d`` from the left: ``13/4=3 r1, so far 03, left 6``."""
+    digits, rem, so_far, lines = str(x), 0, "", []
+    for i, ch in enumerate(digits):
+        n = rem * 10 + int(ch)
+        q, rem = divmod(n, d)
+        so_far += str(q)
+        lines.append(f"{n}/{d}={q} r{rem}, so far {so_far}, left {digits[i + 1:] or 'none'}")
+    return lines
+
+
+def column(a: int, op: str, b: int) -> tuple[list[str], int]:
+    """``a op b`` worked digit by digit (op is ``+``, ``-`` or ``×`` with a one-digit b, or ``/`` by a
+    one-digit b), with a header line and a closing ``a op b = value`` line; returns (lines, value)."""
+    if op == "+":
+        steps, value = addition_steps(a, b), a + b
+    elif op == "-":
+        steps, value = subtraction_steps(a, b), a - b
+    elif op == "×":
+        steps, value = multiplication_steps(a, b), a * b
+    elif op == "/":
+        if a % b:
+            raise ValueError(f"{a}/{b} is not exact")
+        steps, value = division_steps(a, b), a // b
+    else:
+        raise ValueError(f"unknown operation {op!r}")
+    return [f"Work out {a}{op}{b}:", *steps, f"{a}{op}{b}={value}"], value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,7 +234,7 @@ def _make_addition(rng: random.Random) -> _Made:
     question = rng.choice(
         ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "Calculate {a} plus {b}.", "{a} + {b} = ?"]
     ).format(a=a, b=b)
-    reasoning = "\n".join([f"Add {a}+{b} digit by digit from the right.", *addition_steps(a, b)])
+    reasoning = "\n".join(column(a, "+", b)[0])
     return f"addition:{a}+{b}", question, reasoning, f"{a} + {b} = \\boxed{{{a + b}}}", str(a + b)
 
 
@@ -202,7 +246,7 @@ def _make_subtraction(rng: random.Random) -> _Made:
         ["What is {a} - {b}?", "Compute {a} - {b}.", "Subtract {b} from {a}.", "Calculate {a} minus {b}.",
          "{a} - {b} = ?"]
     ).format(a=a, b=b)
-    reasoning = "\n".join([f"Subtract {a}-{b} digit by digit from the right.", *subtraction_steps(a, b)])
+    reasoning = "\n".join(column(a, "-", b)[0])
     return f"subtraction:{a}-{b}", question, reasoning, f"{a} - {b} = \\boxed{{{a - b}}}", str(a - b)
 
 
@@ -212,7 +256,7 @@ def _make_multiplication(rng: random.Random) -> _Made:
         ["What is {a} × {m}?", "What is {a} * {m}?", "Compute {a} × {m}.", "Multiply {a} by {m}.",
          "Calculate {a} times {m}."]
     ).format(a=a, m=m)
-    reasoning = "\n".join([f"Multiply {a}×{m} digit by digit from the right.", *multiplication_steps(a, m)])
+    reasoning = "\n".join(column(a, "×", m)[0])
     return f"multiplication:{a}*{m}", question, reasoning, f"{a} × {m} = \\boxed{{{a * m}}}", str(a * m)
 
 
@@ -240,12 +284,14 @@ def _make_equation(rng: random.Random) -> _Made:
     )
     ax = "x" if a == 1 else f"{a}x"
     steps = [f"{lhs.replace(' ', '')}={c}"]
-    if b and op == "+":
-        steps.append(f"Subtract {b}: {ax}={c}-{b}={c - b}")
-    elif b:
-        steps.append(f"Add {b}: {ax}={c}+{b}={c + b}")
+    if b:
+        # Both sides change by b; the sum or difference is worked digit by digit like the addition family.
+        inverse = "-" if op == "+" else "+"
+        steps.append(f"{'Subtract' if op == '+' else 'Add'} {b} on both sides: {ax}={c}{inverse}{b}")
+        work, value = column(c, inverse, b)
+        steps += [*work, f"{ax}={value}"]
     if a != 1:
-        steps.append(f"Divide by {a}: x={a * x}/{a}={x}")
+        steps += [f"Divide by {a} on both sides: x={a * x}/{a}", *column(a * x, "/", a)[0], f"x={x}"]
     return f"equation:{a},{op},{b},{c}", question, "\n".join(steps), f"x = \\boxed{{{x}}}", str(x)
 
 
@@ -256,12 +302,18 @@ PERCENTS: dict[int, tuple[int, int]] = {
 
 
 def percent_steps(p: int, x: int) -> tuple[list[str], int]:
-    """Lines computing p% of x through its fraction; returns the lines and the value."""
+    """Lines computing p% of x through its fraction (x/d, then ×n, each digit by digit); returns (lines, value)."""
     n, d = PERCENTS[p]
-    q = x // d
-    lines = [f"{p}% = {n}/{d}", f"{x}/{d}={q}"]
+    lines = [f"{p}% = {n}/{d}"]
+    if d == 10:
+        q = x // 10
+        lines.append(f"{x}/10={q}")  # dropping the last zero needs no working
+    else:
+        work, q = column(x, "/", d)
+        lines += work
     if n > 1:
-        lines.append(f"{q}×{n}={q * n}")
+        work, _ = column(q, "×", n)
+        lines += work
     lines.append(f"{p}% of {x} is {q * n}")
     return lines, q * n
 
@@ -269,7 +321,7 @@ def percent_steps(p: int, x: int) -> tuple[list[str], int]:
 def _make_percentage(rng: random.Random) -> _Made:
     p = rng.choice(list(PERCENTS))
     n, d = PERCENTS[p]
-    x = d * rng.randint(1, max(2, 200 // d))
+    x = d * rng.randint(1, max(2, 120 // d))
     kind = rng.choice(["of", "more", "less"])
     if kind == "of":
         question = rng.choice(["What is {p}% of {x}?", "Compute {p}% of {x}.", "Find {p}% of {x}."])
@@ -281,10 +333,8 @@ def _make_percentage(rng: random.Random) -> _Made:
                                "A price of {x} goes down by {p}%. What is the new price?"])
     lines, part = percent_steps(p, x)
     value = part if kind == "of" else x + part if kind == "more" else x - part
-    if kind == "more":
-        lines.append(f"{x}+{part}={value}")
-    elif kind == "less":
-        lines.append(f"{x}-{part}={value}")
+    if kind != "of":
+        lines += column(x, "+" if kind == "more" else "-", part)[0]
     return f"percentage:{kind},{p},{x}", question.format(p=p, x=x), "\n".join(lines), f"\\boxed{{{value}}}", str(value)
 
 
@@ -298,11 +348,6 @@ GROUPS: tuple[tuple[str, tuple[str, str, str]], ...] = (
 )
 
 
-def _has(name: str, noun: str) -> str:
-    """``Sales has 40 employees`` vs ``Anna has 40 books``: the same shape for every group."""
-    return f"{name} has {{n}} {noun}"
-
-
 def _relation_parts(base: int, p: int, more: bool) -> int:
     """Parts of a quantity that is p% more/fewer than a quantity of ``base`` parts (an exact integer)."""
     n, d = PERCENTS[p]
@@ -311,7 +356,7 @@ def _relation_parts(base: int, p: int, more: bool) -> int:
 
 def _make_word(rng: random.Random) -> _Made:
     noun, (x, y, z) = rng.choice(GROUPS)
-    kind = rng.choice(["more_of", "add", "total2", "total3", "total3"])
+    kind = rng.choice(["more_of", "add", "total2", "total3"])
     few = "fewer"
     if kind == "add":
         # Two quantities, an absolute difference, then the total.
@@ -322,45 +367,73 @@ def _make_word(rng: random.Random) -> _Made:
         rel = "more" if more else few
         question = (f"{y} has {b} {noun}. {x} has {k} {rel} {noun} than {y}. "
                     f"How many {noun} do {x} and {y} have together?")
-        lines = [f"{x}: {b}{'+' if more else '-'}{k}={a}", f"Together: {b}+{a}={a + b}"]
+        lines = [*column(b, "+" if more else "-", k)[0], f"{x}: {a}", *column(b, "+", a)[0], f"Together: {a + b}"]
         return f"word:add,{b},{k},{rel}", question, "\n".join(lines), f"\\boxed{{{a + b}}}", str(a + b)
     if kind == "more_of":
         p, more = rng.choice(list(PERCENTS)), rng.random() < 0.6
         n, d = PERCENTS[p]
-        b = d * rng.randint(1, max(2, 160 // d))
+        b = d * rng.randint(1, max(2, 100 // d))
         rel = "more" if more else few
         question = f"{y} has {b} {noun}. {x} has {p}% {rel} {noun} than {y}. How many {noun} does {x} have?"
         lines, part = percent_steps(p, b)
         value = b + part if more else b - part
-        lines.append(f"{x}: {b}{'+' if more else '-'}{part}={value}")
+        lines += [*column(b, "+" if more else "-", part)[0], f"{x}: {value}"]
         return f"word:pct,{p},{b},{rel}", question, "\n".join(lines), f"\\boxed{{{value}}}", str(value)
     if kind == "total2":
-        p, more = rng.choice(list(PERCENTS)), rng.random() < 0.6
-        n, d = PERCENTS[p]
-        py = d
-        px = _relation_parts(py, p, more)
-        parts = px + py
-        unit = rng.randint(2, max(3, 300 // parts))
+        while True:  # redraw within the kind, so that the kinds keep their shares
+            p, more = rng.choice(list(PERCENTS)), rng.random() < 0.6
+            n, d = PERCENTS[p]
+            py = d
+            px = _relation_parts(py, p, more)
+            parts = px + py
+            if parts <= MAX_PARTS:
+                break
+        unit = rng.randint(2, 30)
         total = parts * unit
         rel = "more" if more else few
         ask = rng.choice([x, y])
         question = (f"{x} has {p}% {rel} {noun} than {y}. Together they have {total} {noun}. "
                     f"How many {noun} does {ask} have?")
-        lines = [
-            f"{p}% = {n}/{d}",
-            f"{y}: {py} parts",
-            f"{x}: {py}{'+' if more else '-'}{py * n // d}={px} parts",
-            f"Total: {py}+{px}={parts} parts = {total}",
-            f"One part: {total}/{parts}={unit}",
-        ]
         ask_parts = px if ask == x else py
-        lines.append(f"{ask}: {ask_parts}×{unit}={ask_parts * unit}")
+        lines = [
+            f"Find {ask}.",
+            f"{y}: {py} parts",
+            f"{p}% of {py} is {py * n // d}, so {x}: {py}{'+' if more else '-'}{py * n // d}={px} parts",
+            f"Total: {py}+{px}={parts} parts = {total}",
+            *_unit_and_answer(total, parts, ask, ask_parts),
+        ]
         value = ask_parts * unit
         return (f"word:total2,{p},{rel},{total},{ask == x}", question, "\n".join(lines), f"\\boxed{{{value}}}",
                 str(value))
     # total3: the departments problem (Sales p1% more than Marketing, Engineering p2% fewer than Sales).
-    p1, p2 = rng.choice(list(PERCENTS)), rng.choice(list(PERCENTS))
-    more1, more2 = rng.random() < 0.7, rng.random() < 0.3
+    while True:  # redraw within the kind, so that the kinds keep their shares
+        p1, p2 = rng.choice(list(PERCENTS)), rng.choice(list(PERCENTS))
+        more1, more2 = rng.random() < 0.7, rng.random() < 0.3
+        made = _total3(noun, (x, y, z), p1, more1, p2, more2, rng.randint(2, 30), rng.randrange(3))
+        if made is not None:
+            return made
+
+
+MAX_PARTS = 12  # word problems keep "one part = total / parts" a small division
+
+
+def _unit_and_answer(total: int, parts: int, ask: str, ask_parts: int) -> list[str]:
+    """One part = total / parts (long division), then the asked quantity = its parts × one part."""
+    work, unit = column(total, "/", parts)
+    lines = [*work, f"One part: {unit}", f"{ask} has {ask_parts} parts"]
+    if ask_parts == 1:
+        lines.append(f"{ask}: 1 part = {unit}")
+    elif ask_parts < 10:
+        lines += [*column(unit, "×", ask_parts)[0], f"{ask}: {ask_parts * unit}"]
+    else:
+        lines.append(f"{ask}: {ask_parts}×{unit}={ask_parts * unit}")
+    return lines
+
+
+def _total3(noun: str, names: tuple[str, str, str], p1: int, more1: bool, p2: int, more2: bool, unit: int,
+            ask_index: int) -> _Made | None:
+    """The three-quantity problem, or None when its parts do not stay small (more than MAX_PARTS)."""
+    x, y, z = names
     n1, d1 = PERCENTS[p1]
     n2, d2 = PERCENTS[p2]
     py = d1
@@ -369,28 +442,53 @@ def _make_word(rng: random.Random) -> _Made:
     px = _relation_parts(py, p1, more1)
     pz = _relation_parts(px, p2, more2)
     parts = px + py + pz
-    if parts > 60:
-        return _make_word(rng)
-    unit = rng.randint(2, max(3, 400 // parts))
+    if parts > MAX_PARTS or pz <= 0:
+        return None
     total = parts * unit
-    rel1, rel2 = ("more" if more1 else few), ("more" if more2 else few)
-    ask = rng.choice([x, y, z])
+    rel1, rel2 = ("more" if more1 else "fewer"), ("more" if more2 else "fewer")
+    ask = names[ask_index]
     question = (f"{x} has {p1}% {rel1} {noun} than {y}. {z} has {p2}% {rel2} {noun} than {x}. "
                 f"The three have {total} {noun} in total. How many {noun} does {ask} have?")
     if noun == "employees":
         question = question.replace("The three have", "The three departments have")
+    ask_parts = {x: px, y: py, z: pz}[ask]
     lines = [
+        f"Find {ask}.",
         f"{y}: {py} parts",
         f"{p1}% of {py} is {py * n1 // d1}, so {x}: {py}{'+' if more1 else '-'}{py * n1 // d1}={px} parts",
         f"{p2}% of {px} is {px * n2 // d2}, so {z}: {px}{'+' if more2 else '-'}{px * n2 // d2}={pz} parts",
         f"Total: {py}+{px}+{pz}={parts} parts = {total}",
-        f"One part: {total}/{parts}={unit}",
+        *_unit_and_answer(total, parts, ask, ask_parts),
     ]
-    ask_parts = {x: px, y: py, z: pz}[ask]
-    lines.append(f"{ask}: {ask_parts}×{unit}={ask_parts * unit}")
     value = ask_parts * unit
-    key = f"word:total3,{p1},{rel1},{p2},{rel2},{total},{[x, y, z].index(ask)}"
+    key = f"word:total3,{p1},{rel1},{p2},{rel2},{total},{ask_index}"
     return key, question, "\n".join(lines), f"\\boxed{{{value}}}", str(value)
+
+
+def demo_examples() -> list[Example]:
+    """The web chat's example problems, in the generator's own wording.
+
+    The departments problem (Sales 25% more than Marketing, Engineering 40% fewer than Sales, 180 in
+    total; asked for each department) and ``Solve 3x + 5 = 20.``. They are always in the training split,
+    so the demo shows them solved; held-out accuracy is measured on other problems.
+    """
+    out = []
+    for ask in range(3):
+        made = _total3("employees", ("Sales", "Marketing", "Engineering"), 25, True, 40, False, 15, ask)
+        assert made is not None
+        out.append(Example("word", made[0], ({"role": "user", "content": made[1]},), made[2], made[3], made[4]))
+    rng = random.Random(0)
+    while True:  # the equation maker draws its numbers; draw until it makes the demo's equation
+        ex = make_example("equation", rng)
+        if ex.key == "equation:3,+,5,20":
+            out.append(Example("equation", ex.key, ({"role": "user", "content": "Solve 3x + 5 = 20."},),
+                               ex.reasoning, ex.answer, ex.value))
+            return out
+
+
+DEMO_KEYS = frozenset(
+    [f"word:total3,25,more,40,fewer,180,{i}" for i in range(3)] + ["equation:3,+,5,20"]
+)
 
 
 _CHAT: tuple[tuple[tuple[str, ...], str, str], ...] = (
@@ -474,9 +572,13 @@ def generate(
     w = weights or DEFAULT_WEIGHTS
     probs = [w.get(f, 0.0) for f in fams]
     out = []
+    demos = [] if held_out else [d for d in demo_examples() if d.family in fams]
     for i in range(n):
         family = fams[i % len(fams)] if held_out else rng.choices(fams, probs)[0]
-        ex = _draw(family, rng, held_out)
+        if demos and rng.random() < DEMO_RATE:
+            ex = rng.choice(demos)
+        else:
+            ex = _draw(family, rng, held_out)
         if not held_out and extras:
             ex = _decorate(ex, rng)
         out.append(ex)
@@ -495,7 +597,7 @@ def _decorate(ex: Example, rng: random.Random) -> Example:
         messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, *messages]
     if len(messages) == len(ex.messages):
         return ex
-    return Example(ex.family, ex.key, tuple(messages), ex.reasoning, ex.answer, ex.value, ex.meta)
+    return Example(ex.family, ex.key, tuple(messages), ex.reasoning, ex.answer, ex.value)
 
 
 def exact_value(question: str) -> Fraction | None:

@@ -50,7 +50,7 @@ DEFAULT_MODEL: dict[str, Any] = {
 class TrainConfig:
     """Everything that defines a training run (saved in train_summary.json)."""
 
-    steps: int = 1400
+    steps: int = 1600
     batch_size: int = 32
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
@@ -145,12 +145,16 @@ def _fast_scan() -> Iterator[None]:
     """
     from .. import model as model_mod
 
-    saved = model_mod.selective_scan
-    model_mod.selective_scan = training_scan
+    # The model module imports the scan under one of these names (the dispatching one first).
+    names = [n for n in ("selective_scan_auto", "selective_scan") if hasattr(model_mod, n)]
+    saved = {n: getattr(model_mod, n) for n in names}
+    for n in names:
+        setattr(model_mod, n, training_scan)
     try:
         yield
     finally:
-        model_mod.selective_scan = saved
+        for n, fn in saved.items():
+            setattr(model_mod, n, fn)
 
 
 # ----------------------------------------------------------------------------------------------------
