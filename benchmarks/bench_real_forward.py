@@ -17,7 +17,7 @@ import torch
 
 from phi4flash import Phi4FlashConfig, Phi4FlashForCausalLM
 
-REAL_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint" / "config.json"
+REAL_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "checkpoint" / "config.json"
 
 
 def main() -> None:

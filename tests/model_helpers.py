@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -10,10 +9,11 @@ import torch
 from phi4flash.config import Phi4FlashConfig
 from phi4flash.model import Phi4FlashForCausalLM
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PHI4FLASH_SHARED", REPO.parent / "shared"))
-GOLDEN = SHARED / "golden" / "tiny8"
-REFERENCE_CHECKPOINT = SHARED / "reference" / "checkpoint"
+# Copies of the project's shared/ test vectors: the official implementation's outputs on a tiny config
+# (golden/tiny8) and the real checkpoint's metadata files (no weights).
+DATA = Path(__file__).resolve().parent / "data"
+GOLDEN = DATA / "golden" / "tiny8"
+REFERENCE_CHECKPOINT = DATA / "checkpoint"
 
 
 def tiny_config(**overrides: object) -> Phi4FlashConfig:

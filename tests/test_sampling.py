@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import REFERENCE_CHECKPOINT
 
 from phi4flash.sampling import (
     GenerationConfig,
@@ -18,7 +19,7 @@ from phi4flash.sampling import (
     sample_next,
 )
 
-REAL = Path("/work/shared/reference/checkpoint")
+REAL = REFERENCE_CHECKPOINT
 
 
 def support(logits: torch.Tensor, config: GenerationConfig, draws: int = 400, **kwargs) -> set[int]:

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from model_helpers import REFERENCE_CHECKPOINT
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers import decoders as tk_decoders
 
 from phi4flash.tokenizer import ChatTokenizer, IncrementalDetokenizer, rebuild_merges
 
-REAL = Path("/work/shared/reference/checkpoint")
+REAL = REFERENCE_CHECKPOINT
 needs_real = pytest.mark.skipif(not (REAL / "vocab.json").is_file(), reason="reference checkpoint not present")
 
 SAMPLES = [
