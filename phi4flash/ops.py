@@ -99,13 +99,14 @@ def selective_scan_reference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tens
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor | None, state: torch.Tensor | None = None,
-                   chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """The same scan as :func:`selective_scan_reference`, chunk by chunk with the heavy work vectorised.
 
     For a chunk of c tokens, every decay a_t = exp(delta_t * A) and input b_t = delta_t * B_t * u_t is
     computed at once, as are the read-outs C_t . s_t at the end; what is left per token is one fused
     multiply-add s_t = a_t * s_{t-1} + b_t. (A log-depth parallel prefix scan was measured slower on CPU:
-    it streams the (B, E, c, N) tensors log2(c) times.) Memory: a few (B, E, c, N) tensors per chunk.
+    it streams the (B, E, c, N) tensors log2(c) times.) Small chunks keep those tensors in cache: c = 16
+    was twice as fast as c = 256 at E = 768 on CPU.
     """
     dt = acc_dtype(u.dtype)
     u, delta, A, B, C = u.to(dt), delta.to(dt), A.to(dt), B.to(dt), C.to(dt)
