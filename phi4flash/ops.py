@@ -198,11 +198,17 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     pairs = q.view(b, t, h // 2, 2, dh)
     kv_pairs = k.view(b, s, hkv // 2, 2, dh)
     v12 = v.view(b, s, hkv // 2, 2 * dh).transpose(1, 2)  # (B, Hkv/2, S, 2Dh): [V_even || V_odd] per pair, a view
-    outs = []
-    for group in (0, 1):  # 0: even heads with even kv heads; 1: odd with odd
-        qg = pairs[:, :, :, group].transpose(1, 2)  # (B, H/2, T, Dh)
-        kg = kv_pairs[:, :, :, group].transpose(1, 2)  # (B, Hkv/2, S, Dh)
-        outs.append(_attend(qg, kg, v12, mask, 1.0 / math.sqrt(dh)))  # (B, H/2, T, 2Dh)
+    # group 0: even heads with even kv heads; group 1: odd with odd
+    qs = [pairs[:, :, :, group].transpose(1, 2) for group in (0, 1)]  # (B, H/2, T, Dh) each
+    ks = [kv_pairs[:, :, :, group].transpose(1, 2) for group in (0, 1)]  # (B, Hkv/2, S, Dh) each
+    scale = 1.0 / math.sqrt(dh)
+    if t * 8 > s and t > 1:  # many queries (prefill): the fused kernels
+        outs = [F.scaled_dot_product_attention(qg, kg, v12, attn_mask=mask, scale=scale, enable_gqa=h != hkv)
+                for qg, kg in zip(qs, ks, strict=True)]
+    else:  # few queries (decode): both groups' probabilities against the cached values in one pass
+        probs = torch.cat([_probs(qg, kg, mask, scale) for qg, kg in zip(qs, ks, strict=True)], dim=2)
+        o = torch.matmul(probs.to(v12.dtype), v12)  # (B, Hkv/2, 2 * g * T, 2Dh)
+        outs = [part.reshape(b, h // 2, t, 2 * dh) for part in o.chunk(2, dim=2)]
     y = outs[0] - lam.to(outs[0].dtype) * outs[1]
     acc = acc_dtype(y.dtype)
     y32 = y.to(acc)
@@ -211,24 +217,23 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     return y.transpose(1, 2).reshape(b, t, h * dh)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Softmax attention, GQA with query head i on kv head i // g: q (B, Hq, T, D), k (B, Hk, S, D), v (B, Hk, S, Dv).
+def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention probabilities with GQA (query head i on kv head i // g), as plain matmuls on cache views.
 
-    Few queries (decode) use plain matmuls on views of the cache; many queries (prefill) use
-    scaled_dot_product_attention and its fused kernels.
+    Args:
+        q: (B, Hq, T, D). k: (B, Hk, S, D). mask: (B, 1, T, S) boolean or None.
+
+    Returns:
+        (B, Hk, g * T, S) in the accumulation dtype; row r * T + t is query head (kv head * g + r), token t.
     """
     b, hq, t, d = q.shape
     hk = k.shape[1]
-    if t * 8 > k.shape[2] and t > 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hk)
     g = hq // hk
-    qg = q.reshape(b, hk, g * t, d)  # query head i = kv head (i // g), row r*T + t
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # (B, Hk, g*T, S)
+    scores = torch.matmul(q.reshape(b, hk, g * t, d), k.transpose(-1, -2)) * scale
     if mask is not None:
         m = mask[:, :, None].expand(b, 1, g, t, mask.shape[-1]).reshape(b, 1, g * t, mask.shape[-1])
         scores = scores.masked_fill(~m, float("-inf"))
-    probs = torch.softmax(scores.to(acc_dtype(scores.dtype)), dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).view(b, hq, t, v.shape[-1])
+    return torch.softmax(scores.to(acc_dtype(scores.dtype)), dim=-1)
 
 
 # -- optional CUDA kernels ------------------------------------------------------------------------------------
