@@ -44,9 +44,9 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "subtraction": 0.14,
     "multiplication": 0.14,
     "equation": 0.16,
-    "percentage": 0.16,
+    "percentage": 0.17,
     "word": 0.22,
-    "chat": 0.04,
+    "chat": 0.03,
 }
 
 HELD_OUT_PERCENT = 10  # share of canonical keys reserved for evaluation
@@ -338,15 +338,14 @@ def _make_percentage(rng: random.Random) -> _Made:
     return f"percentage:{kind},{p},{x}", question.format(p=p, x=x), "\n".join(lines), f"\\boxed{{{value}}}", str(value)
 
 
-# Groups for word problems: (plural noun of what is counted, the three holders, what one holder is).
-GROUPS: tuple[tuple[str, tuple[str, str, str], str], ...] = (
-    ("employees", ("Sales", "Marketing", "Engineering"), "department"),
-    ("employees", ("Support", "Finance", "Research"), "department"),
-    ("students", ("Class A", "Class B", "Class C"), "class"),
-    ("books", ("Anna", "Ben", "Carl"), "person"),
-    ("apples", ("Mia", "Leo", "Zoe"), "person"),
+# Groups for word problems: (plural noun of what is counted, the three holders, how a question asks).
+GROUPS: tuple[tuple[str, tuple[str, str, str]], ...] = (
+    ("employees", ("Sales", "Marketing", "Engineering")),
+    ("employees", ("Support", "Finance", "Research")),
+    ("students", ("Class A", "Class B", "Class C")),
+    ("books", ("Anna", "Ben", "Carl")),
+    ("apples", ("Mia", "Leo", "Zoe")),
 )
-EACH = 3  # ask index of "how many does each ... have?" in the three-quantity problems
 
 
 def _relation_parts(base: int, p: int, more: bool) -> int:
@@ -356,7 +355,7 @@ def _relation_parts(base: int, p: int, more: bool) -> int:
 
 
 def _make_word(rng: random.Random) -> _Made:
-    noun, (x, y, z), holder = rng.choice(GROUPS)
+    noun, (x, y, z) = rng.choice(GROUPS)
     kind = rng.choice(["more_of", "add", "total2", "total3"])
     few = "fewer"
     if kind == "add":
@@ -410,8 +409,7 @@ def _make_word(rng: random.Random) -> _Made:
     while True:  # redraw within the kind, so that the kinds keep their shares
         p1, p2 = rng.choice(list(PERCENTS)), rng.choice(list(PERCENTS))
         more1, more2 = rng.random() < 0.7, rng.random() < 0.3
-        made = _total3(noun, (x, y, z), p1, more1, p2, more2, rng.randint(2, 30), rng.randrange(4),
-                       holder=holder, phrasing=rng.randrange(2))
+        made = _total3(noun, (x, y, z), p1, more1, p2, more2, rng.randint(2, 30), rng.randrange(3))
         if made is not None:
             return made
 
@@ -422,12 +420,7 @@ MAX_PARTS = 12  # word problems keep "one part = total / parts" a small division
 def _unit_and_answer(total: int, parts: int, ask: str, ask_parts: int) -> list[str]:
     """One part = total / parts (long division), then the asked quantity = its parts × one part."""
     work, unit = column(total, "/", parts)
-    return [*work, f"One part: {unit}", *_times_unit(unit, ask, ask_parts)]
-
-
-def _times_unit(unit: int, ask: str, ask_parts: int) -> list[str]:
-    """The asked quantity = its parts × one part, digit by digit when the parts are a single digit."""
-    lines = [f"{ask} has {ask_parts} parts"]
+    lines = [*work, f"One part: {unit}", f"{ask} has {ask_parts} parts"]
     if ask_parts == 1:
         lines.append(f"{ask}: 1 part = {unit}")
     elif ask_parts < 10:
@@ -438,12 +431,8 @@ def _times_unit(unit: int, ask: str, ask_parts: int) -> list[str]:
 
 
 def _total3(noun: str, names: tuple[str, str, str], p1: int, more1: bool, p2: int, more2: bool, unit: int,
-            ask_index: int, *, holder: str = "department", phrasing: int = 0) -> _Made | None:
-    """The three-quantity problem, or None when its parts do not stay small (more than MAX_PARTS).
-
-    ``ask_index`` 0-2 asks for one of ``names``, :data:`EACH` for all three (answer ``\\boxed{a, b, c}``
-    in the order base, first relation, second relation). ``phrasing`` 1 is the web chat example's wording.
-    """
+            ask_index: int) -> _Made | None:
+    """The three-quantity problem, or None when its parts do not stay small (more than MAX_PARTS)."""
     x, y, z = names
     n1, d1 = PERCENTS[p1]
     n2, d2 = PERCENTS[p2]
@@ -457,51 +446,37 @@ def _total3(noun: str, names: tuple[str, str, str], p1: int, more1: bool, p2: in
         return None
     total = parts * unit
     rel1, rel2 = ("more" if more1 else "fewer"), ("more" if more2 else "fewer")
-    ask = f"each {holder}" if ask_index == EACH else names[ask_index]
-    three = "the three departments" if noun == "employees" else "the three"
-    if phrasing == 0:
-        question = (f"{x} has {p1}% {rel1} {noun} than {y}. {z} has {p2}% {rel2} {noun} than {x}. "
-                    f"{three.capitalize()} have {total} {noun} in total. How many {noun} does {ask} have?")
-    else:
-        question = (f"{x} has {p1}% {rel1} {noun} than {y}, and {z} has {p2}% {rel2} {noun} than {x}. "
-                    f"If {three} have {total} {noun} in total, how many {noun} does {ask} have?")
+    ask = names[ask_index]
+    question = (f"{x} has {p1}% {rel1} {noun} than {y}. {z} has {p2}% {rel2} {noun} than {x}. "
+                f"The three have {total} {noun} in total. How many {noun} does {ask} have?")
+    if noun == "employees":
+        question = question.replace("The three have", "The three departments have")
+    ask_parts = {x: px, y: py, z: pz}[ask]
     lines = [
-        f"Find {y}, {x} and {z}." if ask_index == EACH else f"Find {ask}.",
+        f"Find {ask}.",
         f"{y}: {py} parts",
         f"{p1}% of {py} is {py * n1 // d1}, so {x}: {py}{'+' if more1 else '-'}{py * n1 // d1}={px} parts",
         f"{p2}% of {px} is {px * n2 // d2}, so {z}: {px}{'+' if more2 else '-'}{px * n2 // d2}={pz} parts",
         f"Total: {py}+{px}+{pz}={parts} parts = {total}",
+        *_unit_and_answer(total, parts, ask, ask_parts),
     ]
+    value = ask_parts * unit
     key = f"word:total3,{p1},{rel1},{p2},{rel2},{total},{ask_index}"
-    if ask_index == EACH:
-        work, _ = column(total, "/", parts)
-        lines += [*work, f"One part: {unit}"]
-        for name, n in ((y, py), (x, px), (z, pz)):
-            lines += _times_unit(unit, name, n)
-        value = f"{py * unit}, {px * unit}, {pz * unit}"
-        answer = f"{y}: {py * unit}, {x}: {px * unit}, {z}: {pz * unit}\n\\boxed{{{value}}}"
-        return key, question, "\n".join(lines), answer, value
-    ask_parts = {x: px, y: py, z: pz}[ask]
-    lines += _unit_and_answer(total, parts, ask, ask_parts)
-    value = str(ask_parts * unit)
-    return key, question, "\n".join(lines), f"\\boxed{{{value}}}", value
+    return key, question, "\n".join(lines), f"\\boxed{{{value}}}", str(value)
 
 
 def demo_examples() -> list[Example]:
     """The web chat's example problems, in the generator's own wording.
 
     The departments problem (Sales 25% more than Marketing, Engineering 40% fewer than Sales, 180 in
-    total; asked for one department or for each, in both wordings) and ``Solve 3x + 5 = 20.``. They
-    are always in the training split, so the demo shows them solved; held-out accuracy is measured on
-    other problems.
+    total; asked for each department) and ``Solve 3x + 5 = 20.``. They are always in the training split,
+    so the demo shows them solved; held-out accuracy is measured on other problems.
     """
     out = []
-    for ask in range(EACH + 1):
-        for phrasing in (0, 1):
-            made = _total3("employees", ("Sales", "Marketing", "Engineering"), 25, True, 40, False, 15, ask,
-                           phrasing=phrasing)
-            assert made is not None
-            out.append(Example("word", made[0], ({"role": "user", "content": made[1]},), made[2], made[3], made[4]))
+    for ask in range(3):
+        made = _total3("employees", ("Sales", "Marketing", "Engineering"), 25, True, 40, False, 15, ask)
+        assert made is not None
+        out.append(Example("word", made[0], ({"role": "user", "content": made[1]},), made[2], made[3], made[4]))
     rng = random.Random(0)
     while True:  # the equation maker draws its numbers; draw until it makes the demo's equation
         ex = make_example("equation", rng)
@@ -512,7 +487,7 @@ def demo_examples() -> list[Example]:
 
 
 DEMO_KEYS = frozenset(
-    [f"word:total3,25,more,40,fewer,180,{i}" for i in range(EACH + 1)] + ["equation:3,+,5,20"]
+    [f"word:total3,25,more,40,fewer,180,{i}" for i in range(3)] + ["equation:3,+,5,20"]
 )
 
 
@@ -529,32 +504,9 @@ _CHAT: tuple[tuple[tuple[str, ...], str, str], ...] = (
 )
 
 
-# Requests outside the training families get an honest short reply instead of made-up working.
-_OUT_OF_SCOPE_PROMPTS = (
-    "Solve the quadratic equation: {a}x^2 + {b}x - {c} = 0",
-    "Solve x^2 + {b}x + {c} = 0",
-    "Solve the quadratic equation: x^2 - {b}x + {c} = 0",
-    "What is the derivative of x^{a}?",
-    "What is the square root of {c}?",
-    "What is the capital of France?",
-    "Write a poem about the sea.",
-    "Tell me a joke.",
-    "Explain quantum physics.",
-    "Translate hello into French.",
-)
-_OUT_OF_SCOPE_THOUGHT = "This is not one of the kinds of problems I was trained on."
-_OUT_OF_SCOPE_REPLY = (
-    "I am a tiny model trained only on small arithmetic, linear equations like 3x + 5 = 20, percentages "
-    "and short word problems, so I cannot answer this reliably."
-)
-
-
 def _make_chat(rng: random.Random) -> _Made:
-    if rng.random() < 0.4:
-        template = rng.choice(_OUT_OF_SCOPE_PROMPTS)
-        question = template.format(a=rng.randint(2, 9), b=rng.randint(1, 12), c=rng.randint(2, 40))
-        return f"chat:{question}", question, _OUT_OF_SCOPE_THOUGHT, _OUT_OF_SCOPE_REPLY, ""
-    prompts, thought, reply = _CHAT[rng.randrange(len(_CHAT))]
+    i = rng.randrange(len(_CHAT))
+    prompts, thought, reply = _CHAT[i]
     question = rng.choice(prompts)
     return f"chat:{question}", question, thought, reply, ""
 
@@ -648,7 +600,7 @@ def _decorate(ex: Example, rng: random.Random) -> Example:
     return Example(ex.family, ex.key, tuple(messages), ex.reasoning, ex.answer, ex.value)
 
 
-def exact_value(question: str) -> Fraction | tuple[Fraction, ...] | None:
+def exact_value(question: str) -> Fraction | None:
     """Solve a generated question from its text alone, independently of the generator.
 
     Used by the tests and by the evaluator as a second opinion; returns None for text it cannot parse.
@@ -705,8 +657,7 @@ def _solve_word(q: str) -> Fraction | None:
         return sum(values.values(), Fraction(0))
     if known and ask:
         return resolve(dict(known)).get(ask.group(1))
-    each = "does each" in q
-    if total and (ask or each):
+    if total and ask:
         t = int(total.group(1) or total.group(2))
         # The relations are linear in the one quantity nobody is defined from; solve for it exactly.
         names = {r[0] for r in rel} | {r[4] for r in rel}
@@ -715,16 +666,5 @@ def _solve_word(q: str) -> Fraction | None:
             return None
         one = resolve({roots[0]: Fraction(1)})
         scale = Fraction(t) / sum(one.values(), Fraction(0))
-        if each:  # in the order the relations define them: the base quantity first
-            return tuple(v * scale for v in one.values())
         return one[ask.group(1)] * scale
     return None
-
-
-def exact_answer(question: str) -> str | None:
-    """:func:`exact_value` written like :attr:`Example.value` ("60", or "60, 75, 45" for "each")."""
-    value = exact_value(question)
-    values = value if isinstance(value, tuple) else (value,)
-    if value is None or any(v is None or v.denominator != 1 for v in values):
-        return None
-    return ", ".join(str(v.numerator) for v in values)

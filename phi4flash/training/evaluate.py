@@ -5,8 +5,7 @@
 DIR is a checkpoint folder, a hub id or "embedded" (the default). Problems come from the held-out
 split of data.py, which training never sees. Each answer is the last ``\\boxed{...}`` of the model's
 output, compared with the true value; the true value is computed twice, by the generator and by
-solving the question text independently (data.exact_answer), and the two must agree. For "how many
-does each ... have?" the boxed answer lists the three values (``\\boxed{60, 75, 45}``).
+solving the question text independently (data.exact_value), and the two must agree.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from . import data as data_mod
@@ -57,8 +57,8 @@ def heldout_problems(n_per_family: int, seed: int = 0, families: Sequence[str] |
             if ex.key in seen:
                 continue
             seen.add(ex.key)
-            truth = data_mod.exact_answer(ex.question)
-            if truth != ex.value:
+            truth = data_mod.exact_value(ex.question)
+            if truth is None or truth != Fraction(int(ex.value)):
                 raise AssertionError(f"generator and independent solver disagree on {ex.question!r}: "
                                      f"{ex.value} vs {truth}")
             out.append(ex)
@@ -68,7 +68,7 @@ def heldout_problems(n_per_family: int, seed: int = 0, families: Sequence[str] |
 
 
 def evaluate(source: str = "embedded", n_per_family: int = 50, seed: int = 0, *, batch: int = 8,
-             max_new_tokens: int = 384, families: Sequence[str] | None = None, engine: Any = None,
+             max_new_tokens: int = 256, families: Sequence[str] | None = None, engine: Any = None,
              progress: bool = False) -> dict[str, Any]:
     """Generate greedily for the held-out problems and grade the boxed answers.
 
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=50, help="held-out problems per family (default 50)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8, help="problems decoded together")
-    parser.add_argument("--max-new-tokens", type=int, default=384)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--families", nargs="*", default=None, choices=data_mod.MATH_FAMILIES)
     parser.add_argument("--errors", type=int, default=3, help="wrong answers to show per family")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
