@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Phi4FlashConfig
+from .engine import PREFILL_CHUNK
 from .model import Phi4FlashForCausalLM
 
 
@@ -33,7 +34,7 @@ class BenchResult:
 
 def our_config(hidden: int, layers: int, vocab: int, window: int) -> Phi4FlashConfig:
     """Our architecture at ``hidden`` width (head_dim 64, MLP 4x, the real 512 window)."""
-    heads = max(2, hidden // 64)
+    heads = max(4, hidden // 64)  # differential attention pairs heads, and kv heads pair too
     heads += heads % 2
     # kv heads = heads / 2 as in the real model, or the nearest even count that pairs evenly
     kv_heads = next(k for k in range(heads // 2, 1, -1) if k % 2 == 0 and (heads // 2) % (k // 2) == 0)
@@ -68,8 +69,8 @@ def _time(fn) -> float:  # noqa: ANN001
 
 @torch.no_grad()
 def bench_ours(model: Phi4FlashForCausalLM, prompt: torch.Tensor, new_tokens: int, *, skip: bool = True,
-               chunk: int = 2048, name: str = "phi4flash") -> BenchResult:
-    """Prefill in chunks (skip on/off), then ``new_tokens`` greedy one-token steps."""
+               chunk: int = PREFILL_CHUNK, name: str = "phi4flash") -> BenchResult:
+    """Prefill in chunks as the engine does (skip on/off), then ``new_tokens`` greedy one-token steps."""
     length = prompt.shape[1]
     cache = model.new_cache(1, length + new_tokens + 1)
     logits: list[torch.Tensor] = []
@@ -122,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--lengths", default="512,2048,8192", help="prompt lengths, comma-separated")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--chunk", type=int, default=PREFILL_CHUNK, help="prompt tokens per prefill chunk (ours)")
     parser.add_argument("--real", action="store_true", help="the real dimensions (hidden 2560, vocab 200064)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
@@ -139,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     baseline = None if args.no_baseline else baseline_model(args.hidden, args.layers, args.vocab, dtype).to(device)
     n_ours = sum(p.numel() for p in ours.parameters())
     print(f"# phi4flash bench: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype} on "
-          f"{device}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens")
+          f"{device}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens, prefill chunks of "
+          f"{args.chunk}")
     print(f"# parameters: phi4flash {n_ours / 1e6:.1f}M" + (
         f", baseline {sum(p.numel() for p in baseline.parameters()) / 1e6:.1f}M" if baseline is not None else ""))
     print("\n| model | prompt | TTFT ms | prefill tok/s | decode tok/s | state MiB/seq |")
@@ -148,8 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for length in lengths:
         prompt = torch.randint(3, args.vocab, (1, length), device=device)
         bench_ours(ours, prompt[:, :64], 2)  # warm-up
-        runs = [bench_ours(ours, prompt, args.new_tokens),
-                bench_ours(ours, prompt, args.new_tokens, skip=False, name="phi4flash (no prefill skip)")]
+        runs = [bench_ours(ours, prompt, args.new_tokens, chunk=args.chunk),
+                bench_ours(ours, prompt, args.new_tokens, chunk=args.chunk, skip=False,
+                           name="phi4flash (no prefill skip)")]
         if baseline is not None:
             bench_baseline(baseline, prompt[:, :64], 2)
             runs.append(bench_baseline(baseline, prompt, args.new_tokens))

@@ -42,6 +42,8 @@ from .weights import load_model, parse_dtype, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
+PREFILL_CHUNK = 512  # prompt tokens per prefill chunk by default: bounds prefill memory, as fast as 2048 on CPU
+
 _DONE = object()
 _LIVE_ENGINES: weakref.WeakSet[LocalEngine] = weakref.WeakSet()
 
@@ -129,7 +131,7 @@ class LocalEngine:
     """
 
     def __init__(self, model: Phi4FlashForCausalLM, tokenizer: ChatTokenizer, *, model_name: str = "phi4flash",
-                 checkpoint_dir: str | Path | None = None, max_batch: int = 8, prefill_chunk: int = 512,
+                 checkpoint_dir: str | Path | None = None, max_batch: int = 8, prefill_chunk: int = PREFILL_CHUNK,
                  kept_state_bytes: int = 256 * 2**20, skip_cross_decoder: bool = True,
                  reasoning_first: bool = False) -> None:
         """Create an engine and start its scheduler thread.

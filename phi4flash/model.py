@@ -381,9 +381,11 @@ class DiffAttentionCore(nn.Module):
         l2 = torch.exp((self.lambda_q2.to(acc) * self.lambda_k2.to(acc)).sum())
         return l1 - l2 + self.lambda_init
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """q (B, T, H, Dh), k/v (B, S, Hkv, Dh) -> (B, T, H * Dh)."""
-        return differential_attention(q, k, v, self.lam(), self.lambda_init, self.subln.weight, self.eps, mask)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                causal: bool = False) -> torch.Tensor:
+        """q (B, T, H, Dh), k/v (B, S, Hkv, Dh) -> (B, T, H * Dh); see :func:`differential_attention`."""
+        return differential_attention(q, k, v, self.lam(), self.lambda_init, self.subln.weight, self.eps, mask,
+                                      causal)
 
 
 class RMSNormWeight(nn.Module):
@@ -403,6 +405,9 @@ class DiffAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                             config.head_dim)
         self.window = config.sliding_window if kind == SLIDING_ATTENTION else None
+        # Queries per block of a long prefill chunk: at least 32 so that SDPA's fused kernel runs, and small
+        # against the window so that little of each block's mask is empty (128: measured best at W = 512).
+        self.query_block = 128
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.Wqkv = nn.Linear(config.hidden_size, q_dim if kind == CROSS_ATTENTION else q_dim + 2 * kv_dim, bias=True)
         self.out_proj = nn.Linear(q_dim, config.hidden_size, bias=True)
@@ -420,6 +425,8 @@ class DiffAttention(nn.Module):
             if shared_kv is None:
                 raise RuntimeError("a cross-attention layer needs the full-attention layer's K/V")
             k, v, key_pos, key_valid = shared_kv
+            if ctx.cache is None and key_valid is None and t == k.shape[1]:  # queries are the keys: causal
+                return self.out_proj(self.inner_cross_attn(q, k, v, None, causal=True)), None
             mask = attention_mask(ctx.query_pos, key_pos, key_valid, None)
             return self.out_proj(self.inner_cross_attn(q, k, v, mask)), None
         k, v = qkv[..., q_dim:].view(b, t, 2, self.num_kv_heads, self.head_dim).unbind(2)  # (B, T, Hkv, Dh) each
@@ -432,9 +439,39 @@ class DiffAttention(nn.Module):
                 assert isinstance(state, GlobalKV)
                 k, v, key_pos = self._global_keys(state, k, v, ctx)
                 key_valid = None
-        mask = attention_mask(ctx.query_pos, key_pos, key_valid, self.window)
-        out = self.out_proj(self.inner_cross_attn(q, k, v, mask))
-        return out, (k, v, key_pos, key_valid) if self.kind == FULL_ATTENTION else None
+        if ctx.cache is None and key_valid is None and (self.window is None or t <= self.window):
+            # the queries are the keys, without padding, and the window cuts nothing: plain causal
+            y = self.inner_cross_attn(q, k, v, None, causal=True)
+        elif t > self.query_block:
+            y = self._blocked(q, k, v, key_pos, key_valid, ctx.query_pos)
+        else:
+            y = self.inner_cross_attn(q, k, v, attention_mask(ctx.query_pos, key_pos, key_valid, self.window))
+        return self.out_proj(y), (k, v, key_pos, key_valid) if self.kind == FULL_ATTENTION else None
+
+    def _blocked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor,
+                 key_valid: torch.Tensor | None, query_pos: torch.Tensor) -> torch.Tensor:
+        """Attention for many new queries, ``query_block`` at a time against the keys they can see.
+
+        One block of c queries needs a (c, S) mask instead of (T, S), and few of its scores are masked
+        away: with a window, a block sees at most c + W - 1 keys, so the work grows with T * (c + W)
+        instead of T * (T + W); without one, only the block's own triangle is wasted.
+
+        Args:
+            q: (B, T, H, Dh). k, v: (B, P + T, Hkv, Dh): P earlier keys then the T new ones, in position
+                order. key_pos, key_valid: (B, P + T). query_pos: (B, T).
+
+        Returns:
+            (B, T, H * Dh).
+        """
+        w, c, t = self.window, self.query_block, q.shape[1]
+        earlier = k.shape[1] - t
+        outs = []
+        for a in range(0, t, c):
+            lo, hi = 0 if w is None else max(0, earlier + a - w + 1), earlier + min(a + c, t)
+            mask = attention_mask(query_pos[:, a:a + c], key_pos[:, lo:hi],
+                                  None if key_valid is None else key_valid[:, lo:hi], w)
+            outs.append(self.inner_cross_attn(q[:, a:a + c], k[:, lo:hi], v[:, lo:hi], mask))
+        return torch.cat(outs, dim=1)
 
     def _sliding_keys(self, state: SlidingKV, k: torch.Tensor, v: torch.Tensor, ctx: _Context
                       ) -> tuple[torch.Tensor, ...]:
@@ -448,10 +485,13 @@ class DiffAttention(nn.Module):
             state.v[row, torch.remainder(pos, w)] = v.to(state.v.dtype)
             ring_pos = pos - torch.remainder(pos - slots, w)  # (b, W) position held by each slot
             return _take(state.k, ctx.rows), _take(state.v, ctx.rows), ring_pos, ring_pos >= 0
+        # Several new tokens: the ring, rolled so that its positions ascend, then the new keys. All rows
+        # are at the same length here, so one roll serves them all, and the keys come out in position order.
         start = ctx.query_pos[:, :1]  # (b, 1) length before these tokens
-        ring_pos = (start - 1) - torch.remainder(start - 1 - slots, w)
-        keys = torch.cat([_take(state.k, ctx.rows), k], dim=1)  # (b, W + T, Hkv, Dh)
-        values = torch.cat([_take(state.v, ctx.rows), v], dim=1)
+        shift = -int(start[0, 0]) % w
+        ring_pos = start - w + slots  # (b, W) position held by each slot after the roll
+        keys = torch.cat([_take(state.k, ctx.rows).roll(shift, dims=1), k], dim=1)  # (b, W + T, Hkv, Dh)
+        values = torch.cat([_take(state.v, ctx.rows).roll(shift, dims=1), v], dim=1)
         key_pos = torch.cat([ring_pos, ctx.query_pos], dim=1)
         keep = min(k.shape[1], w)
         slot = torch.remainder(ctx.query_pos[:, -keep:], w)  # (b, keep)

@@ -53,6 +53,23 @@ def test_chunked_prefill_and_multi_token_continuation_equal_one_shot() -> None:
     assert (tail - expected[:, 35:]).abs().max() <= 2e-4
 
 
+@pytest.mark.parametrize("chunk", [33, 64, 130])
+def test_long_chunks_through_the_fused_kernels_equal_the_full_forward(chunk: int) -> None:
+    """Chunks of 32+ queries take SDPA's fused kernel; chunks of more than 128 the sliding layers' query
+    blocks, starting from a ring that is not aligned with the window."""
+    model = tiny_model(sliding_window=40)
+    ids = torch.randint(0, 100, (1, 300))
+    expected = _full(model, ids)
+    for skip in (False, True):
+        cache = model.new_cache(1, 64)
+        with torch.no_grad():
+            for start in range(0, 300, chunk):
+                out = model(ids[:, start:start + chunk], cache=cache, skip_cross_decoder=skip)
+                assert (out[:, -1] - expected[:, min(start + chunk, 300) - 1]).abs().max() <= 2e-4
+                if not skip:
+                    assert (out - expected[:, start:start + chunk]).abs().max() <= 2e-4
+
+
 def test_kept_state_continues_like_the_whole_conversation() -> None:
     model = tiny_model()
     ids = torch.randint(0, 100, (1, 30))

@@ -19,6 +19,7 @@ from phi4flash.ops import (
     attention_mask,
     causal_conv1d,
     causal_conv1d_step,
+    differential_attention,
     selective_scan,
     selective_scan_reference,
     selective_scan_step,
@@ -287,6 +288,80 @@ def test_sliding_attention_layer_sees_exactly_window_tokens() -> None:
             changed[0, j] += 1.0
             out, _ = layer(changed, ctx, None)
             assert (not torch.allclose(out[0, 19], base[0, 19])) == visible, j
+
+
+def _differential_attention_by_the_formula(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: float,
+                                           lambda_init: float, weight: torch.Tensor, eps: float,
+                                           mask: torch.Tensor) -> torch.Tensor:
+    """architecture.md's equations, one head pair at a time, with an explicit softmax."""
+    b, t, h, dh = q.shape
+    g = h // k.shape[2]
+    pairs = []
+    for j in range(h // 2):
+        outs = []
+        for group in (0, 1):
+            head = 2 * j + group
+            kv_pair = (head // 2) // g
+            scores = q[:, :, head] @ k[:, :, 2 * kv_pair + group].transpose(1, 2) / math.sqrt(dh)  # (B, T, S)
+            probs = torch.softmax(scores.masked_fill(~mask[:, 0], float("-inf")), dim=-1)
+            outs.append(probs @ torch.cat([v[:, :, 2 * kv_pair], v[:, :, 2 * kv_pair + 1]], dim=-1))
+        y = outs[0] - lam * outs[1]  # (B, T, 2Dh)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps) * weight * (1 - lambda_init)
+        pairs.append(y)
+    return torch.cat(pairs, dim=-1)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 4), (8, 2)])
+@pytest.mark.parametrize("queries,keys", [(1, 50), (5, 5), (12, 60), (40, 40), (70, 100)])
+def test_differential_attention_equals_the_formula(heads: int, kv_heads: int, queries: int, keys: int) -> None:
+    """Both code paths (matmuls for few queries, the fused kernel for many), with masks and causal."""
+    dh = 8
+    q = torch.randn(2, queries, heads, dh, dtype=torch.float64)
+    k, v = (torch.randn(2, keys, kv_heads, dh, dtype=torch.float64) for _ in range(2))
+    weight = torch.rand(2 * dh, dtype=torch.float64) + 0.5
+    query_pos = torch.arange(keys - queries, keys).expand(2, queries)
+    key_valid = torch.rand(2, keys) > 0.3
+    for window in (None, 16):
+        mask = attention_mask(query_pos, torch.arange(keys).expand(2, keys), key_valid, window)
+        got = differential_attention(q, k, v, torch.tensor(0.3, dtype=torch.float64), 0.2, weight, 1e-5, mask)
+        want = _differential_attention_by_the_formula(q, k, v, 0.3, 0.2, weight, 1e-5, mask)
+        assert (got - want).abs().max() < 1e-10, window
+    if queries == keys:
+        causal = differential_attention(q, k, v, torch.tensor(0.3, dtype=torch.float64), 0.2, weight, 1e-5, None,
+                                        causal=True)
+        mask = attention_mask(query_pos, query_pos, None, None)
+        want = _differential_attention_by_the_formula(q, k, v, 0.3, 0.2, weight, 1e-5, mask)
+        assert (causal - want).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("window,length", [(8, 8), (8, 9), (8, 16), (8, 23), (40, 39), (40, 100), (40, 300)])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("query_block", [3, 8, 128])
+def test_blocked_window_and_causal_paths_equal_one_whole_mask(window: int, length: int, padded: bool,
+                                                              query_block: int) -> None:
+    """The sliding layer's query blocks and the causal fast path against one explicit mask over all keys."""
+    model = tiny_model(sliding_window=window).double()
+    for layer in model.model.layers:
+        layer.attn.query_block = query_block
+    layer_idx = next(i for i, kind in enumerate(model.config.layer_kinds) if kind == "sliding_attention")
+    full_idx = model.config.kv_layer
+    h = torch.randn(2, length, 64, dtype=torch.float64)
+    valid = torch.ones(2, length, dtype=torch.bool)
+    if padded:
+        valid[1, :3] = False
+    ctx = _Context(query_pos=torch.arange(length).expand(2, length), key_valid=valid if padded else None,
+                   cache=None, rows=None)
+    for idx in (layer_idx, full_idx):
+        layer = model.model.layers[idx].attn
+        with torch.no_grad():
+            out, _ = layer(h, ctx, None)
+            heads, kv_heads, dh = layer.num_heads, layer.num_kv_heads, layer.head_dim
+            q, k, v = layer.Wqkv(h).split([heads * dh, kv_heads * dh, kv_heads * dh], dim=-1)
+            mask = attention_mask(ctx.query_pos, ctx.query_pos, ctx.key_valid, layer.window)
+            whole = layer.inner_cross_attn(q.view(2, length, heads, dh), k.view(2, length, kv_heads, dh),
+                                           v.view(2, length, kv_heads, dh), mask)
+            expected = layer.out_proj(whole)
+        assert (out - expected).abs().max() < 1e-10, (idx, length, padded)
 
 
 # -- batching, padding, dtypes -----------------------------------------------------------------------------------
