@@ -147,7 +147,7 @@ class LocalEngine:
             skip_cross_decoder: the prefill skip (off only to measure what it buys).
             reasoning_first: treat text before any ``<think>`` tag as reasoning.
         """
-        self.model = model.eval()
+        self.model = model.eval().tune_weight_layout()
         self.tokenizer = tokenizer
         self.model_name = model_name
         weight = model.model.embed_tokens.weight

@@ -60,14 +60,33 @@ class _Context:
     query_pos: torch.Tensor  # (b, T) absolute positions
     key_valid: torch.Tensor | None  # (b, T) False at left padding (full forward only)
     cache: Phi4FlashCache | None
-    rows: torch.Tensor | None  # (b,) cache rows of this batch; None means all rows in order
+    # cache rows of this batch: None means all rows in order; a slice a run of consecutive rows (selected
+    # as views, so decode reads the cache in place); else a (b,) index tensor (selected as copies)
+    rows: torch.Tensor | slice | None
 
 
-def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+def _take(t: torch.Tensor, rows: torch.Tensor | slice | None) -> torch.Tensor:
     return t if rows is None else t[rows]
 
 
-def _put(t: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> None:
+def _row_index(rows: torch.Tensor | slice | None, batch: int, device: torch.device) -> torch.Tensor:
+    """The (b,) cache rows as an index tensor."""
+    if rows is None:
+        return torch.arange(batch, device=device)
+    if isinstance(rows, slice):
+        return torch.arange(rows.start, rows.stop, device=device)
+    return rows
+
+
+def _as_rows(rows: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor | slice:
+    """Consecutive rows become a slice (views, no copy); any other selection an index tensor."""
+    listed = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+    if listed and listed == list(range(listed[0], listed[0] + len(listed))):
+        return slice(listed[0], listed[0] + len(listed))
+    return torch.as_tensor(listed, dtype=torch.long, device=device)
+
+
+def _put(t: torch.Tensor, rows: torch.Tensor | slice | None, value: torch.Tensor) -> None:
     if rows is None:
         t.copy_(value)
     else:
@@ -133,6 +152,27 @@ class Phi4FlashForCausalLM(nn.Module):
         return self
 
     @torch.no_grad()
+    def tune_weight_layout(self) -> Phi4FlashForCausalLM:
+        """Lay out each linear weight in memory the way one-token decode reads it fastest on this device.
+
+        On CPU in float32, a weight with more outputs than inputs is stored column-major (same shape and
+        values, transposed strides): measured 1.4-2.2x faster matrix-vector products at this model's
+        tall shapes (3072x384: 473 -> 224 us; the 200064-row LM head at width 384: 30 -> 14 ms), while
+        wide weights and bfloat16 were as fast or faster row-major, and prefill runs at the same speed
+        either way. Everything else is stored row-major, as loaded. Values never change; call it again
+        after moving the model or changing its dtype.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                weight = module.weight.data
+                out_features, in_features = weight.shape
+                cpu_float32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+                column_major = cpu_float32 and out_features > in_features
+                # a tied LM head is the embedding's own Parameter, so the embedding follows it
+                module.weight.data = weight.t().contiguous().t() if column_major else weight.contiguous()
+        return self
+
+    @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Random initialisation in the style of the official code (for training and tests)."""
         for module in self.modules():
@@ -177,7 +217,7 @@ class Phi4FlashModel(nn.Module):
             if attention_mask is not None:
                 raise ValueError("attention_mask is for the stateless full forward; a cache keeps each row's "
                                  "own length, so pass unpadded rows instead")
-            row_index = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=device)
+            row_index = None if rows is None else _as_rows(rows, device)
             start = _take(cache.lengths, row_index)
             if start.shape[0] != batch:
                 raise ValueError(f"input has {batch} rows but the cache selection has {start.shape[0]}")
@@ -330,7 +370,7 @@ class Mamba(nn.Module):
         gated, memory = self._gate(y.transpose(1, 2), z)  # (B, T, E)
         return self.out_proj(gated), memory
 
-    def step(self, h: torch.Tensor, state: MambaState, rows: torch.Tensor | None = None
+    def step(self, h: torch.Tensor, state: MambaState, rows: torch.Tensor | slice | None = None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One token: (B, D) -> output (B, 1, D) and memory (B, 1, E) or None; updates ``state``."""
         x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, E) each
@@ -478,7 +518,7 @@ class DiffAttention(nn.Module):
         """Keys = the ring's (earlier positions) + the new ones; then the ring keeps the newest W."""
         w = state.k.shape[1]
         slots = torch.arange(w, device=k.device)
-        row = (torch.arange(k.shape[0], device=k.device) if ctx.rows is None else ctx.rows)[:, None]
+        row = _row_index(ctx.rows, k.shape[0], k.device)[:, None]
         if k.shape[1] == 1:  # decode: write first, then the ring alone holds exactly the window
             pos = ctx.query_pos  # (b, 1)
             state.k[row, torch.remainder(pos, w)] = k.to(state.k.dtype)
@@ -502,12 +542,11 @@ class DiffAttention(nn.Module):
     def _global_keys(self, state: GlobalKV, k: torch.Tensor, v: torch.Tensor, ctx: _Context
                      ) -> tuple[torch.Tensor, ...]:
         """Write the new K/V at their positions; keys = every position up to the furthest query."""
-        row = (torch.arange(k.shape[0], device=k.device) if ctx.rows is None else ctx.rows)[:, None]
-        row = row.expand_as(ctx.query_pos)
+        row = _row_index(ctx.rows, k.shape[0], k.device)[:, None].expand_as(ctx.query_pos)
         state.k[row, ctx.query_pos] = k.to(state.k.dtype)
         state.v[row, ctx.query_pos] = v.to(state.v.dtype)
         length = int(ctx.query_pos.max()) + 1
-        keys = _take(state.k, ctx.rows)[:, :length]  # (b, S, Hkv, Dh)
-        values = _take(state.v, ctx.rows)[:, :length]
+        keys = _take(state.k[:, :length], ctx.rows)  # (b, S, Hkv, Dh)
+        values = _take(state.v[:, :length], ctx.rows)
         key_pos = torch.arange(length, device=k.device).expand(k.shape[0], length)
         return keys, values, key_pos

@@ -85,19 +85,22 @@ def test_kept_state_continues_like_the_whole_conversation() -> None:
     assert (out - expected[:, 17:]).abs().max() <= 2e-4
 
 
-def test_rows_at_different_lengths_decode_together() -> None:
+@pytest.mark.parametrize("rows", [[2, 0], [1, 2]])  # an index (copies) and a run of rows (views)
+def test_rows_at_different_lengths_decode_together(rows: list[int]) -> None:
     model = tiny_model()
     a, b = torch.randint(0, 100, (1, 19)), torch.randint(0, 100, (1, 6))
     exp_a, exp_b = _full(model, a), _full(model, b)
     cache = model.new_cache(3, 32)
     with torch.no_grad():
-        model(a[:, :15], cache=cache, rows=[2])
-        model(b[:, :2], cache=cache, rows=[0])
+        model(a[:, :15], cache=cache, rows=rows[:1])
+        model(b[:, :2], cache=cache, rows=rows[1:])
         for t in range(4):
-            logits = model.step(torch.tensor([a[0, 15 + t], b[0, 2 + t]]), cache, rows=[2, 0])
+            logits = model.step(torch.tensor([a[0, 15 + t], b[0, 2 + t]]), cache, rows=rows)
             assert (logits[0] - exp_a[0, 15 + t]).abs().max() <= 2e-4
             assert (logits[1] - exp_b[0, 2 + t]).abs().max() <= 2e-4
-    assert cache.lengths.tolist() == [6, 0, 19]
+    lengths = [0, 0, 0]
+    lengths[rows[0]], lengths[rows[1]] = 19, 6
+    assert cache.lengths.tolist() == lengths
 
 
 def test_cache_state_sizes_and_reset() -> None:

@@ -364,6 +364,24 @@ def test_blocked_window_and_causal_paths_equal_one_whole_mask(window: int, lengt
         assert (out - expected).abs().max() < 1e-10, (idx, length, padded)
 
 
+def test_weight_layout_changes_strides_not_results() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 100, (2, 30))
+    with torch.no_grad():
+        before = model(ids)
+        model.tune_weight_layout()
+        after = model(ids)
+    assert torch.equal(before.argmax(-1), after.argmax(-1)) and (before - after).abs().max() < 1e-5
+    fc1, fc2 = model.model.layers[0].mlp.fc1.weight, model.model.layers[0].mlp.fc2.weight
+    assert fc1.shape[0] > fc1.shape[1] and fc1.stride() == (1, fc1.shape[0])  # tall: column-major
+    assert fc2.shape[0] < fc2.shape[1] and fc2.is_contiguous()  # wide: row-major
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    model.to_dtype(torch.bfloat16).tune_weight_layout()
+    assert all(p.is_contiguous() for p in model.parameters())  # bfloat16: row-major everywhere
+    with torch.no_grad():
+        assert (model(ids) - before).abs().max() < 0.1 * before.abs().max()
+
+
 # -- batching, padding, dtypes -----------------------------------------------------------------------------------
 
 
