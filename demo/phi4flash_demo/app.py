@@ -36,6 +36,10 @@ EXAMPLES: list[str] = [
     "Solve the quadratic equation: 2x^2 + 5x - 3 = 0",
     "Sales has 25% more employees than Marketing, and Engineering has 40% fewer employees than Sales. "
     "If the three departments have 180 employees in total, how many employees does each department have?",
+    # within what the embedded model was trained on, so that the offline demo shows a worked answer
+    "Sales has 25% more employees than Marketing. Together they have 180 employees. "
+    "How many employees does Marketing have?",
+    "Solve 3x + 5 = 20",
 ]
 
 # The browser re-renders Markdown and KaTeX on every update; above ~10 updates/s it falls behind.

@@ -79,8 +79,8 @@ def _stats(page: Any) -> dict[str, str]:
 
 
 def test_question_streams_thinking_then_answer_with_latency_panel(page: Any, engine: Any, tmp_path: Path) -> None:
-    _settings(page, temperature=0, max_new_tokens=256, seed=0)
-    _ask(page, EXAMPLES[1])
+    _settings(page, temperature=0, max_new_tokens=512, seed=0)
+    _ask(page, EXAMPLES[2])  # one the embedded model can answer, for the picture
     page.wait_for_selector("#chatbot .thought-group .loading-spinner", timeout=20_000)  # live thinking: spinner
     page.wait_for_selector('#stats [data-phase^="done"]')
     stats = _stats(page)
@@ -89,9 +89,9 @@ def test_question_streams_thinking_then_answer_with_latency_panel(page: Any, eng
         page.wait_for_function("document.querySelectorAll('#chatbot .bot.message').length >= 1")
 
     prompt = number(stats["prompt"])
-    assert prompt == engine.count_tokens([{"role": "user", "content": EXAMPLES[1]}])
+    assert prompt == engine.count_tokens([{"role": "user", "content": EXAMPLES[2]}])
     generated = number(stats["reasoning"]) + number(stats["answer"])
-    assert 0 < generated <= 256
+    assert 0 < generated <= 512
     assert number(stats["context"].split("/")[0]) == prompt + generated
     assert 0 < number(stats["ttft"]) < 60_000  # ms
     assert number(stats["prefill"]) > 0 and 0 < number(stats["decode"]) < 100_000

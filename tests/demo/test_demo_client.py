@@ -156,3 +156,17 @@ def test_bad_input_gets_a_clear_message(url: str, engine: Any) -> None:
         assert "too long" in messages[0]["content"] and "Traceback" not in messages[0]["content"]
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("index,boxed", [(2, "80"), (3, "5")])
+def test_the_embedded_models_examples_are_answered_right(url: str, index: int, boxed: str) -> None:
+    """The examples meant for the offline demo get a worked, correct answer from the embedded model."""
+    client = gradio_client.Client(url, verbose=False)
+    try:
+        updates = _stream(client, EXAMPLES[index], ("", 0.0, 0.95, 1024, 0))
+    finally:
+        client.close()
+    messages, stats_html = updates[-1]
+    assert parse_stats(stats_html)["finish"] == "stop"
+    assert title(messages[0]).startswith("Thought")
+    assert answers(messages)[-1].endswith(f"$\\boxed{{{boxed}}}$")  # display_math wraps it for KaTeX
