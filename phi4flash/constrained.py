@@ -1063,6 +1063,44 @@ def min_tokens(grammar: Grammar) -> int:
     return cost + 1
 
 
+def constrained_processor(tokenizer: Any, *, tools: Sequence[Mapping[str, Any]] | None = None,
+                          schema: Mapping[str, Any] | bool | None = None, max_new_tokens: int,
+                          max_reasoning_tokens: int | None = None) -> tuple[ConstrainedLogitsProcessor, int]:
+    """The processor for one forced tool call of ``tools`` (or else one JSON document valid for ``schema``),
+    with the token budget the generation needs.
+
+    The model may reason first: by default for half of what the shortest document leaves of
+    ``max_new_tokens``. The budget grows, if it must, to hold that reasoning, the closing tag and the
+    shortest document, so that a small ``max_new_tokens`` cannot cut the document off.
+
+    Args:
+        tokenizer: the engine's tokenizer.
+        tools: OpenAI-style tools, one of which must be called; takes precedence over ``schema``.
+        schema: a JSON schema the answer must follow.
+        max_new_tokens: the caller's token budget.
+        max_reasoning_tokens: cap on the reasoning (None: the default above).
+
+    Returns:
+        (processor, max_new_tokens to generate with).
+
+    Raises:
+        ValueError: neither tools nor schema, or a schema it cannot compile.
+    """
+    if tools:
+        body = tool_call_grammar(tools)
+    elif schema is not None:
+        body = compile_schema(schema)
+    else:
+        raise ValueError("a constrained generation needs tools or a schema")
+    grammar = Grammar(body)
+    need = min_tokens(grammar)
+    budget = max_reasoning_tokens if max_reasoning_tokens is not None else max(0, (max_new_tokens - need) // 2)
+    max_new_tokens = max(max_new_tokens, budget + need + 16)  # reasoning, "</think>", the shortest document
+    processor = ConstrainedLogitsProcessor(tokenizer, grammar, max_new_tokens=max_new_tokens,
+                                           max_reasoning_tokens=budget)
+    return processor, max_new_tokens
+
+
 class AnswerGuard:
     """A light ``logits_processor`` for free generation: caps the reasoning (forcing ``</think>``) and, with
     ``require_answer``, masks the stop tokens until the answer has some non-blank text.

@@ -30,6 +30,7 @@ __all__ = [
     "ToolCallStreamParser",
     "assistant_message",
     "attach_tools",
+    "forced_tools",
     "format_tool_call",
     "new_call_id",
     "parse_tool_calls",
@@ -121,6 +122,39 @@ def attach_tools(messages: Sequence[Mapping[str, Any]], tools: Iterable[Mapping[
             m["tools"] = rendered
             return out
     return [{"role": "system", "content": system_prompt, "tools": rendered}] + out
+
+
+def _tool_name(tool: Mapping[str, Any]) -> str:
+    return tool.get("function", tool)["name"]
+
+
+def forced_tools(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> list[Mapping[str, Any]] | None:
+    """The tools one of which must be called under ``tool_choice``, or None when the model may answer freely.
+
+    Args:
+        tools: OpenAI-style tool dicts (or ``{name, parameters}``).
+        tool_choice: None, False, "auto" or "none" (free); "required", "any" or True (one of ``tools``);
+            a tool name, ``{"type": "function", "function": {"name": ...}}`` or ``{"name": ...}`` (that tool).
+
+    Raises:
+        ValueError: the choice names no tool in ``tools``, or is of a kind not listed above.
+    """
+    if not tools or tool_choice in (None, False, "auto", "none"):
+        return None
+    if tool_choice is True or tool_choice in ("required", "any"):
+        return list(tools)
+    name = tool_choice
+    if isinstance(tool_choice, Mapping):
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else tool_choice.get("name")
+    if not isinstance(name, str):
+        raise ValueError(f"invalid tool_choice {tool_choice!r}: use 'auto', 'none', 'required' or "
+                         '{"type": "function", "function": {"name": ...}}')
+    chosen = [t for t in tools if _tool_name(t) == name]
+    if not chosen:
+        known = ", ".join(repr(_tool_name(t)) for t in tools)
+        raise ValueError(f"invalid tool_choice {tool_choice!r}: no tool is named {name!r} (the tools are {known})")
+    return chosen
 
 
 def format_tool_call(name: str, arguments: Mapping[str, Any] | str | None) -> str:

@@ -46,7 +46,6 @@ from phi4flash import tools as phi_tools
 
 _ENGINES: dict[tuple, Any] = {}
 _ENGINES_LOCK = threading.Lock()
-_FORCING_CHOICES = ("any", "required")
 _DONE = object()
 
 
@@ -121,25 +120,6 @@ def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
         else:
             raise ValueError(f"unsupported message type {type(message).__name__}")
     return out
-
-
-def _tool_name(tool: Mapping[str, Any]) -> str:
-    return tool.get("function", tool)["name"]
-
-
-def _forced_tools(tools: list[dict[str, Any]], tool_choice: Any) -> list[dict[str, Any]] | None:
-    """The tools one of which must be called, or None when the model may answer freely."""
-    if not tools or tool_choice in (None, False, "auto", "none"):
-        return None
-    if tool_choice is True or tool_choice in _FORCING_CHOICES:
-        return tools
-    name = tool_choice
-    if isinstance(tool_choice, Mapping):
-        name = tool_choice.get("function", {}).get("name") or tool_choice.get("name")
-    chosen = [t for t in tools if _tool_name(t) == name]
-    if not chosen:
-        raise ValueError(f"invalid tool_choice {tool_choice!r}: no bound tool has that name")
-    return chosen
 
 
 def _response_schema(response_format: Any) -> dict[str, Any] | None:
@@ -294,7 +274,7 @@ class ChatPhi4Flash(BaseChatModel):
         """
         formatted = [convert_to_openai_tool(t) for t in tools]
         if tool_choice is not None:
-            _forced_tools(formatted, tool_choice)  # validate the name now rather than at call time
+            phi_tools.forced_tools(formatted, tool_choice)  # validate the name now rather than at call time
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(self, schema: dict | type, *,
@@ -356,22 +336,17 @@ class ChatPhi4Flash(BaseChatModel):
             tools_for_prompt: list[dict[str, Any]] = []
         else:
             tools_for_prompt = tools
-        forced = _forced_tools(tools, tool_choice)
+        forced = phi_tools.forced_tools(tools, tool_choice)
         schema = _response_schema(kwargs.get("response_format")) if not forced else None
         prompt = phi_tools.attach_tools(to_engine_messages(messages), tools_for_prompt)
         max_tokens = int(kwargs.get("max_tokens") or self.max_tokens)
-        processor = None
+        processor: Any = None
         engine = self.get_engine()
         tokenizer = getattr(engine, "tokenizer", None)
         if (forced or schema is not None) and tokenizer is not None:
-            body = constrained.tool_call_grammar(forced) if forced else constrained.compile_schema(schema)
-            grammar = constrained.Grammar(body)
-            need = constrained.min_tokens(grammar)
-            budget = self.reasoning_budget if self.reasoning_budget is not None else max(0, (max_tokens - need) // 2)
-            # Room for the capped reasoning, the closing tag and the shortest document.
-            max_tokens = max(max_tokens, budget + need + 16)
-            processor = constrained.ConstrainedLogitsProcessor(tokenizer, grammar, max_new_tokens=max_tokens,
-                                                               max_reasoning_tokens=budget)
+            processor, max_tokens = constrained.constrained_processor(
+                tokenizer, tools=forced, schema=schema, max_new_tokens=max_tokens,
+                max_reasoning_tokens=self.reasoning_budget)
         elif tokenizer is not None and (self.require_answer or self.reasoning_budget is not None):
             processor = constrained.AnswerGuard(tokenizer, max_new_tokens=max_tokens,
                                                 max_reasoning_tokens=self.reasoning_budget,

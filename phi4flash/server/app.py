@@ -84,6 +84,7 @@ class ChatRequest:
     include_usage: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    response_schema: dict[str, Any] | bool | None = None  # the JSON schema of response_format, if any
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -201,10 +202,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
                            code="unsupported_parameter")
     if _expect(body, "logprobs", (bool,), "a boolean"):
         raise APIError(400, "'logprobs' is not supported.", param="logprobs", code="unsupported_parameter")
-    response_format = _expect(body, "response_format", (dict,), "an object")
-    if response_format and response_format.get("type", "text") != "text":
-        raise APIError(400, "Only response_format {\"type\": \"text\"} is supported.", param="response_format",
-                       code="unsupported_value")
+    response_schema = _response_schema(_expect(body, "response_format", (dict,), "an object"))
     if n is not None and n != 1:
         raise APIError(400, f"Invalid value for 'n': {n}; only n=1 is supported.", param="n", code="unsupported_value")
     include_usage = stream_options.get("include_usage", False)
@@ -245,7 +243,25 @@ def parse_chat_request(body: Any) -> ChatRequest:
         raise APIError(400, str(exc), param=param, code="invalid_value") from None
     return ChatRequest(model=model, messages=messages, config=config, max_tokens_given=max_tokens is not None,
                        stream=stream, include_usage=include_usage, tools=tools or None,
-                       tool_choice=body.get("tool_choice"))
+                       tool_choice=body.get("tool_choice"), response_schema=response_schema)
+
+
+def _response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | bool | None:
+    """The JSON schema that ``response_format`` asks the answer to follow; None for plain text."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") if response_format else None
+        schema = spec.get("schema", {"type": "object"}) if isinstance(spec, dict) else None
+        if not isinstance(schema, (dict, bool)):
+            raise APIError(400, "response_format json_schema needs 'json_schema': {\"name\": ..., \"schema\": {...}}.",
+                           param="response_format.json_schema", code="invalid_value")
+        return schema
+    raise APIError(400, f"Invalid response_format type {kind!r}: use 'text', 'json_object' or 'json_schema'.",
+                   param="response_format.type", code="invalid_value")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,7 +274,7 @@ def _tools_module() -> Any | None:
         from phi4flash import tools  # noqa: PLC0415  (optional part of the package)
     except Exception:  # noqa: BLE001  (a broken optional module must not break serving)
         return None
-    if all(hasattr(tools, name) for name in ("attach_tools", "parse_tool_calls", "format_tool_call")):
+    if all(hasattr(tools, name) for name in ("attach_tools", "parse_tool_calls", "format_tool_call", "forced_tools")):
         return tools
     return None
 
@@ -591,6 +607,29 @@ def _tool_calls(tools_mod: Any, answer: str) -> tuple[str | None, list[dict[str,
     return content or None, out
 
 
+def _constrain(engine: Engine, req: ChatRequest, forced: list[dict[str, Any]] | None, room: int) -> None:
+    """Make the generation follow a forced tool call or the response_format schema (constrained decoding)."""
+    param = "tool_choice" if forced else "response_format"
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        raise APIError(400, f"This server's engine cannot constrain its output, so '{param}' must be left out.",
+                       param=param, code="unsupported_parameter")
+    from phi4flash import constrained  # noqa: PLC0415  (only requests that need it pay for the import)
+
+    try:
+        processor, max_new = constrained.constrained_processor(
+            tokenizer, tools=forced, schema=None if forced else req.response_schema,
+            max_new_tokens=req.config.max_new_tokens)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=param, code="invalid_value") from None
+    if max_new > room:
+        raise APIError(400, f"'{param}' needs room for {max_new} new tokens, but the prompt leaves {room} of this "
+                            f"model's {engine.context_length}-token context; shorten the messages.",
+                       param="messages", code="context_length_exceeded")
+    req.config.max_new_tokens = max_new
+    req.config.logits_processor = processor
+
+
 def _sse(data: dict[str, Any] | str) -> str:
     # ASCII-only JSON: clients that split lines with str.splitlines() would break on a raw U+2028 or U+0085.
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=True, separators=(",", ":"))
@@ -739,6 +778,7 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
         req = parse_chat_request(await read_json(request))
         check_model(req.model)
         tools_mod = None
+        forced: list[dict[str, Any]] | None = None  # the tools one of which must be called
         if req.tools:
             tools_mod = _tools_module()
             if tools_mod is None:
@@ -746,6 +786,10 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
                                code="unsupported_parameter")
             if req.tool_choice not in (None, "auto", "none", "required") and not isinstance(req.tool_choice, dict):
                 raise APIError(400, "Invalid value for 'tool_choice'.", param="tool_choice", code="invalid_value")
+            try:
+                forced = tools_mod.forced_tools(req.tools, req.tool_choice)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise APIError(400, str(exc), param="tool_choice", code="invalid_value") from None
             if req.tool_choice != "none":
                 try:
                     req.messages = tools_mod.attach_tools(req.messages, req.tools)
@@ -770,6 +814,8 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
                                code="context_length_exceeded")
             if not req.max_tokens_given:
                 req.config.max_new_tokens = max(1, min(state.default_max_tokens, room))
+            if forced or req.response_schema is not None:
+                _constrain(engine, req, forced, room)
             job = _Job(state, engine, req, slot, started)
         except BaseException:
             slot.release()

@@ -132,3 +132,99 @@ def test_openai_client_reads_tool_calls() -> None:
     assert message.content == "Let me check."
     assert message.tool_calls[0].function.name == "get_weather"
     assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris"}
+
+
+# -- constrained output: the real embedded model behind the real server, the official client in front
+
+CALC_TOOLS = [
+    {"type": "function", "function": {"name": "add", "description": "Add two integers",
+                                      "parameters": {"type": "object",
+                                                     "properties": {"a": {"type": "integer"},
+                                                                    "b": {"type": "integer"}},
+                                                     "required": ["a", "b"]}}},
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+]
+ASK = [{"role": "user", "content": "What is 25 + 17?"}]
+
+
+def _validate(instance: Any, schema: dict[str, Any]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(instance, schema)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_forced_tool_choice_always_returns_a_valid_call(client: Any, model_id: str, choice: Any, seed: int) -> None:
+    """tool_choice "required" or a named function: the tiny model would rather answer, so only constrained
+    decoding can make it call; the call must name an allowed tool and fit that tool's schema."""
+    r = client.chat.completions.create(model=model_id, messages=ASK, tools=CALC_TOOLS, tool_choice=choice,
+                                       temperature=1.0, seed=seed, max_tokens=64)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    allowed = {t["function"]["name"]: t["function"]["parameters"] for t in CALC_TOOLS}
+    if isinstance(choice, dict):
+        assert call.function.name == "get_weather"
+    _validate(json.loads(call.function.arguments), allowed[call.function.name])
+
+
+def test_forced_tool_choice_streams_the_call(client: Any, model_id: str) -> None:
+    stream = client.chat.completions.create(model=model_id, messages=ASK, tools=CALC_TOOLS, tool_choice="required",
+                                            temperature=0, max_tokens=64, stream=True)
+    chunks = list(stream)
+    calls = [c for chunk in chunks if chunk.choices for c in (chunk.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name in ("add", "get_weather")
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    json.loads(calls[0].function.arguments)
+
+
+def test_unknown_tool_choice_name_is_400(client: Any, model_id: str) -> None:
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model_id, messages=ASK, tools=CALC_TOOLS,
+                                       tool_choice={"type": "function", "function": {"name": "subtract"}})
+    assert err.value.body["param"] == "tool_choice" and "subtract" in err.value.body["message"]
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_is_followed(client: Any, model_id: str, stream: bool) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    messages = [{"role": "user", "content": "Make up a person with a name and an age."}]
+    if stream:
+        chunks = list(client.chat.completions.create(model=model_id, messages=messages, response_format=fmt,
+                                                      temperature=1.0, seed=3, max_tokens=64, stream=True))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        r = client.chat.completions.create(model=model_id, messages=messages, response_format=fmt,
+                                           temperature=1.0, seed=3, max_tokens=64)
+        content = r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"
+    _validate(json.loads(content), PERSON)
+
+
+def test_response_format_json_object_and_bad_formats(client: Any, model_id: str) -> None:
+    openai = pytest.importorskip("openai")
+    r = client.chat.completions.create(model=model_id, messages=ASK, response_format={"type": "json_object"},
+                                       temperature=0, max_tokens=48)
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model_id, messages=ASK, response_format={"type": "yaml"})
+    assert err.value.body["param"] == "response_format.type"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model_id, messages=ASK, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}})
+    assert err.value.body["param"] == "response_format"
+
+
+def test_constrained_request_on_an_engine_without_a_tokenizer_is_400() -> None:
+    engine = ScriptedEngine([("answer", "{}")])
+    with serve_in_background(create_app(engine)) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                       json={"messages": USER, "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
