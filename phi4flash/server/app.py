@@ -274,7 +274,8 @@ def _tools_module() -> Any | None:
         from phi4flash import tools  # noqa: PLC0415  (optional part of the package)
     except Exception:  # noqa: BLE001  (a broken optional module must not break serving)
         return None
-    if all(hasattr(tools, name) for name in ("attach_tools", "parse_tool_calls", "format_tool_call", "forced_tools")):
+    needed = ("attach_tools", "parse_tool_calls", "format_tool_call", "forced_tools", "ToolCallStreamParser")
+    if all(hasattr(tools, name) for name in needed):
         return tools
     return None
 
@@ -607,6 +608,22 @@ def _tool_calls(tools_mod: Any, answer: str) -> tuple[str | None, list[dict[str,
     return content or None, out
 
 
+def _stream_deltas(tools_mod: Any, items: list[Any]) -> Iterator[dict[str, Any]]:
+    """OpenAI stream deltas for the items of phi4flash.tools' stream parser: text as ``content``, a call's
+    first chunk with its id and name, later chunks with argument pieces (clients join them by index)."""
+    for item in items:
+        if item.kind == "text" and item.text:
+            yield {"content": item.text}
+        elif item.kind == "call" and item.name is not None:
+            yield {"tool_calls": [{"index": item.index, "id": item.id, "type": "function",
+                                   "function": {"name": item.name, "arguments": item.args}}]}
+        elif item.kind == "call" and item.args:
+            yield {"tool_calls": [{"index": item.index, "function": {"arguments": item.args}}]}
+        elif item.kind == "invalid" and item.name is None:
+            # a tag whose payload never named a tool: what the model wrote stays text, as without streaming
+            yield {"content": tools_mod.TOOL_CALL_OPEN + item.text}
+
+
 def _constrain(engine: Engine, req: ChatRequest, forced: list[dict[str, Any]] | None, room: int) -> None:
     """Make the generation follow a forced tool call or the response_format schema (constrained decoding)."""
     param = "tool_choice" if forced else "response_format"
@@ -886,6 +903,8 @@ async def _stream_body(job: _Job, first: Any, cid: str, created: int, model: str
             body["usage"] = None
         return body
 
+    # With tools, text streams as it comes and each call as soon as its name is known, then its arguments.
+    parser = tools_mod.ToolCallStreamParser() if tools_mod is not None else None
     completed = False
     try:
         yield _sse(chunk({"role": "assistant", "content": ""}))
@@ -902,21 +921,18 @@ async def _stream_body(job: _Job, first: Any, cid: str, created: int, model: str
             if item.text and not item.done:
                 if item.channel == "reasoning":
                     yield _sse(chunk({"reasoning_content": item.text}))
-                elif tools_mod is None:
+                elif parser is None:
                     yield _sse(chunk({"content": item.text}))
+                else:
+                    for delta in _stream_deltas(tools_mod, parser.feed(item.text)):
+                        yield _sse(chunk(delta))
             item = await job.next()
         finish = _finish_reason(collected.final)
-        if tools_mod is not None:
-            # Tool calls are only known once the answer is complete, so the answer is held back and sent whole.
-            answer = "".join(collected.answer)
-            content, calls = _tool_calls(tools_mod, answer)
-            if calls:
-                if content:
-                    yield _sse(chunk({"content": content}))
-                yield _sse(chunk({"tool_calls": calls}))
+        if parser is not None:
+            for delta in _stream_deltas(tools_mod, parser.finish()):
+                yield _sse(chunk(delta))
+            if parser.calls:
                 finish = "tool_calls"
-            elif answer:
-                yield _sse(chunk({"content": answer}))
         yield _sse(chunk({}, finish))
         if req.include_usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

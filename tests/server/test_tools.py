@@ -90,6 +90,24 @@ class ScriptedEngine:
 CALL = '<|tool_call|>{"name": "get_weather", "arguments": {"city": "Paris"}}<|/tool_call|>'
 
 
+def _join_tool_call_deltas(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join streamed tool-call deltas by index, as OpenAI clients do: id, type and name come first, then
+    argument pieces."""
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        for piece in delta.get("tool_calls") or []:
+            call = calls.setdefault(piece["index"], {"index": piece["index"], "function": {"arguments": ""}})
+            for key in ("id", "type"):
+                if piece.get(key):
+                    assert key not in call, f"{key} sent twice"
+                    call[key] = piece[key]
+            function = piece.get("function") or {}
+            if function.get("name"):
+                call["function"]["name"] = function["name"]
+            call["function"]["arguments"] += function.get("arguments") or ""
+    return [calls[i] for i in sorted(calls)]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_call_in_the_answer_becomes_tool_calls(stream: bool) -> None:
     engine = ScriptedEngine([("reasoning", "Need the weather."), ("answer", CALL[:20]), ("answer", CALL[20:])])
@@ -102,9 +120,7 @@ def test_tool_call_in_the_answer_becomes_tool_calls(stream: bool) -> None:
         chunks = [json.loads(line[6:]) for line in r.text.splitlines()
                   if line.startswith("data: ") and line != "data: [DONE]"]
         deltas = [c["choices"][0]["delta"] for c in chunks]
-        calls = [d["tool_calls"] for d in deltas if d.get("tool_calls")]
-        assert len(calls) == 1
-        (call,) = calls[0]
+        (call,) = _join_tool_call_deltas(deltas)
         assert call["index"] == 0
         assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Need the weather."
         assert not any(d.get("content") for d in deltas)
@@ -173,10 +189,38 @@ def test_forced_tool_choice_streams_the_call(client: Any, model_id: str) -> None
     stream = client.chat.completions.create(model=model_id, messages=ASK, tools=CALC_TOOLS, tool_choice="required",
                                             temperature=0, max_tokens=64, stream=True)
     chunks = list(stream)
-    calls = [c for chunk in chunks if chunk.choices for c in (chunk.choices[0].delta.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].function.name in ("add", "get_weather")
+    deltas = [chunk.choices[0].delta.model_dump(exclude_none=True) for chunk in chunks if chunk.choices]
+    (call,) = _join_tool_call_deltas(deltas)
+    assert call["function"]["name"] in ("add", "get_weather") and call["id"].startswith("call_")
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    json.loads(calls[0].function.arguments)
+    allowed = {t["function"]["name"]: t["function"]["parameters"] for t in CALC_TOOLS}
+    _validate(json.loads(call["function"]["arguments"]), allowed[call["function"]["name"]])
+    assert sum(bool(d.get("tool_calls")) for d in deltas) > 1  # the call streamed in pieces
+
+
+@pytest.mark.parametrize("with_call", [False, True])
+def test_text_streams_as_it_comes_when_tools_are_given(with_call: bool) -> None:
+    """With tools, the answer text still arrives delta by delta (not held back to the end); a call that
+    follows it arrives after that text."""
+    pieces = [("answer", "The weather "), ("answer", "is worth "), ("answer", "checking. ")]
+    if with_call:
+        pieces += [("answer", CALL[:30]), ("answer", CALL[30:])]
+    engine = ScriptedEngine(pieces)
+    with serve_in_background(create_app(engine)) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={"messages": USER, "tools": TOOLS,
+                                                                       "stream": True})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    texts = [d["content"] for d in deltas if d.get("content")]
+    assert len(texts) >= 3 and "".join(texts).strip() == "The weather is worth checking."
+    calls = _join_tool_call_deltas(deltas)
+    assert [c["function"]["name"] for c in calls] == (["get_weather"] if with_call else [])
+    assert chunks[-1]["choices"][0]["finish_reason"] == ("tool_calls" if with_call else "stop")
+    if with_call:
+        assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+        first_call = next(i for i, d in enumerate(deltas) if d.get("tool_calls"))
+        assert all(not d.get("content") for d in deltas[first_call:])
 
 
 def test_unknown_tool_choice_name_is_400(client: Any, model_id: str) -> None:
