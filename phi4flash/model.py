@@ -465,7 +465,7 @@ class DiffAttention(nn.Module):
             if shared_kv is None:
                 raise RuntimeError("a cross-attention layer needs the full-attention layer's K/V")
             k, v, key_pos, key_valid = shared_kv
-            if ctx.cache is None and key_valid is None and t == k.shape[1]:  # queries are the keys: causal
+            if key_valid is None and t == k.shape[1]:  # the queries are the keys (from position 0): causal
                 return self.out_proj(self.inner_cross_attn(q, k, v, None, causal=True)), None
             mask = attention_mask(ctx.query_pos, key_pos, key_valid, None)
             return self.out_proj(self.inner_cross_attn(q, k, v, mask)), None
@@ -479,8 +479,8 @@ class DiffAttention(nn.Module):
                 assert isinstance(state, GlobalKV)
                 k, v, key_pos = self._global_keys(state, k, v, ctx)
                 key_valid = None
-        if ctx.cache is None and key_valid is None and (self.window is None or t <= self.window):
-            # the queries are the keys, without padding, and the window cuts nothing: plain causal
+        if key_valid is None and t == k.shape[1] and (self.window is None or t <= self.window):
+            # the queries are the keys (from position 0), without padding, and the window cuts nothing
             y = self.inner_cross_attn(q, k, v, None, causal=True)
         elif t > self.query_block:
             y = self._blocked(q, k, v, key_pos, key_valid, ctx.query_pos)
@@ -527,17 +527,22 @@ class DiffAttention(nn.Module):
             return _take(state.k, ctx.rows), _take(state.v, ctx.rows), ring_pos, ring_pos >= 0
         # Several new tokens: the ring, rolled so that its positions ascend, then the new keys. All rows
         # are at the same length here, so one roll serves them all, and the keys come out in position order.
+        # A fresh sequence has nothing in the ring: the new keys alone, all valid.
         start = ctx.query_pos[:, :1]  # (b, 1) length before these tokens
-        shift = -int(start[0, 0]) % w
-        ring_pos = start - w + slots  # (b, W) position held by each slot after the roll
-        keys = torch.cat([_take(state.k, ctx.rows).roll(shift, dims=1), k], dim=1)  # (b, W + T, Hkv, Dh)
-        values = torch.cat([_take(state.v, ctx.rows).roll(shift, dims=1), v], dim=1)
-        key_pos = torch.cat([ring_pos, ctx.query_pos], dim=1)
+        begin = int(start[0, 0])
+        if begin == 0:
+            keys, values, key_pos, key_valid = k, v, ctx.query_pos, None
+        else:
+            ring_pos = start - w + slots  # (b, W) position held by each slot after the roll
+            keys = torch.cat([_take(state.k, ctx.rows).roll(-begin % w, dims=1), k], dim=1)  # (b, W + T, Hkv, Dh)
+            values = torch.cat([_take(state.v, ctx.rows).roll(-begin % w, dims=1), v], dim=1)
+            key_pos = torch.cat([ring_pos, ctx.query_pos], dim=1)
+            key_valid = key_pos >= 0
         keep = min(k.shape[1], w)
         slot = torch.remainder(ctx.query_pos[:, -keep:], w)  # (b, keep)
         state.k[row.expand_as(slot), slot] = k[:, -keep:].to(state.k.dtype)
         state.v[row.expand_as(slot), slot] = v[:, -keep:].to(state.v.dtype)
-        return keys, values, key_pos, key_pos >= 0
+        return keys, values, key_pos, key_valid
 
     def _global_keys(self, state: GlobalKV, k: torch.Tensor, v: torch.Tensor, ctx: _Context
                      ) -> tuple[torch.Tensor, ...]:
