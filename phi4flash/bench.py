@@ -117,9 +117,9 @@ def bench_baseline(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int
     start = time.perf_counter()
     model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0,
                    max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, streamer=clock)
-    first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt, before any work
     if len(clock.times) != new_tokens + 2:
         raise RuntimeError(f"expected {new_tokens + 1} generated tokens, the streamer saw {len(clock.times) - 1}")
+    first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt, before any work
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     dtype_bytes = next(model.parameters()).element_size()

@@ -465,20 +465,17 @@ class DiffAttention(nn.Module):
             if shared_kv is None:
                 raise RuntimeError("a cross-attention layer needs the full-attention layer's K/V")
             k, v, key_pos, key_valid = shared_kv
-            if key_valid is None and t == k.shape[1]:  # the queries are the keys (from position 0): causal
-                return self.out_proj(self.inner_cross_attn(q, k, v, None, causal=True)), None
-            mask = attention_mask(ctx.query_pos, key_pos, key_valid, None)
-            return self.out_proj(self.inner_cross_attn(q, k, v, mask)), None
-        k, v = qkv[..., q_dim:].view(b, t, 2, self.num_kv_heads, self.head_dim).unbind(2)  # (B, T, Hkv, Dh) each
-        key_pos, key_valid = ctx.query_pos, ctx.key_valid
-        if ctx.cache is not None:
-            state = ctx.cache.layers[self.layer_idx]
-            if isinstance(state, SlidingKV):
-                k, v, key_pos, key_valid = self._sliding_keys(state, k, v, ctx)
-            else:
-                assert isinstance(state, GlobalKV)
-                k, v, key_pos = self._global_keys(state, k, v, ctx)
-                key_valid = None
+        else:
+            k, v = qkv[..., q_dim:].view(b, t, 2, self.num_kv_heads, self.head_dim).unbind(2)  # (B, T, Hkv, Dh)
+            key_pos, key_valid = ctx.query_pos, ctx.key_valid
+            if ctx.cache is not None:
+                state = ctx.cache.layers[self.layer_idx]
+                if isinstance(state, SlidingKV):
+                    k, v, key_pos, key_valid = self._sliding_keys(state, k, v, ctx)
+                else:
+                    assert isinstance(state, GlobalKV)
+                    k, v, key_pos = self._global_keys(state, k, v, ctx)
+                    key_valid = None
         if key_valid is None and t == k.shape[1] and (self.window is None or t <= self.window):
             # the queries are the keys (from position 0), without padding, and the window cuts nothing
             y = self.inner_cross_attn(q, k, v, None, causal=True)

@@ -206,13 +206,13 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     b, t, h, dh = q.shape
     s, hkv = k.shape[1], k.shape[2]
     pairs = q.view(b, t, h // 2, 2, dh)
-    kv_pairs = k.view(b, s, hkv // 2, 2, dh)
     v12 = v.view(b, s, hkv // 2, 2 * dh).transpose(1, 2)  # (B, Hkv/2, S, 2Dh): [V_even || V_odd] per pair, a view
     # group 0: even heads with even kv heads; group 1: odd with odd
     qs = [pairs[:, :, :, group].transpose(1, 2) for group in (0, 1)]  # (B, H/2, T, Dh) each
-    ks = [kv_pairs[:, :, :, group].transpose(1, 2) for group in (0, 1)]  # (B, Hkv/2, S, Dh) each
     scale = 1.0 / math.sqrt(dh)
     if t >= 32:  # many queries (prefill): the fused kernels (measured faster from about 24 queries on CPU)
+        kv_pairs = k.view(b, s, hkv // 2, 2, dh)
+        ks = [kv_pairs[:, :, :, group].transpose(1, 2) for group in (0, 1)]  # (B, Hkv/2, S, Dh) each
         # Zero-padding q and k to V's width 2Dh leaves every score unchanged and lets SDPA take its fused
         # (flash) kernel, which needs one head width for q, k and v; with Dh != 2Dh it falls back to the
         # unfused math path, 1.5x slower on CPU. An additive mask is built once for both groups.

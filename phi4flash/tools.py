@@ -124,10 +124,6 @@ def attach_tools(messages: Sequence[Mapping[str, Any]], tools: Iterable[Mapping[
     return [{"role": "system", "content": system_prompt, "tools": rendered}] + out
 
 
-def _tool_name(tool: Mapping[str, Any]) -> str:
-    return tool.get("function", tool)["name"]
-
-
 def forced_tools(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> list[Mapping[str, Any]] | None:
     """The tools one of which must be called under ``tool_choice``, or None when the model may answer freely.
 
@@ -137,7 +133,8 @@ def forced_tools(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> list[M
             a tool name, ``{"type": "function", "function": {"name": ...}}`` or ``{"name": ...}`` (that tool).
 
     Raises:
-        ValueError: the choice names no tool in ``tools``, or is of a kind not listed above.
+        ValueError: the choice names no tool in ``tools``, or is of a kind not listed above, or a tool has
+            no name.
     """
     if not tools or tool_choice in (None, False, "auto", "none"):
         return None
@@ -150,9 +147,10 @@ def forced_tools(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> list[M
     if not isinstance(name, str):
         raise ValueError(f"invalid tool_choice {tool_choice!r}: use 'auto', 'none', 'required' or "
                          '{"type": "function", "function": {"name": ...}}')
-    chosen = [t for t in tools if _tool_name(t) == name]
+    names = [definition["name"] for definition in tool_definitions(tools)]
+    chosen = [tool for tool, tool_name in zip(tools, names, strict=True) if tool_name == name]
     if not chosen:
-        known = ", ".join(repr(_tool_name(t)) for t in tools)
+        known = ", ".join(repr(tool_name) for tool_name in names)
         raise ValueError(f"invalid tool_choice {tool_choice!r}: no tool is named {name!r} (the tools are {known})")
     return chosen
 

@@ -803,15 +803,15 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
                                code="unsupported_parameter")
             if req.tool_choice not in (None, "auto", "none", "required") and not isinstance(req.tool_choice, dict):
                 raise APIError(400, "Invalid value for 'tool_choice'.", param="tool_choice", code="invalid_value")
-            try:
-                forced = tools_mod.forced_tools(req.tools, req.tool_choice)
-            except (ValueError, KeyError, TypeError) as exc:
-                raise APIError(400, str(exc), param="tool_choice", code="invalid_value") from None
             if req.tool_choice != "none":
                 try:
                     req.messages = tools_mod.attach_tools(req.messages, req.tools)
                 except ValueError as exc:
                     raise APIError(400, str(exc), param="tools", code="invalid_value") from None
+                try:  # the tools are valid by now, so an error here is the choice's
+                    forced = tools_mod.forced_tools(req.tools, req.tool_choice)
+                except ValueError as exc:
+                    raise APIError(400, str(exc), param="tool_choice", code="invalid_value") from None
             else:
                 tools_mod = None
         req.messages = _history_tool_calls(_tools_module(), req.messages) if any(
