@@ -1101,6 +1101,9 @@ def constrained_processor(tokenizer: Any, *, tools: Sequence[Mapping[str, Any]] 
     return processor, max_new_tokens
 
 
+LINE_GRACE = 24  # reasoning tokens a capped line may run on before ``</think>`` is forced anyway
+
+
 class AnswerGuard:
     """A light ``logits_processor`` for free generation: caps the reasoning (forcing ``</think>``) and, with
     ``require_answer``, masks the stop tokens until the answer has some non-blank text.
@@ -1109,7 +1112,7 @@ class AnswerGuard:
     """
 
     def __init__(self, tokenizer: Any, *, max_new_tokens: int | None = None, max_reasoning_tokens: int | None = None,
-                 require_answer: bool = True) -> None:
+                 require_answer: bool = True, close_at: str = "token") -> None:
         """Follow one generation.
 
         Args:
@@ -1117,11 +1120,16 @@ class AnswerGuard:
             max_new_tokens: the budget; ``</think>`` is forced early enough to leave room for an answer.
             max_reasoning_tokens: force ``</think>`` after this many reasoning tokens (None: no cap).
             require_answer: mask stop tokens until the answer has non-blank text.
+            close_at: where a capped reasoning is closed: "token" (at the cap) or "line" (at the end of the
+                line the cap falls in, at most :data:`LINE_GRACE` tokens later, so the last step is finished).
         """
+        if close_at not in ("token", "line"):
+            raise ValueError(f"close_at must be 'token' or 'line', got {close_at!r}")
         self.table = token_table(tokenizer)
         self.max_new_tokens = max_new_tokens
         self.max_reasoning_tokens = max_reasoning_tokens
         self.require_answer = require_answer
+        self.close_at = close_at
         self._head = b""  # the first bytes, until we know whether the output opens with <think>
         self._thinking: bool | None = None  # None: undecided
         self._tail = b""  # the last bytes inside the reasoning (to find </think>)
@@ -1157,6 +1165,9 @@ class AnswerGuard:
         matched = next((n for n in range(len(THINK_CLOSE) - 1, 0, -1) if self._tail.endswith(THINK_CLOSE[:n])), 0)
         rest = THINK_CLOSE[matched:]
         over = self.max_reasoning_tokens is not None and self.reasoning_tokens >= self.max_reasoning_tokens
+        if over and self.close_at == "line" and not matched:
+            # Let the model finish the line it is writing (its last step), within a few tokens.
+            over = self._tail.endswith(b"\n") or self.reasoning_tokens >= self.max_reasoning_tokens + LINE_GRACE
         # Leave a few tokens after the tag for the answer.
         low = self.max_new_tokens is not None and self.max_new_tokens - generated <= len(rest) + 4
         return rest if over or low else None

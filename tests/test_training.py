@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
 from phi4flash import ops
 from phi4flash.config import Phi4FlashConfig
 from phi4flash.training import data
-from phi4flash.training.train import TrainConfig, lr_at, make_batches, train, training_scan
+from phi4flash.training.train import EMBEDDED_DIR, TrainConfig, lr_at, main, make_batches, train, training_scan
 
 TINY = {
     "hidden_size": 32,
@@ -24,9 +25,10 @@ TINY = {
 }
 
 
-def test_training_scan_matches_the_reference_values_and_gradients() -> None:
+@pytest.mark.parametrize("with_state", [False, True])
+def test_training_scan_matches_the_reference_values_and_gradients(with_state: bool) -> None:
     g = torch.Generator().manual_seed(0)
-    b, e, t, n = 2, 6, 9, 3
+    b, e, t, n = 2, 6, 21, 3  # 21 tokens: several chunks of the training scan, the last one partial
     leaves = [
         torch.randn(b, e, t, generator=g),
         torch.rand(b, e, t, generator=g) * 0.5,
@@ -35,7 +37,7 @@ def test_training_scan_matches_the_reference_values_and_gradients() -> None:
         torch.randn(b, n, t, generator=g),
         torch.randn(e, generator=g),
     ]
-    state = torch.randn(b, e, n, generator=g)
+    state = torch.randn(b, e, n, generator=g) if with_state else None
     outs = []
     for fn in (ops.selective_scan_reference, training_scan):
         args = [x.clone().requires_grad_() for x in leaves]
@@ -107,3 +109,26 @@ def test_training_runs_end_to_end_and_the_loss_goes_down(tmp_path: Path) -> None
         logits = loaded(ids_)
     assert logits.shape == (1, ids_.shape[1], config["vocab_size"])
     assert torch.isfinite(logits).all()
+
+
+def test_the_command_never_writes_into_the_shipped_model_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--steps", "0", "--out", str(EMBEDDED_DIR)])
+    assert "--overwrite-embedded" in capsys.readouterr().err
+    help_text = main.__doc__ or ""
+    assert "phi4flash train" in help_text or "training.train" in help_text
+
+
+def test_the_default_output_is_a_new_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def fake_train(cfg: TrainConfig, out: Path, *, progress: bool = False) -> object:
+        seen["out"] = Path(out)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("phi4flash.training.train.train", fake_train)
+    with pytest.raises(SystemExit):
+        main(["--steps", "0"])
+    assert seen["out"].parent == tmp_path and seen["out"].name.startswith("phi4flash-embedded-")
+    assert seen["out"].resolve() != EMBEDDED_DIR.resolve()

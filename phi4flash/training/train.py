@@ -1,6 +1,6 @@
 """Train the embedded tiny Phi4Flash on the synthetic math chats, on a CPU, with one command.
 
-    python -m phi4flash.training.train [--steps N] [--out DIR] [--seed S]
+    python -m phi4flash.training.train [--steps N] [--out DIR] [--seed S]     (or: phi4flash train ...)
 
 Steps: generate the training chats (data.py), train the byte-level BPE tokenizer on them, build a
 small config of the real architecture (8 layers: every block kind once or twice), train with AdamW and
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import random
 import time
@@ -29,19 +30,23 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from . import data as data_mod
+from .scan import training_scan
 from .tokenizer_train import generation_config, model_config, save_tokenizer_files, train_tokenizer, write_json
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
+LOG_EVERY = 50  # steps between progress lines in the log
+
+logger = logging.getLogger(__name__)
 
 # The shipped model: 8 layers (Mamba, SWA, Mamba, SWA, memory Mamba, full attention, GMU, cross-attention).
 # Sized for a 2-core CPU: about 2.2M parameters, ~1.3 s per step of 32 chats.
 DEFAULT_MODEL: dict[str, Any] = {
-    "hidden_size": 128,
-    "intermediate_size": 512,
+    "hidden_size": 176,
+    "intermediate_size": 704,
     "num_hidden_layers": 8,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "sliding_window": 64,
+    "sliding_window": 128,
     "mamba_d_state": 8,
 }
 
@@ -58,7 +63,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0
-    vocab_size: int = 512
+    vocab_size: int = 1024
     tokenizer_examples: int = 20000
     threads: int = 1
     bf16: bool = True
@@ -75,65 +80,6 @@ class TrainResult:
     seconds: float
     parameters: int
     summary: dict[str, Any]
-
-
-# ----------------------------------------------------------------------------------------------------
-# A faster selective scan for training on a CPU.
-# ----------------------------------------------------------------------------------------------------
-
-
-class _LinearRecurrence(torch.autograd.Function):
-    """s_t = a_t * s_{t-1} + b_t over the leading (time) axis, with a hand-written backward.
-
-    Autograd through a Python loop records several nodes per step; this keeps one fused op per step
-    forward and backward, which on a CPU is several times faster for short training sequences.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, decay: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        states = torch.empty_like(inp)
-        states[0] = inp[0]
-        for t in range(1, inp.shape[0]):
-            torch.addcmul(inp[t], decay[t], states[t - 1], out=states[t])
-        ctx.save_for_backward(decay, states)
-        return states
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        decay, states = ctx.saved_tensors
-        grad = grad.contiguous()
-        acc = torch.empty_like(grad)
-        last = grad.shape[0] - 1
-        acc[last] = grad[last]
-        for t in range(last - 1, -1, -1):
-            torch.addcmul(grad[t], decay[t + 1], acc[t + 1], out=acc[t])
-        grad_decay = torch.zeros_like(decay)
-        grad_decay[1:] = acc[1:] * states[:-1]
-        return grad_decay, acc
-
-
-def training_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                  D: torch.Tensor | None, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for :func:`phi4flash.ops.selective_scan` (same arguments and results), fast to differentiate.
-
-    Args:
-        u: (B, E, T) inputs. delta: (B, E, T) step sizes after softplus. A: (E, N), negative.
-        B, C: (B, N, T). D: (E,) skip or None. state: (B, E, N) initial state or None.
-
-    Returns:
-        (y (B, E, T) float32, last state (B, E, N) float32).
-    """
-    u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
-    d = delta.permute(2, 0, 1)  # (T, B, E): time first, so each step is one contiguous slice
-    decay = torch.exp(d[..., None] * A)  # (T, B, E, N)
-    inp = (d * u.permute(2, 0, 1))[..., None] * B.permute(2, 0, 1)[:, :, None, :]
-    if state is not None:
-        inp = torch.cat([(inp[0] + decay[0] * state.float())[None], inp[1:]])
-    states = _LinearRecurrence.apply(decay.contiguous(), inp.contiguous())
-    y = torch.einsum("tben,tbn->bet", states, C.permute(2, 0, 1))
-    if D is not None:
-        y = y + D.float()[:, None] * u
-    return y, states[-1]
 
 
 @contextlib.contextmanager
@@ -283,6 +229,10 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             losses.append(loss.item())
+            if (step + 1) % LOG_EVERY == 0:
+                recent = losses[-LOG_EVERY:]
+                logger.info("step %d/%d loss %.4f lr %.2e %.0f s", step + 1, len(batches), sum(recent) / len(recent),
+                            lr_at(step, cfg), time.perf_counter() - train_started)
             if bar is not None:
                 recent = losses[-20:]
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr_at(step, cfg):.2e}")
@@ -364,7 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m phi4flash.training.train", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (0: random weights)")
-    parser.add_argument("--out", default=str(EMBEDDED_DIR), help="checkpoint folder (default: the embedded one)")
+    parser.add_argument("--out", default=None,
+                        help="checkpoint folder (default: a new phi4flash-embedded-DATE-TIME folder here)")
+    parser.add_argument("--overwrite-embedded", action="store_true",
+                        help="allow --out to be the shipped model's folder (phi4flash/embedded)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
@@ -373,12 +326,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 autocast")
     parser.add_argument("--hidden-size", type=int, default=DEFAULT_MODEL["hidden_size"])
     parser.add_argument("--layers", type=int, default=DEFAULT_MODEL["num_hidden_layers"])
+    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     args = parser.parse_args(list(argv) if argv is not None else None)
+    out = Path(args.out) if args.out else Path.cwd() / time.strftime("phi4flash-embedded-%Y%m%d-%H%M%S")
+    if out.resolve() == EMBEDDED_DIR.resolve() and not args.overwrite_embedded:
+        parser.error(f"--out {out} is the shipped model's folder; add --overwrite-embedded to replace it")
     model = dict(DEFAULT_MODEL, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
                  num_hidden_layers=args.layers)
     cfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
-                      bf16=not args.no_bf16, model=model)
-    result = train(cfg, args.out, progress=True)
+                      bf16=not args.no_bf16, model=model, vocab_size=args.vocab_size)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    result = train(cfg, out, progress=True)
     s = result.summary
     print(f"trained {s['parameters']:,} parameters for {cfg.steps} steps ({s['examples']:,} chats) "  # noqa: T201
           f"in {s['train_seconds'] / 60:.1f} min; loss {s['first_loss']} -> {s['final_loss']}")

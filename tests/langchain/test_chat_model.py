@@ -176,8 +176,8 @@ def test_history_rendering_with_tools():
         ToolMessage("boom", tool_call_id="2", status="error"),
     ]
     rendered = to_engine_messages(history)
-    assert rendered[2] == {"role": "assistant", "content": 'checking<|tool_call|>{"name": "lookup", "arguments": '
-                                                           '{"query": "x", "limit": 1}}<|/tool_call|>'}
+    assert rendered[2] == {"role": "assistant", "content": 'checking<|tool_call|>[{"name": "lookup", "arguments": '
+                                                           '{"query": "x", "limit": 1}}]<|/tool_call|>'}
     assert rendered[3] == {"role": "tool", "content": "sunny"} and rendered[4]["content"] == "Error: boom"
     llm = ChatPhi4Flash(**model_params())
     assert llm.get_num_tokens_from_messages(history, tools=[lookup]) > llm.get_num_tokens_from_messages(history)
