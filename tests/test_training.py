@@ -56,6 +56,16 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert lr_at(0, cfg) < lr_at(9, cfg) == 1e-3
     assert lr_at(50, cfg) < 1e-3
     assert abs(lr_at(100, cfg) - 1e-4) < 1e-9
+    # with a time budget the decay follows the share of the time spent, not the steps
+    assert lr_at(20, cfg, progress=0.0) == 1e-3 and abs(lr_at(20, cfg, progress=1.0) - 1e-4) < 1e-9
+
+
+def test_a_time_budget_stops_the_run_in_time(tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=400, minutes=0.05, batch_size=4, warmup_steps=2, vocab_size=384, tokenizer_examples=400,
+                      model=dict(TINY), seed=2)
+    result = train(cfg, tmp_path)
+    assert 0 < len(result.losses) < 400 and result.summary["steps"] == len(result.losses)
+    assert result.seconds < 0.05 * 60 + 5  # the last step may run over a little
 
 
 def test_batches_put_the_loss_on_the_assistant_turn_only() -> None:
@@ -69,9 +79,19 @@ def test_batches_put_the_loss_on_the_assistant_turn_only() -> None:
     assert rows[(1, 2, 6, 7)][:4] == [-100, 6, 7, -100]
 
 
+def test_a_token_budget_puts_long_chats_in_smaller_batches() -> None:
+    rng = torch.Generator().manual_seed(0)
+    encoded = [([1] * n, 1) for n in torch.randint(5, 120, (300,), generator=rng).tolist()]
+    batches = make_batches(encoded, batch_size=16, pad_id=0, seed=0, max_tokens=400)
+    assert sum(len(x) for x, _ in batches) == len(encoded)  # every chat is used once
+    assert all(x.numel() <= 400 and len(x) <= 16 for x, _ in batches)
+    sizes = {x.shape[1]: len(x) for x, _ in batches}
+    assert sizes[max(sizes)] < sizes[min(sizes)]  # the longest chats come fewer at a time
+
+
 def test_training_runs_end_to_end_and_the_loss_goes_down(tmp_path: Path) -> None:
-    cfg = TrainConfig(steps=30, batch_size=8, lr=5e-3, warmup_steps=3, vocab_size=384, tokenizer_examples=600,
-                      model=dict(TINY), seed=1)
+    cfg = TrainConfig(steps=30, minutes=None, batch_size=8, lr=5e-3, warmup_steps=3, vocab_size=384,
+                      tokenizer_examples=600, model=dict(TINY), seed=1)
     result = train(cfg, tmp_path)
     losses = result.losses
     assert len(losses) == 30

@@ -51,15 +51,15 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "addition": 0.05,
     "subtraction": 0.05,
     "multiplication": 0.05,
-    "equation": 0.07,
+    "equation": 0.06,
     "percentage": 0.06,
     "word": 0.09,
     "quadratic": 0.13,
     "system": 0.11,
     "percent": 0.11,
     "fraction": 0.11,
-    "tool": 0.13,
-    "offdomain": 0.04,
+    "tool": 0.15,
+    "offdomain": 0.03,
 }
 
 HELD_OUT_PERCENT = 10  # share of split keys reserved for evaluation

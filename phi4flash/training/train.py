@@ -39,14 +39,15 @@ LOG_EVERY = 50  # steps between progress lines in the log
 logger = logging.getLogger(__name__)
 
 # The shipped model: 8 layers (Mamba, SWA, Mamba, SWA, memory Mamba, full attention, GMU, cross-attention).
-# Sized for a 2-core CPU: about 2.2M parameters, ~1.3 s per step of 32 chats.
+# Sized for a 2-core CPU: 4.2M parameters (17 MB in float32), about 3 s per step of 32 chats on one thread.
+# The window covers a whole chat, so the sliding-window layers can copy from the question or the tool list.
 DEFAULT_MODEL: dict[str, Any] = {
     "hidden_size": 176,
     "intermediate_size": 704,
     "num_hidden_layers": 8,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "sliding_window": 128,
+    "sliding_window": 512,
     "mamba_d_state": 8,
 }
 
@@ -55,8 +56,10 @@ DEFAULT_MODEL: dict[str, Any] = {
 class TrainConfig:
     """Everything that defines a training run (saved in train_summary.json)."""
 
-    steps: int = 1600
+    steps: int = 3600  # the most optimizer steps (the data is made for this many)
+    minutes: float | None = 85.0  # stop after this much training time; the schedule follows the clock (None: steps)
     batch_size: int = 32
+    batch_tokens: int = 6144  # most tokens in a batch, padding included (long chats come fewer at a time)
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 80
@@ -115,9 +118,13 @@ def encode_example(tok: Tokenizer, ex: data_mod.Example) -> tuple[list[int], int
     return prompt + completion, len(prompt)
 
 
-def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int,
+                 max_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Group chats of similar length (less padding), right-pad, and shuffle the batch order.
+
+    A batch holds at most ``batch_size`` chats and, when ``max_tokens`` is given, at most that many tokens
+    padding included, so a batch of long chats has fewer of them: every step costs about the same, and the
+    longest chats do not blow up the memory.
 
     Returns (input_ids (B, T), labels (B, T)) pairs; labels are -100 on the prompt and the padding.
     Right padding needs no attention mask: causal layers never look ahead, and padded positions carry no loss.
@@ -129,8 +136,18 @@ def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_
     batches = []
     for start in range(0, len(order), window):
         chunk = sorted(order[start:start + window], key=lambda i: len(encoded[i][0]))
-        for b in range(0, len(chunk) - batch_size + 1, batch_size):
-            rows = [encoded[i] for i in chunk[b:b + batch_size]]
+        groups: list[list[int]] = [[]]
+        for i in chunk:
+            rows = groups[-1]
+            full = len(rows) == batch_size or (
+                max_tokens is not None and rows and (len(rows) + 1) * len(encoded[i][0]) > max_tokens)
+            if full:
+                groups.append([])
+            groups[-1].append(i)
+        if max_tokens is None and len(groups[-1]) < batch_size:
+            groups.pop()  # fixed-size batches only
+        for group in groups:
+            rows = [encoded[i] for i in group]
             length = max(len(ids) for ids, _ in rows)
             x = torch.full((len(rows), length), pad_id, dtype=torch.long)
             y = torch.full((len(rows), length), -100, dtype=torch.long)
@@ -143,11 +160,15 @@ def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_
     return batches
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``.
+
+    The decay follows ``progress`` (the share of the time budget spent) when given, else the steps done.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if progress is None:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -205,7 +226,7 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
     n_params = sum(p.numel() for p in model.parameters())
     pad_id = tok.token_to_id("<|endoftext|>")
     encoded = [encode_example(tok, ex) for ex in examples[:cfg.steps * cfg.batch_size]]
-    batches = make_batches(encoded, cfg.batch_size, pad_id, cfg.seed)
+    batches = make_batches(encoded, cfg.batch_size, pad_id, cfg.seed, cfg.batch_tokens)[:cfg.steps]
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     losses: list[float] = []
@@ -218,9 +239,20 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     train_started = time.perf_counter()
     with _fast_scan():
+        warm_done = None  # when the warmup ended: the time budget's decay runs from there
         for step, (x, y) in enumerate(batches):
+            progress = None
+            if cfg.minutes is not None:
+                now = time.perf_counter()
+                if now - train_started >= cfg.minutes * 60:
+                    break
+                if step == cfg.warmup_steps:
+                    warm_done = now
+                if warm_done is not None:
+                    progress = (now - warm_done) / max(1.0, cfg.minutes * 60 - (warm_done - train_started))
+            lr = lr_at(step, cfg, progress)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr
             with autocast:
                 logits = model(x)
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
@@ -232,10 +264,10 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
             if (step + 1) % LOG_EVERY == 0:
                 recent = losses[-LOG_EVERY:]
                 logger.info("step %d/%d loss %.4f lr %.2e %.0f s", step + 1, len(batches), sum(recent) / len(recent),
-                            lr_at(step, cfg), time.perf_counter() - train_started)
+                            lr, time.perf_counter() - train_started)
             if bar is not None:
                 recent = losses[-20:]
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr_at(step, cfg):.2e}")
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
     if bar is not None:
         bar.close()
@@ -247,7 +279,9 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
         "command": "python -m phi4flash.training.train",
         "train_config": asdict(cfg),
         "parameters": n_params,
-        "examples": len(batches) * cfg.batch_size,
+        "steps": len(losses),
+        "examples": sum(len(x) for x, _ in batches[:len(losses)]),
+        "tokens": sum(x.numel() for x, _ in batches[:len(losses)]),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "final_loss": _tail_mean(losses),
@@ -313,7 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m phi4flash.training.train [--steps N] [--out DIR] [--seed S]``."""
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m phi4flash.training.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (0: random weights)")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="the most optimizer steps (0: random weights)")
+    parser.add_argument("--minutes", type=float, default=defaults.minutes,
+                        help="training time; the learning-rate schedule follows the clock (0: run all --steps, "
+                             "a schedule by steps, the same run on any machine)")
     parser.add_argument("--out", default=None,
                         help="checkpoint folder (default: a new phi4flash-embedded-DATE-TIME folder here)")
     parser.add_argument("--overwrite-embedded", action="store_true",
@@ -333,12 +371,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--out {out} is the shipped model's folder; add --overwrite-embedded to replace it")
     model = dict(DEFAULT_MODEL, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
                  num_hidden_layers=args.layers)
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
-                      bf16=not args.no_bf16, model=model, vocab_size=args.vocab_size)
+    cfg = TrainConfig(steps=args.steps, minutes=args.minutes or None, seed=args.seed, batch_size=args.batch_size,
+                      lr=args.lr, threads=args.threads, bf16=not args.no_bf16, model=model,
+                      vocab_size=args.vocab_size)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     result = train(cfg, out, progress=True)
     s = result.summary
-    print(f"trained {s['parameters']:,} parameters for {cfg.steps} steps ({s['examples']:,} chats) "  # noqa: T201
+    print(f"trained {s['parameters']:,} parameters for {s['steps']} steps ({s['examples']:,} chats) "  # noqa: T201
           f"in {s['train_seconds'] / 60:.1f} min; loss {s['first_loss']} -> {s['final_loss']}")
     print(f"wrote {result.out_dir} (loss curve: {result.out_dir / 'loss_curve.png'})")  # noqa: T201
     return 0
