@@ -101,7 +101,9 @@ def _arithmetic(tools: list[toolchat.Tool]) -> Callable[[str, dict[str, Any]], A
         a, b = (arguments.get(k) for k in tool.arg_names)
         if not isinstance(a, int) or not isinstance(b, int):
             return "Error: integer arguments expected"
-        return {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else "Error: division by zero"}[tool.op]
+        if tool.op == "/" and b == 0:
+            return "Error: division by zero"
+        return toolchat.apply_op(tool.op, a, b)
 
     return execute
 
@@ -136,7 +138,7 @@ def _evaluate(steps: list[tuple[str, int | None, int | None]]) -> int:
     for op, left, right in steps:
         a = result if left is None else left
         b = result if right is None else right
-        result = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+        result = toolchat.apply_op(op, a, b)
     return result
 
 

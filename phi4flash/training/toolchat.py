@@ -353,8 +353,15 @@ def intent_chat(rng: random.Random, held_out: bool, answer_turn: bool | None = N
 _SYMBOLS = {"+": ("+",), "-": ("-",), "*": ("*", "×"), "/": ("/",)}
 
 
-def _apply(op: str, a: int, b: int) -> int:
-    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+def apply_op(op: str, a: int, b: int) -> int:
+    """``a op b`` for the four operations (division is exact in the generated expressions)."""
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    return a // b
 
 
 def draw_expression(rng: random.Random) -> tuple[str, list[tuple[str, int | None, int | None]]]:
@@ -378,7 +385,7 @@ def draw_expression(rng: random.Random) -> tuple[str, list[tuple[str, int | None
         return f"{a} {sym[op1]} {b}", [(op1, a, b)]
     op2 = rng.choice([op for op in ops if op != "/"])
     c = rng.randint(2, 9) if op2 == "*" else rng.randint(1, 60)
-    first = _apply(op1, a, b)
+    first = apply_op(op1, a, b)
     if op2 == "-" and first < c:
         c = rng.randint(0, max(0, first)) or 1
         if first < c:
@@ -429,7 +436,7 @@ def arithmetic_chat(rng: random.Random, held_out: bool, stage: int | None = None
             messages = (system_message(tools, rng), {"role": "user", "content": question}, *_history(done))
             return Made(f"tool:{expr}:{i}", question, thought, call_text(tool.name, args),
                         expected_call(tool.name, args), messages=messages)
-        value = _apply(op, lhs, rhs)
+        value = apply_op(op, lhs, rhs)
         results.append(value)
         result_text = str(value) if rng.random() < 0.85 else json.dumps({"result": value})
         done.append((tool.name, args, result_text))
