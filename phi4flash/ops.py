@@ -184,6 +184,12 @@ def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: to
     return mask[:, None]
 
 
+# From this many queries on, attention takes SDPA's fused kernels (measured faster from about 24 queries on CPU
+# at inference). Training's backward pass is faster through the explicit matmuls at a few hundred tokens, so the
+# training loop raises it (phi4flash.training.train).
+FUSED_MIN_QUERIES = 32
+
+
 def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
                            lambda_init: float, subln_weight: torch.Tensor, eps: float,
                            mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
@@ -210,7 +216,7 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     # group 0: even heads with even kv heads; group 1: odd with odd
     qs = [pairs[:, :, :, group].transpose(1, 2) for group in (0, 1)]  # (B, H/2, T, Dh) each
     scale = 1.0 / math.sqrt(dh)
-    if t >= 32:  # many queries (prefill): the fused kernels (measured faster from about 24 queries on CPU)
+    if t >= FUSED_MIN_QUERIES:  # many queries (prefill): the fused kernels
         kv_pairs = k.view(b, s, hkv // 2, 2, dh)
         ks = [kv_pairs[:, :, :, group].transpose(1, 2) for group in (0, 1)]  # (B, Hkv/2, S, Dh) each
         # Zero-padding q and k to V's width 2Dh leaves every score unchanged and lets SDPA take its fused

@@ -152,3 +152,21 @@ def test_the_default_output_is_a_new_folder(tmp_path: Path, monkeypatch: pytest.
         main(["--steps", "0"])
     assert seen["out"].parent == tmp_path and seen["out"].name.startswith("phi4flash-embedded-")
     assert seen["out"].resolve() != EMBEDDED_DIR.resolve()
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_training_attention_path_matches_the_fused_one(window: int | None) -> None:
+    g = torch.Generator().manual_seed(3)
+    b, t, h, hkv, dh = 2, 40, 4, 2, 8
+    q, k, v = (torch.randn(b, t, n, dh, generator=g) for n in (h, hkv, hkv))
+    pos = torch.arange(t)[None].expand(b, t)
+    mask = None if window is None else ops.attention_mask(pos, pos, None, window)
+    args = (q, k, v, torch.tensor(0.3), 0.2, torch.ones(2 * dh), 1e-5, mask, mask is None)
+    assert t >= ops.FUSED_MIN_QUERIES
+    fused = ops.differential_attention(*args)
+    from phi4flash.training.train import _fast_scan
+
+    with _fast_scan():
+        explicit = ops.differential_attention(*args)
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
+    assert ops.FUSED_MIN_QUERIES == 32  # restored

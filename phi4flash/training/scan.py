@@ -90,7 +90,7 @@ class _SelectiveScan(torch.autograd.Function):
             g = gyc[..., None] * Cc[:, :, None, :]  # (B, c, E, N): the part of g_t that comes from y_t
             for t in range(n - 1, -1, -1):
                 g_t = g[:, t].add_(g_next)
-                g_next = g_t * a[:, t]
+                torch.mul(g_t, a[:, t], out=g_next)  # g_next was read just above: reuse its memory
             # g now holds g_t for the chunk.
             gB[:, start:stop] = torch.einsum("bten,bte->btn", g, du)
             gBu = torch.einsum("bten,btn->bte", g, Bc)  # sum_n g_t B_t

@@ -59,7 +59,7 @@ class TrainConfig:
     steps: int = 3600  # the most optimizer steps (the data is made for this many)
     minutes: float | None = 85.0  # stop after this much training time; the schedule follows the clock (None: steps)
     batch_size: int = 32
-    batch_tokens: int = 6144  # most tokens in a batch, padding included (long chats come fewer at a time)
+    batch_tokens: int = 10240  # most tokens in a batch, padding included (long chats come fewer at a time)
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 80
@@ -87,23 +87,28 @@ class TrainResult:
 
 @contextlib.contextmanager
 def _fast_scan() -> Iterator[None]:
-    """Use :func:`training_scan` inside the model while training.
+    """Use :func:`training_scan` inside the model while training, and the explicit attention matmuls.
 
-    The model's chunked scan is built for long prompts at inference; for 100-token training chats on a
-    CPU it is ~20x slower than this recurrence, so the training loop swaps it in and back out.
+    The model's chunked scan is built for long prompts at inference; for training chats of a few hundred
+    tokens on a CPU it is ~20x slower than this recurrence. SDPA's fused CPU kernel is slower backwards than
+    the explicit matmuls at these lengths (about 8% of a step). Both are swapped in and back out.
     """
     from .. import model as model_mod
+    from .. import ops
 
     # The model module imports the scan under one of these names (the dispatching one first).
     names = [n for n in ("selective_scan_auto", "selective_scan") if hasattr(model_mod, n)]
     saved = {n: getattr(model_mod, n) for n in names}
+    fused = ops.FUSED_MIN_QUERIES
     for n in names:
         setattr(model_mod, n, training_scan)
+    ops.FUSED_MIN_QUERIES = 1 << 30
     try:
         yield
     finally:
         for n, fn in saved.items():
             setattr(model_mod, n, fn)
+        ops.FUSED_MIN_QUERIES = fused
 
 
 # ----------------------------------------------------------------------------------------------------
