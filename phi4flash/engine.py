@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .cache import Phi4FlashCache
+from .config import Phi4FlashConfig
 from .metrics import LatencyMetrics, MetricsRecorder
 from .model import Phi4FlashForCausalLM
 from .protocol import (
@@ -35,6 +36,7 @@ from .protocol import (
     StreamEvent,
     Usage,
 )
+from .quant import QuantSpec, weights_label
 from .reasoning import ReasoningSplitter
 from .sampling import Sampler, generation_config_defaults
 from .tokenizer import ChatTokenizer, IncrementalDetokenizer
@@ -85,20 +87,24 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def load(source: str = "embedded", *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-         revision: str | None = None, token: str | bool | None = None, **engine_options: Any) -> LocalEngine:
+         revision: str | None = None, token: str | bool | None = None, quantize: str | QuantSpec | None = None,
+         **engine_options: Any) -> LocalEngine:
     """Load a checkpoint (hub id, local folder or "embedded") and return a ready :class:`LocalEngine`.
 
     Args:
         source: "microsoft/Phi-4-mini-flash-reasoning", a checkpoint folder, or "embedded".
         device: "auto" (cuda > mps > cpu) or a torch device.
-        dtype: "auto" (bfloat16 on CUDA, float32 elsewhere) or a dtype name.
+        dtype: "auto" (bfloat16 on CUDA and for quantized weights, float32 elsewhere) or a dtype name.
         revision, token: for hub downloads.
+        quantize: "int8", "int4" or "int4-g<group size>": weight-only quantization while loading (see
+            :mod:`phi4flash.quant`); a checkpoint written by ``phi4flash quantize`` is quantized already.
         **engine_options: passed to :class:`LocalEngine` (max_batch, prefill_chunk, kept_state_bytes, ...).
     """
     path = resolve_checkpoint(source, revision=revision, token=token)
     torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
-    model = load_model(path, dtype=torch_dtype, device=torch_device)
+    quantized = quantize not in (None, "none") or Phi4FlashConfig.from_json(path).quantization is not None
+    torch_dtype = torch.bfloat16 if quantized and str(dtype) == "auto" else pick_dtype(dtype, torch_device)
+    model = load_model(path, dtype=torch_dtype, device=torch_device, quantize=quantize)
     tokenizer = ChatTokenizer.from_pretrained(path)
     name = "embedded" if str(source) == "embedded" else str(source)
     return LocalEngine(model, tokenizer, model_name=name, checkpoint_dir=path, **engine_options)
@@ -150,10 +156,10 @@ class LocalEngine:
         self.model = model.eval().tune_weight_layout()
         self.tokenizer = tokenizer
         self.model_name = model_name
-        weight = model.model.embed_tokens.weight
-        self.torch_device = weight.device
-        self.device = str(weight.device)
-        self.dtype = str(weight.dtype).replace("torch.", "")
+        self.torch_device = model.device
+        self.device = str(model.device)
+        # what the weights are, for people (header, metrics): "bfloat16", or "int4 (g128)" when quantized
+        self.dtype = weights_label(model) or str(model.dtype).replace("torch.", "")
         self.context_length = model.config.context_length
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
