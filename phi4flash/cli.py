@@ -1,4 +1,4 @@
-"""The ``phi4flash`` command: chat | demo | serve | bench | eval | train.
+"""The ``phi4flash`` command: chat | demo | serve | quantize | bench | eval | train.
 
 The only module of the core that prints; the faces with heavier dependencies (web chat, server,
 training) are imported when their sub-command runs.
@@ -36,6 +36,9 @@ def _chat(argv: Sequence[str]) -> int:
     parser.add_argument("model", nargs="?", default="embedded", help="hub id, checkpoint folder or 'embedded'")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantize", default=None,
+                        help="weight-only quantization: int8, int4 or int4-g<32|64|128|256> "
+                             "(default: none; int4 = int4-g128)")
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -45,7 +48,7 @@ def _chat(argv: Sequence[str]) -> int:
 
     import phi4flash
 
-    engine = phi4flash.load(args.model, device=args.device, dtype=args.dtype)
+    engine = phi4flash.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     overrides: dict[str, object] = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}
     if args.temperature is not None:
         overrides["temperature"] = args.temperature
@@ -88,6 +91,35 @@ def _chat(argv: Sequence[str]) -> int:
         messages.append({"role": "assistant", "content": "".join(answer)})
 
 
+def _quantize(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="phi4flash quantize", description="Write a weight-only quantized copy of a checkpoint (safetensors, "
+        "config.json with a quantization entry, tokenizer files) that `phi4flash.load(OUT)` loads directly.")
+    parser.add_argument("source", help="hub id, checkpoint folder or 'embedded'")
+    parser.add_argument("out", help="folder to write")
+    parser.add_argument("--bits", type=int, choices=(8, 4), default=4, help="8: per-channel int8; 4: group-wise int4")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="int4 group size: 32, 64, 128 or 256 (default: 128)")
+    args = parser.parse_args(argv)
+    if args.bits == 8 and args.group_size is not None:
+        parser.error("--group-size is for --bits 4 (int8 has one scale per output channel)")
+
+    import resource
+    import time
+
+    from .quant import QuantSpec
+    from .weights import quantize_checkpoint
+
+    spec = QuantSpec(8) if args.bits == 8 else QuantSpec(4, args.group_size or 128)
+    start = time.perf_counter()
+    out = quantize_checkpoint(args.source, args.out, spec)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print(f"wrote {out} ({spec.label}, {size / 2**30:.2f} GiB of weights) in {time.perf_counter() - start:.1f} s; "
+          f"peak memory {peak:.2f} GiB")
+    return 0
+
+
 def _bench(argv: Sequence[str]) -> int:
     from .bench import main
 
@@ -128,6 +160,7 @@ COMMANDS = {
     "chat": (_chat, "chat in the terminal (reasoning dimmed, then a metrics line)"),
     "demo": (_demo, "the Gradio web chat (default model: embedded)"),
     "serve": (_serve, "an OpenAI-compatible HTTP server"),
+    "quantize": (_quantize, "write an int8 / int4 quantized copy of a checkpoint"),
     "bench": (_bench, "prefill/decode speed vs a transformers Phi-3-style baseline"),
     "eval": (_eval, "accuracy of a model on the held-out math problems"),
     "train": (_train, "retrain the embedded tiny model"),

@@ -354,6 +354,46 @@ def quantize_modules_(model: nn.Module, spec: QuantSpec) -> dict[str, QuantizedL
     return targets
 
 
+@torch.no_grad()
+def quantize_model_(model: nn.Module, spec: QuantSpec | str, dtype: torch.dtype | None = None) -> nn.Module:
+    """Quantize a loaded float Phi4FlashForCausalLM in place (weights and biases taken from it).
+
+    Activations then run in ``dtype`` (default bfloat16, where the CPU kernels are fast); the float
+    parameters that stay are cast to it too (A_log and the lambdas stay float32).
+    """
+    parsed = QuantSpec.parse(spec)
+    if parsed is None:
+        return model
+    device, dtype = model.device, dtype or torch.bfloat16  # type: ignore[union-attr]
+    check_device(device, dtype, parsed)
+    weights = {name: module.weight for name, module in quantizable_linears(model)}
+    biases = {name: module.bias for name, module in quantizable_linears(model)}
+    weights["model.embed_tokens"] = model.model.embed_tokens.weight  # type: ignore[union-attr]
+    if not model.config.tie_word_embeddings:  # type: ignore[union-attr]
+        weights["lm_head"], biases["lm_head"] = model.lm_head.weight, model.lm_head.bias  # type: ignore[union-attr]
+    targets = quantize_modules_(model, parsed)
+    for prefix, module in targets.items():
+        module.set_weight(weights[prefix].detach().cpu(), device=device, dtype=dtype)
+        if module.bias is not None:
+            module.bias = nn.Parameter(biases[prefix].detach().to(device), requires_grad=False)
+    model.to_dtype(dtype)  # type: ignore[operator]
+    model.config.quantization = parsed.to_config()  # type: ignore[union-attr]
+    return model
+
+
+def checkpoint_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """Checkpoint prefix -> quantized module of a loaded model (what :func:`quantize_modules_` returned)."""
+    embedding = model.model.embed_tokens  # type: ignore[union-attr]
+    if not isinstance(embedding, QuantizedEmbedding):
+        return {}
+    modules = {name: module for name, module in model.named_modules()
+               if isinstance(module, QuantizedLinear) and name not in ("lm_head", "model.embed_tokens.table")}
+    modules["model.embed_tokens"] = embedding.table
+    if embedding.table is not model.lm_head:
+        modules["lm_head"] = model.lm_head  # type: ignore[assignment]
+    return modules
+
+
 def expected_quantized_tensors(targets: dict[str, QuantizedLinear]
                                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Checkpoint name -> (shape, dtype) of the portable tensors of every target."""

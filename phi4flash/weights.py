@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +24,9 @@ from .ops import acc_dtype
 from .quant import (
     QuantizationError,
     QuantSpec,
+    checkpoint_modules,
     expected_quantized_tensors,
+    model_weight_bytes,
     quantize_modules_,
     quantized_shapes,
 )
@@ -170,6 +173,7 @@ def load_model(source: str | os.PathLike[str], *, dtype: str | torch.dtype | Non
     device = torch.device(device or "cpu")
     if spec is not None:
         check_quantized_device(device, target, spec)
+        config.quantization = spec.to_config()
     with torch.device("meta"):
         model = Phi4FlashForCausalLM(config)
     targets = quantize_modules_(model, spec) if spec is not None else {}
@@ -270,11 +274,12 @@ def save_checkpoint(model: Phi4FlashForCausalLM, out_dir: str | os.PathLike[str]
     """Write config.json and safetensors (sharded with an index when ``max_shard_bytes`` is set).
 
     Names are the official ones; a tied lm_head is not written. With ``dtype``, tensors are cast to it,
-    except A_log and the lambdas, which stay float32 as in the real checkpoint.
+    except A_log and the lambdas, which stay float32 as in the real checkpoint. A quantized model is
+    written in the portable quantized format, with the ``quantization`` entry in config.json.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target = parse_dtype(dtype) if dtype is not None else model.model.embed_tokens.weight.dtype
+    target = parse_dtype(dtype) if dtype is not None else model.dtype
     config = model.config.to_dict()
     config["torch_dtype"] = str(target).replace("torch.", "")
     with open(out / "config.json", "w", encoding="utf-8") as f:
@@ -287,6 +292,8 @@ def save_checkpoint(model: Phi4FlashForCausalLM, out_dir: str | os.PathLike[str]
         param = model.get_parameter(name).detach()
         keep = acc_dtype(target) if name.rsplit(".", 1)[-1] in FP32_PARAMETERS else target
         tensors[name] = param.to(device="cpu", dtype=keep).contiguous().clone()
+    for prefix, module in checkpoint_modules(model).items():
+        tensors.update({f"{prefix}.{suffix}": t.contiguous() for suffix, t in module.portable().items()})
     if max_shard_bytes is None:
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
         return out
@@ -307,4 +314,34 @@ def save_checkpoint(model: Phi4FlashForCausalLM, out_dir: str | os.PathLike[str]
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     with open(out / "model.safetensors.index.json", "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return out
+
+
+def quantize_checkpoint(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                        quantize: str | QuantSpec, *, max_shard_bytes: int = 2 * 2**30,
+                        revision: str | None = None, token: str | bool | None = None) -> Path:
+    """Write a quantized copy of a checkpoint that ``phi4flash.load(out_dir)`` loads directly.
+
+    The source is quantized while loading, on the CPU (peak memory: the quantized model plus one float
+    tensor), then written with config.json's ``quantization`` entry, the tokenizer files and
+    generation_config.json beside it.
+
+    Args:
+        source: a checkpoint folder, a hub id, or "embedded".
+        out_dir: the folder to write (created; an existing checkpoint there is overwritten).
+        quantize: "int8", "int4" or "int4-g<group size>" (or a QuantSpec).
+        max_shard_bytes: largest safetensors file; bigger models are sharded with an index.
+    """
+    path = resolve_checkpoint(source, revision=revision, token=token)
+    out = Path(out_dir)
+    if out.resolve() == path.resolve():
+        raise ValueError(f"the output folder {out} is the source checkpoint; write the quantized copy elsewhere")
+    model = load_model(path, device="cpu", quantize=quantize)
+    sharded = model_weight_bytes(model) > max_shard_bytes
+    save_checkpoint(model, out, max_shard_bytes=max_shard_bytes if sharded else None)
+    weights = {"config.json", "model.safetensors", "model.safetensors.index.json"}
+    for pattern in CHECKPOINT_PATTERNS:
+        for file in path.glob(pattern):
+            if file.name not in weights and not file.name.endswith(".safetensors"):
+                shutil.copyfile(file, out / file.name)
     return out

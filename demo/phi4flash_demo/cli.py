@@ -27,6 +27,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="use an OpenAI-compatible server at URL instead of loading the model here")
     parser.add_argument("--device", default="auto", help="cuda | mps | cpu | auto (default: auto)")
     parser.add_argument("--dtype", default="auto", help="bfloat16 | float16 | float32 | auto (default: auto)")
+    parser.add_argument("--quantize", default=None,
+                        help="weight-only quantization: int8, int4 or int4-g<32|64|128|256> "
+                             "(default: none; int4 = int4-g128)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
@@ -45,7 +48,7 @@ def load_engine(args: argparse.Namespace) -> Any:
     try:
         if args.remote:
             return phi4flash.RemoteEngine(args.remote, args.model)
-        return phi4flash.load(args.model, device=args.device, dtype=args.dtype)
+        return phi4flash.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     except Exception as exc:  # shown on the page with hints on how to fix it
         logger.exception("could not load %s", args.remote or args.model)
         return exc

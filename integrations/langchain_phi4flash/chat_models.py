@@ -50,7 +50,7 @@ _DONE = object()
 
 
 def get_engine(model: str = "embedded", *, device: str = "auto", dtype: str = "auto", base_url: str | None = None,
-               api_key: str | None = None) -> Any:
+               api_key: str | None = None, quantize: str | None = None) -> Any:
     """The process-wide engine for a model, loaded on first use and then shared.
 
     Args:
@@ -59,11 +59,12 @@ def get_engine(model: str = "embedded", *, device: str = "auto", dtype: str = "a
         dtype: for local engines: "auto" or a dtype name.
         base_url: an OpenAI-compatible server's API root; then a ``phi4flash.RemoteEngine`` is used.
         api_key: for the server.
+        quantize: for local engines: "int8", "int4", "int4-g<group size>" or None (weight-only quantization).
 
     Returns:
         An object implementing ``phi4flash.Engine``.
     """
-    key = ("remote", base_url, model, api_key) if base_url else ("local", model, device, dtype)
+    key = ("remote", base_url, model, api_key) if base_url else ("local", model, device, dtype, quantize)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
@@ -74,7 +75,7 @@ def get_engine(model: str = "embedded", *, device: str = "auto", dtype: str = "a
             else:
                 import phi4flash
 
-                engine = phi4flash.load(model, device=device, dtype=dtype)
+                engine = phi4flash.load(model, device=device, dtype=dtype, quantize=quantize)
             _ENGINES[key] = engine
         return engine
 
@@ -170,7 +171,9 @@ class ChatPhi4Flash(BaseChatModel):
     device: str = "auto"
     """Local engines: "auto" (cuda > mps > cpu), "cpu", "cuda", ..."""
     dtype: str = "auto"
-    """Local engines: "auto" (bf16 on CUDA, fp32 elsewhere) or a dtype name."""
+    """Local engines: "auto" (bf16 on CUDA and for quantized weights, fp32 elsewhere) or a dtype name."""
+    quantize: str | None = None
+    """Local engines: weight-only quantization, "int8", "int4" or "int4-g<group size>" (None: as stored)."""
     temperature: float = 0.6
     """Sampling temperature; 0 means greedy."""
     max_tokens: int = Field(default=4096, alias="max_new_tokens")
@@ -203,6 +206,7 @@ class ChatPhi4Flash(BaseChatModel):
             "base_url": self.base_url,
             "device": self.device,
             "dtype": self.dtype,
+            "quantize": self.quantize,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
             "top_p": self.top_p,
@@ -237,7 +241,8 @@ class ChatPhi4Flash(BaseChatModel):
         if self.engine is not None:
             return self.engine
         key = self.api_key.get_secret_value() if self.api_key is not None else None
-        return get_engine(self.model_name, device=self.device, dtype=self.dtype, base_url=self.base_url, api_key=key)
+        return get_engine(self.model_name, device=self.device, dtype=self.dtype, base_url=self.base_url, api_key=key,
+                          quantize=self.quantize)
 
     def _tokenizer(self) -> Any:
         return getattr(self.get_engine(), "tokenizer", None)
