@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-# Above this many rows a call dequantizes the weight and runs the dense matmul (see the module docstring).
-DEQUANT_ROWS = 16
+# Above this many rows a call dequantizes the weight and runs the dense matmul (see the module docstring);
+# classes whose dequantization is slow raise it.
+DEQUANT_ROWS = 32
 _PACK_ROWS = 4096  # rows packed at a time (a multiple of the CPU int4 layout's 64-row blocks)
 _CPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -85,9 +87,11 @@ class PackedWeight:
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
         self.device, self.dtype = device, dtype
 
+    dequant_rows = DEQUANT_ROWS
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(M, K) activations in ``dtype`` -> (M, N): the kernel for few rows, dequantize + dense for many."""
-        if x.shape[0] > DEQUANT_ROWS:
+        if x.shape[0] > self.dequant_rows:
             return F.linear(x, self.dequantize(x.dtype))
         return self.kernel(x)
 
@@ -142,6 +146,7 @@ class CpuInt4Weight(PackedWeight):
     scales and zeros as one (K/g, N, 2) tensor in the activation dtype."""
 
     bits = 4
+    dequant_rows = 128  # its dequantization is pure PyTorch (several passes): worth it only for long chunks
 
     def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, group_size: int,
                  dtype: torch.dtype) -> None:
@@ -219,10 +224,105 @@ class CudaInt4Weight(PackedWeight):
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros, self.qweight))
 
 
+class NativeInt4Weight(PackedWeight):
+    """Group-wise int4 in nibble planes for phi4flash's own CPU kernels (:mod:`phi4flash.native`)."""
+
+    bits = 4
+
+    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, group_size: int,
+                 kernels: Any) -> None:
+        super().__init__(out_features, in_features, group_size, torch.device("cpu"), torch.bfloat16)
+        self.ops = kernels
+        values = torch.stack([tensors["qweight"] & 15, tensors["qweight"] >> 4], dim=-1).view(out_features, -1)
+        self.planes = to_planes(values)
+        self.scales = tensors["scales"].to(torch.bfloat16).contiguous()
+        self.zeros = tensors["zeros"].to(torch.bfloat16).contiguous()
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.int4_linear(x, self.planes, self.scales, self.zeros, self.group_size)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.ops.dequantize(self.planes, self.scales, self.zeros, self.group_size).to(dtype)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        out = self.ops.dequantize(self.planes, self.scales, self.zeros, self.group_size, index.reshape(-1))
+        return out.view(*index.shape, self.in_features)
+
+    def portable(self) -> dict[str, torch.Tensor]:
+        values = from_planes(self.planes)
+        return {"qweight": values[:, 0::2] | (values[:, 1::2] << 4), "scales": self.scales.clone(),
+                "zeros": self.zeros.clone()}
+
+
+class NativeInt8Weight(PackedWeight):
+    """Per-channel int8 as two nibble planes of q + 128, for phi4flash's own CPU kernels."""
+
+    bits = 8
+
+    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, kernels: Any) -> None:
+        super().__init__(out_features, in_features, 0, torch.device("cpu"), torch.bfloat16)
+        self.ops = kernels
+        unsigned = (tensors["qweight"].to(torch.int16) + 128).to(torch.uint8)
+        low, high = to_planes(unsigned & 15), to_planes(unsigned >> 4)
+        blocks = (out_features, in_features // 128, 64)
+        self.planes = torch.cat([low.view(blocks), high.view(blocks)], dim=-1).view(out_features, -1)
+        self.scales = tensors["scales"].to(torch.bfloat16).contiguous()
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.int8_linear(x, self.planes, self.scales)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.ops.dequantize(self.planes, self.scales).to(dtype)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        out = self.ops.dequantize(self.planes, self.scales, rows=index.reshape(-1))
+        return out.view(*index.shape, self.in_features)
+
+    def portable(self) -> dict[str, torch.Tensor]:
+        blocks = self.planes.view(self.out_features, self.in_features // 128, 128)
+        low = from_planes(blocks[..., :64].reshape(self.out_features, -1))
+        high = from_planes(blocks[..., 64:].reshape(self.out_features, -1))
+        return {"qweight": ((high.to(torch.int16) << 4 | low) - 128).to(torch.int8), "scales": self.scales.clone()}
+
+
+def to_planes(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) nibbles -> (N, K/2) bytes in nibble planes (see phi4flash/csrc/quant_cpu.cpp): per block of 128
+    inputs, 32 little-endian 16-bit lanes, lane i holding input 32 t + i at bits 4 t .. 4 t + 3."""
+    n, k = values.shape
+    v = values.view(n, k // 128, 4, 32).to(torch.int32)
+    lanes = v[:, :, 0] | (v[:, :, 1] << 4) | (v[:, :, 2] << 8) | (v[:, :, 3] << 12)
+    return lanes.to(torch.int16).view(torch.uint8).reshape(n, k // 2).contiguous()
+
+
+def from_planes(planes: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_planes`: (N, K/2) bytes -> (N, K) uint8 nibbles."""
+    n = planes.shape[0]
+    lanes = planes.contiguous().view(torch.int16).view(n, -1, 32).to(torch.int32) & 0xFFFF
+    return torch.stack([(lanes >> (4 * t)) & 15 for t in range(4)], dim=2).to(torch.uint8).view(n, -1)
+
+
+def native_kernels(device: torch.device, dtype: torch.dtype, in_features: int, group_size: int) -> Any:
+    """phi4flash's own CPU kernels when they take this layer (bfloat16 activations, widths in blocks of 128,
+    an int4 group of 32, 64 or a multiple of 128), else None."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or in_features % 128:
+        return None
+    if group_size and group_size not in (32, 64) and group_size % 128:
+        return None
+    from . import native
+
+    return native.load()
+
+
+@torch.no_grad()
 def pack(tensors: dict[str, torch.Tensor], bits: int, group_size: int, out_features: int, in_features: int, *,
          device: torch.device, dtype: torch.dtype) -> PackedWeight:
     """Portable tensors of one layer -> the :class:`PackedWeight` that runs on ``device``."""
     check_support(device, dtype, bits)
+    ops = native_kernels(device, dtype, in_features, group_size)
+    if ops is not None:
+        if bits == 8:
+            return NativeInt8Weight(tensors, out_features, in_features, ops)
+        return NativeInt4Weight(tensors, out_features, in_features, group_size, ops)
     if bits == 8:
         return Int8Weight(tensors, out_features, in_features, device, dtype)
     if device.type == "cpu":

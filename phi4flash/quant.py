@@ -142,6 +142,7 @@ class QuantSpec:
 # -- quantize / dequantize (portable format) ---------------------------------------------------------------------
 
 
+@torch.no_grad()
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float weight -> q int8 (N, K), scales (N,) bfloat16, with w ~ q * s.
 
@@ -154,6 +155,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+@torch.no_grad()
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) float weight -> packed uint8 (N, K/2), scales and zeros (N, K/g) bfloat16.
 
@@ -181,6 +183,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
 
 
+@torch.no_grad()
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Portable quantized tensors -> the (N, K) weight they stand for (the reference for every kernel)."""
@@ -193,6 +196,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
     return ((q - 8) * scales.float()[..., None] + zeros.float()[..., None]).view(n, k).to(dtype)
 
 
+@torch.no_grad()
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
     """One (N, K) weight -> its portable tensors {"qweight", "scales"[, "zeros"]}, ``_ROWS_PER_CHUNK`` rows
     at a time so that the float32 working copy stays small (the 200064-row embedding included)."""
