@@ -624,27 +624,20 @@ def _stream_deltas(tools_mod: Any, items: list[Any]) -> Iterator[dict[str, Any]]
             yield {"content": tools_mod.TOOL_CALL_OPEN + item.text}
 
 
-def _constrain(engine: Engine, req: ChatRequest, forced: list[dict[str, Any]] | None, room: int) -> None:
+def _constrain(engine: Engine, req: ChatRequest, forced: list[dict[str, Any]] | None) -> None:
     """Make the generation follow a forced tool call or the response_format schema (constrained decoding)."""
     param = "tool_choice" if forced else "response_format"
     tokenizer = getattr(engine, "tokenizer", None)
     if tokenizer is None:
         raise APIError(400, f"This server's engine cannot constrain its output, so '{param}' must be left out.",
                        param=param, code="unsupported_parameter")
-    from phi4flash import constrained  # noqa: PLC0415  (only requests that need it pay for the import)
+    from phi4flash.constrained import constraint_for  # noqa: PLC0415  (only requests that need it pay for it)
 
     try:
-        processor, max_new = constrained.constrained_processor(
-            tokenizer, tools=forced, schema=None if forced else req.response_schema,
-            max_new_tokens=req.config.max_new_tokens)
+        req.config.constraint = constraint_for(tokenizer, tools=forced, schema=None if forced else req.response_schema,
+                                               max_new_tokens=req.config.max_new_tokens)
     except ValueError as exc:
         raise APIError(400, str(exc), param=param, code="invalid_value") from None
-    if max_new > room:
-        raise APIError(400, f"'{param}' needs room for {max_new} new tokens, but the prompt leaves {room} of this "
-                            f"model's {engine.context_length}-token context; shorten the messages.",
-                       param="messages", code="context_length_exceeded")
-    req.config.max_new_tokens = max_new
-    req.config.logits_processor = processor
 
 
 def _sse(data: dict[str, Any] | str) -> str:
@@ -832,7 +825,7 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
             if not req.max_tokens_given:
                 req.config.max_new_tokens = max(1, min(state.default_max_tokens, room))
             if forced or req.response_schema is not None:
-                _constrain(engine, req, forced, room)
+                _constrain(engine, req, forced)
             job = _Job(state, engine, req, slot, started)
         except BaseException:
             slot.release()
