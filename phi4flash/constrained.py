@@ -38,9 +38,12 @@ logger = logging.getLogger(__name__)
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<|tool_call|>", "<|/tool_call|>"
 # Compact JSON as json.dumps writes it (and the model saw in training): no free whitespace to ramble in.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# Bytes that end a JSON document soonest, best first: close a string, an object, an array; separate; the
-# shortest scalars. The shortest completion is found greedily over single-byte tokens in this order.
-_CLOSING_BYTES = b'"}],0nft[{'
+# Bytes that end a JSON document soonest, best first: close an object, an array; the shortest scalars; open
+# a string; separate. The shortest completion is found greedily over single-byte tokens in this order.
+_CLOSING_BYTES = b'}]0"nft,[{'
+_FREE_TEXT = 32  # at least this many bytes allowed: inside free text (a string), where only '"' ends anything
+# Within this many tokens of the budget's end, each sampled token must leave the document completable in time.
+_BUDGET_MARGIN = 24
 
 _LOCK = threading.Lock()
 _VOCABS: weakref.WeakKeyDictionary[ChatTokenizer, _Vocabulary] = weakref.WeakKeyDictionary()
@@ -154,7 +157,7 @@ class Constraint:
         self.stop_ids = sorted(tokenizer.stop_token_ids)
         self.vocab_size = tokenizer.vocab_size
         self._seen = 0
-        plan = self._shortest_completion(limit=1024)
+        plan = self._shortest_completion(self.matcher, limit=1024)
         self._closing_cost = len(plan) if plan is not None else 0  # tokens the shortest document needs
 
     def follow(self, generated_ids: Sequence[int]) -> None:
@@ -163,49 +166,72 @@ class Constraint:
             self.reasoning.feed(int(token_id))
             if not self.matcher.is_error() and not self.matcher.consume_token(int(token_id)):
                 logger.warning("a token outside the grammar was sampled (%s); ending the generation",
-                               self.matcher.get_error())
+                               self.matcher.get_error().splitlines()[0])
         self._seen = len(generated_ids)
 
-    def forced(self) -> int | None:
-        """The one token allowed next when the reasoning cap or the budget decides it, else None."""
+    def narrowed(self, logits: torch.Tensor, allowed: np.ndarray) -> list[int] | None:
+        """The only tokens allowed next when more than the grammar decides, else None (the grammar's mask).
+
+        The reasoning cap forces ``</think>``; text the grammar forces comes in its canonical tokens; near the
+        end of the budget only the likeliest tokens after which the document can still be completed in time
+        are kept (and failing those, the shortest completion is forced).
+
+        Args:
+            logits: the row's logits ([vocab]).
+            allowed: the grammar's mask of the row ([vocab] bool).
+        """
         left = None if self.max_new_tokens is None else self.max_new_tokens - self._seen
         token = self.reasoning.forced(left, reserve=self._closing_cost + 1)
         if token is not None or self.reasoning.thinking or (self.reasoning.thinking is None and self._seen):
-            return token  # (undecided: the head may be a partial "<think>")
-        forced_text = self.matcher.compute_ff_tokens()  # text the grammar forces, in its canonical tokens
-        if left is None or left > max(32, 2 * self._closing_cost + 16):
-            return forced_text[0] if forced_text else None
-        plan = self._shortest_completion(limit=left)
-        if plan is not None:
-            self._closing_cost = len(plan)
-            if left <= len(plan) + 1:  # + the stop token
-                return plan[0] if plan else self.stop_ids[0]
-        return forced_text[0] if forced_text else None
+            return None if token is None else [token]  # (undecided: the head may be a partial "<think>")
+        forced_text = self.matcher.compute_ff_tokens()
+        if forced_text or left is None or left > 2 * self._closing_cost + _BUDGET_MARGIN:
+            return forced_text[:1] or None
+        plan = self._shortest_completion(self.matcher, limit=left - 1)
+        if plan is None:
+            return None  # the document cannot be completed in time whatever comes: it stops at "length"
+        self._closing_cost = len(plan)
+        if left > len(plan) + 1 + _BUDGET_MARGIN:  # (+ 1: the stop token)
+            return None
+        fits = []
+        likeliest = torch.argsort(logits.masked_fill(~torch.from_numpy(allowed[:len(logits)]), float("-inf")),
+                                  descending=True)[:8].tolist()
+        for token in (t for t in likeliest if allowed[t]):
+            after = self.matcher.deep_copy()
+            if token in self.stop_ids or (after.consume_token(token) and self._shortest_completion(
+                    after, limit=left - 2) is not None):
+                fits.append(token)
+        return fits or (plan[:1] or self.stop_ids[:1])
 
-    def _shortest_completion(self, limit: int) -> list[int] | None:
-        """Tokens that complete the document soon (greedy over single-byte tokens, forced text as tokens), or
-        None when none is found within ``limit`` tokens."""
-        matcher, plan = self.matcher.deep_copy(), []
+    def _shortest_completion(self, matcher: llguidance.LLMatcher, limit: int) -> list[int] | None:
+        """Tokens that complete the document from ``matcher``'s state soon, or None when none is found within
+        ``limit`` tokens: forced text in its canonical tokens, else a greedy step (:meth:`_closing_step`)."""
+        matcher, plan = matcher.deep_copy(), []
         while len(plan) <= limit and not matcher.is_error():
             if matcher.is_accepting():
                 return plan
-            step = matcher.compute_ff_tokens() or self._closing_token(matcher)
+            step = matcher.compute_ff_tokens() or self._closing_step(matcher)
             if not step:
                 return None
             matcher.consume_tokens(step)
             plan += step
         return None
 
-    def _closing_token(self, matcher: llguidance.LLMatcher) -> list[int]:
-        single = self.vocab.single
-        for byte in _CLOSING_BYTES:
-            if byte in single and matcher.validate_tokens([single[byte]]):
-                return [single[byte]]
+    def _closing_step(self, matcher: llguidance.LLMatcher) -> list[int]:
+        """One greedy step towards the end: a grammar token if one is allowed (``<|/tool_call|>``); inside free
+        text the closing quote, else ``@`` or ``.`` (what e-mail addresses and host names need), else the smallest
+        allowed byte; elsewhere the byte that ends soonest (close an object or array, the shortest scalars), else
+        the smallest allowed one. Whitespace comes last and ``<`` never (it opens the reasoning). Being greedy, it
+        can miss a completion that a pattern only allows by a detour; such a document ends at the budget."""
         allowed = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
         special = [i for i in self.vocab.special_token_ids if i < len(allowed) and allowed[i]]
-        # Whitespace last (it ends nothing), "<" never (it opens the reasoning).
-        plain = sorted((byte in b" \t\r\n", i) for byte, i in single.items() if allowed[i] and byte != ord("<"))
-        return special[:1] or [i for _, i in plain[:1]]
+        options = sorted((chr(b).isspace(), b) for b, i in self.vocab.single.items() if allowed[i] and b != ord("<"))
+        if special or not options:
+            return special[:1]
+        allowed_bytes = {b for _, b in options}
+        preferred = b'"@.' if len(options) >= _FREE_TEXT else _CLOSING_BYTES
+        byte = next((b for b in preferred if b in allowed_bytes), options[0][1])
+        return [self.vocab.single[byte]]
 
 
 def _executor() -> llguidance.LLExecutor:
@@ -237,10 +263,11 @@ def mask_logits(logits: torch.Tensor, constraints: Sequence[Constraint],
         _executor().unsafe_compute_mask_ptr(live, bitmask.ctypes.data, bitmask.shape[1] * 4, len(constraints))
     allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :width].astype(bool)
     for row, constraint in enumerate(constraints):
-        forced = None if constraint.matcher.is_error() else constraint.forced()
-        if forced is not None or constraint.matcher.is_error():
-            allowed[row] = False  # the one forced token, or (after an error) the end
-            allowed[row, forced if forced is not None else constraint.stop_ids] = True
+        only = constraint.stop_ids if constraint.matcher.is_error() else constraint.narrowed(logits[row],
+                                                                                            allowed[row])
+        if only is not None:
+            allowed[row] = False
+            allowed[row, only] = True
     mask = torch.zeros(logits.shape, dtype=torch.bool)
     columns = min(width, logits.shape[-1])
     mask[:, :columns] = torch.from_numpy(allowed[:, :columns])
