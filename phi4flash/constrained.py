@@ -67,6 +67,10 @@ class _Vocabulary:
         self.bos_token_id = None
         self._encode = tokenizer.backend.encode
         self.single = {d[0]: i for i, d in enumerate(data) if d is not None and len(d) == 1}
+        # The single-byte tokens in the order a shortest completion tries them: whitespace last, "<" never.
+        ranked = sorted((chr(b).isspace(), b) for b in self.single if b != ord("<"))
+        self.ranked_bytes = np.array([b for _, b in ranked], dtype=np.uint8)
+        self.ranked_ids = np.array([self.single[b] for _, b in ranked], dtype=np.int64)
         self.ll = llguidance.LLTokenizer(self, eos_token=sorted(tokenizer.stop_token_ids))
 
     def __call__(self, text: str) -> list[int]:
@@ -225,13 +229,12 @@ class Constraint:
         can miss a completion that a pattern only allows by a detour; such a document ends at the budget."""
         allowed = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
         special = [i for i in self.vocab.special_token_ids if i < len(allowed) and allowed[i]]
-        options = sorted((chr(b).isspace(), b) for b, i in self.vocab.single.items() if allowed[i] and b != ord("<"))
+        vocab = self.vocab
+        options = vocab.ranked_bytes[allowed[vocab.ranked_ids].astype(bool)].tobytes()
         if special or not options:
             return special[:1]
-        allowed_bytes = {b for _, b in options}
         preferred = b'"@.' if len(options) >= _FREE_TEXT else _CLOSING_BYTES
-        byte = next((b for b in preferred if b in allowed_bytes), options[0][1])
-        return [self.vocab.single[byte]]
+        return [vocab.single[next((b for b in preferred if b in options), options[0])]]
 
 
 def _executor() -> llguidance.LLExecutor:
