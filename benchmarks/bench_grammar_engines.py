@@ -11,6 +11,12 @@ structured-output schemas, a nested schema with ``$ref``/``anyOf``/arrays of obj
 - mask p50/p95: milliseconds to compute the allowed-token bitmask at each token while a valid document
   (written below for each schema, tokenised with that tokenizer) is generated token by token.
 
+Then the whole per-token cost of phi4flash's adapter on llguidance (``phi4flash.constrained.mask_logits``:
+the bitmask, the budget logic, and masking a [1, vocab] float32 logits row) over a realistic output (a
+reasoning block, then the document), next to one decode step of the embedded model and an estimate of one
+decode step of the real model (``--real-step``: its real width with 8 of its 32 layers, random bfloat16
+weights, scaled to 32 layers; needs ~3 GB).
+
 Every engine is given the same vocabulary (token bytes, stop ids, special tokens never allowed) and the same
 compact JSON layout (``", "`` and ``": "`` separators). Rounds interleave the engines; the table shows the best
 round and the spread (max/min) over rounds. xgrammar and outlines-core are optional here: install them
@@ -30,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from phi4flash import ChatTokenizer
-from phi4flash.constrained import token_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -85,6 +90,12 @@ def _schemas() -> dict[str, tuple[dict[str, Any], Any]]:
     }
 
 
+def _padded_bytes(tokenizer: ChatTokenizer, vocab_size: int) -> list[bytes | None]:
+    """Each id's text bytes up to the logits' width (None: never text)."""
+    data = tokenizer.token_bytes()
+    return data + [None] * (vocab_size - len(data))
+
+
 class LLGuidance:
     name = "llguidance"
 
@@ -94,9 +105,9 @@ class LLGuidance:
 
         self.llg = llguidance
         self.fill = llguidance.numpy.fill_next_token_bitmask
-        from phi4flash.constrained import _ll_tokenizer  # the adapter's own tokenizer bridge
+        from phi4flash.constrained import _vocabulary  # the adapter's own tokenizer bridge
 
-        self.tokenizer = _ll_tokenizer(tokenizer)
+        self.tokenizer = _vocabulary(tokenizer).ll
         self.mask = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)
 
     def compile(self, schema: dict[str, Any]) -> Any:
@@ -123,7 +134,7 @@ class XGrammar:
         import xgrammar
 
         self.xgr = xgrammar
-        vocab = [data if data is not None else b"" for data in token_bytes(tokenizer, vocab_size)]
+        vocab = [data if data is not None else b"" for data in _padded_bytes(tokenizer, vocab_size)]
         self.info = xgrammar.TokenizerInfo(vocab, xgrammar.VocabType.RAW, vocab_size=vocab_size,
                                            stop_token_ids=sorted(tokenizer.stop_token_ids))
         self.mask = xgrammar.allocate_token_bitmask(1, vocab_size)
@@ -154,7 +165,7 @@ class OutlinesCore:
         self.regex_of = build_regex_from_schema
         stops = sorted(tokenizer.stop_token_ids)
         groups: dict[bytes, list[int]] = {}
-        for i, data in enumerate(token_bytes(tokenizer, vocab_size)):
+        for i, data in enumerate(_padded_bytes(tokenizer, vocab_size)):
             if data and i not in stops:
                 groups.setdefault(data, []).append(i)
         self.vocabulary = outlines_core.Vocabulary(stops[0], groups)
@@ -191,10 +202,80 @@ def measure(engine: Any, schema: dict[str, Any], tokens: list[int]) -> tuple[flo
     return compile_s, times
 
 
+REASONING = "<think>The user wants a record. I will fill each field with a short, plausible value.</think>"
+
+
+def adapter_cost(tokenizer: ChatTokenizer, vocab_size: int, schema: dict[str, Any], document: Any,
+                 rounds: int) -> tuple[float, float, int]:
+    """(p50 ms, p95 ms, tokens) of mask_logits per token over a reasoning block and the document."""
+    import torch
+
+    from phi4flash.constrained import constraint_for, mask_logits
+
+    ids = tokenizer.encode(REASONING) + tokenizer.encode(json.dumps(document))
+    best: list[float] | None = None
+    for _ in range(rounds):
+        constraint = constraint_for(tokenizer, schema=schema, max_new_tokens=len(ids) + 64)
+        logits = torch.randn(1, vocab_size)
+        times = []
+        for n in range(len(ids)):
+            start = time.perf_counter()
+            masked = mask_logits(logits, [constraint], [ids[:n]])
+            times.append(time.perf_counter() - start)
+            if masked[0, ids[n]] == float("-inf"):
+                raise AssertionError(f"the adapter rejected token {n} of a valid output")
+        if best is None or sorted(times)[int(0.95 * (len(times) - 1))] < sorted(best)[int(0.95 * (len(best) - 1))]:
+            best = times
+    assert best is not None
+    ordered = sorted(best)
+    return statistics.median(best) * 1e3, ordered[int(round(0.95 * (len(ordered) - 1)))] * 1e3, len(ids)
+
+
+def decode_step_ms(real: bool, repeats: int = 5) -> float:
+    """One decode step (batch 1) of the embedded model, or the real model's estimated from 8 of its layers."""
+    import torch
+
+    import phi4flash
+    from phi4flash import Phi4FlashConfig, Phi4FlashForCausalLM
+
+    if real:
+        config = Phi4FlashConfig.from_json(ROOT / "tests" / "data" / "checkpoint" / "config.json")
+        config = Phi4FlashConfig(**{**{k: getattr(config, k) for k in config.__dataclass_fields__
+                                       if k != "layer_kinds"}, "num_hidden_layers": 8})
+        with torch.device("meta"):
+            model = Phi4FlashForCausalLM(config)
+        model = model.to_empty(device="cpu").to_dtype(torch.bfloat16)
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.init_weights()
+    else:
+        model = phi4flash.load("embedded").model
+    model.eval()
+    cache = model.new_cache(1, 64)
+    token = torch.tensor([1])
+    times = []
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache, logits_to_keep=1)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.step(token, cache)
+            times.append(time.perf_counter() - start)
+        if not real:
+            return min(times) * 1e3
+        head_times = []
+        hidden = torch.randn(1, config.hidden_size, dtype=torch.bfloat16)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.lm_head(hidden)
+            head_times.append(time.perf_counter() - start)
+    step, head = min(times) * 1e3, min(head_times) * 1e3
+    return head + (step - head) * 32 / 8
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engines", default="llguidance,xgrammar,outlines-core")
+    parser.add_argument("--real-step", action="store_true", help="also estimate a real-model decode step")
     args = parser.parse_args()
     import jsonschema
 
@@ -234,6 +315,18 @@ def main() -> None:
                 spread = max(r[2] for r in rounds) / best[2] if best[2] == best[2] and best[2] > 0 else float("nan")
                 print(f"| {label} | {schema_name} | {name} | {best[0] * 1e3:.1f} | {best[1] * 1e3:.3f} | "
                       f"{best[2] * 1e3:.3f} | {len(tokens)} | {spread:.2f}x |")
+    print("\n| tokenizer | schema | phi4flash adapter: mask_logits p50 ms | p95 ms | tokens (reasoning + document) |")
+    print("|---|---|---:|---:|---:|")
+    for label, (folder, vocab_size) in tokenizers.items():
+        tokenizer = ChatTokenizer.from_pretrained(folder)
+        for schema_name, (schema, document) in schemas.items():
+            p50, p95, count = adapter_cost(tokenizer, vocab_size or tokenizer.vocab_size, schema, document,
+                                           args.rounds)
+            print(f"| {label} | {schema_name} | {p50:.3f} | {p95:.3f} | {count} |")
+    print(f"\nOne decode step (batch 1, this CPU): embedded model {decode_step_ms(False):.2f} ms", end="")
+    if args.real_step:
+        print(f"; real model (estimated from 8 of its 32 layers, bfloat16) {decode_step_ms(True):.0f} ms", end="")
+    print()
 
 
 if __name__ == "__main__":

@@ -271,10 +271,10 @@ def mask_logits(logits: torch.Tensor, constraints: Sequence[Constraint],
         if only is not None:
             allowed[row] = False
             allowed[row, only] = True
-    mask = torch.zeros(logits.shape, dtype=torch.bool)
-    columns = min(width, logits.shape[-1])
-    mask[:, :columns] = torch.from_numpy(allowed[:, :columns])
-    return logits.masked_fill(~mask.to(logits.device), float("-inf"))
+    if logits.shape[-1] > width:  # ids past the tokenizer's (the model's padding) are never allowed
+        allowed = np.pad(allowed, ((0, 0), (0, logits.shape[-1] - width)))
+    mask = torch.from_numpy(allowed[:, :logits.shape[-1]]).to(logits.device)
+    return torch.where(mask, logits, float("-inf"))
 
 
 def constraint_for(tokenizer: ChatTokenizer, *, tools: Sequence[Mapping[str, Any]] | None = None,
