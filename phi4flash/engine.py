@@ -26,6 +26,7 @@ import torch
 
 from .cache import Phi4FlashCache
 from .config import Phi4FlashConfig
+from .constrained import mask_logits
 from .metrics import LatencyMetrics, MetricsRecorder
 from .model import Phi4FlashForCausalLM
 from .protocol import (
@@ -229,9 +230,15 @@ class LocalEngine:
         return collect(self.stream(messages, config, cancel=cancel))
 
     def generate_batch(self, conversations: Sequence[Sequence[Message]],
-                       config: GenerationConfig | None = None) -> list[Completion]:
-        """Generate for several conversations at once (they share decode steps); results in order."""
-        streams = [self.stream(messages, config) for messages in conversations]
+                       config: GenerationConfig | Sequence[GenerationConfig] | None = None) -> list[Completion]:
+        """Generate for several conversations at once (they share decode steps); results in order.
+
+        ``config`` is one config for all, or one per conversation (a constraint follows one generation).
+        """
+        configs = list(config) if isinstance(config, Sequence) else [config] * len(conversations)
+        if len(configs) != len(conversations):
+            raise ValueError(f"{len(configs)} configs for {len(conversations)} conversations: give one or one each")
+        streams = [self.stream(messages, c) for messages, c in zip(conversations, configs, strict=True)]
         results: list[Completion | None] = [None] * len(streams)
         threads = [threading.Thread(target=lambda i=i, s=s: results.__setitem__(i, collect(s)))
                    for i, s in enumerate(streams)]
@@ -340,7 +347,7 @@ class LocalEngine:
                             logits_to_keep=1)[:, -1]
         self._sync()
         request.recorder.prefill_done()
-        self._emit_token(request, logits[0])
+        self._emit_token(request, self._constrain([request], logits)[0])
 
     def _restore(self, row: int, prompt: list[int]) -> int:
         """Load the longest kept state whose tokens are a proper prefix of ``prompt``; return its length."""
@@ -378,11 +385,22 @@ class LocalEngine:
         ids = torch.tensor([r.next_token for r in self._running], device=self.torch_device)
         logits = self.model.step(ids, self._cache, rows=None if rows == list(range(self.max_batch)) else rows)
         self._sync()
+        logits = self._constrain(self._running, logits)
         for request, row_logits in zip(list(self._running), logits, strict=True):
             try:
                 self._emit_token(request, row_logits)
             except Exception as err:  # noqa: BLE001 - e.g. a failing logits_processor ends only its request
                 self._fail(request, err)
+
+    def _constrain(self, requests: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+        """Mask the rows of ``logits`` whose request has a grammar, all in one pass."""
+        rows = [i for i, r in enumerate(requests) if r.config.constraint is not None]
+        if not rows:
+            return logits
+        index = torch.tensor(rows, device=logits.device)
+        masked = mask_logits(logits.index_select(0, index).float(), [requests[i].config.constraint for i in rows],
+                             [requests[i].generated for i in rows])
+        return logits.float().index_copy(0, index, masked)
 
     def _emit_token(self, request: _Request, logits: torch.Tensor) -> None:
         """Sample the next token of ``request`` from its (V,) logits and stream what it completes."""

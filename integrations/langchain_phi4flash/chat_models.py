@@ -324,16 +324,17 @@ class ChatPhi4Flash(BaseChatModel):
 
     # -- generation ------------------------------------------------------------------------------------
 
-    def _config(self, stop: list[str] | None, max_tokens: int, processor: Any) -> GenerationConfig:
+    def _config(self, stop: list[str] | None, max_tokens: int, processor: Any, constraint: Any) -> GenerationConfig:
         stops = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
         return GenerationConfig(max_new_tokens=max_tokens, temperature=float(self.temperature), top_p=self.top_p,
                                 top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                                seed=self.seed, stop=stops, logits_processor=processor)
+                                seed=self.seed, stop=stops, logits_processor=processor, constraint=constraint)
 
     def _plan(self, messages: list[BaseMessage], stop: list[str] | None,
               kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], GenerationConfig, bool, bool]:
         """Prompt, generation config, whether tool calls are parsed, whether a call is forced."""
-        from phi4flash import constrained
+        from phi4flash.constrained import constraint_for
+        from phi4flash.reasoning import AnswerGuard
 
         tools = list(kwargs.get("tools") or [])
         tool_choice = kwargs.get("tool_choice")
@@ -346,17 +347,16 @@ class ChatPhi4Flash(BaseChatModel):
         prompt = phi_tools.attach_tools(to_engine_messages(messages), tools_for_prompt)
         max_tokens = int(kwargs.get("max_tokens") or self.max_tokens)
         processor: Any = None
+        constraint: Any = None
         engine = self.get_engine()
         tokenizer = getattr(engine, "tokenizer", None)
         if (forced or schema is not None) and tokenizer is not None:
-            processor, max_tokens = constrained.constrained_processor(
-                tokenizer, tools=forced, schema=schema, max_new_tokens=max_tokens,
-                max_reasoning_tokens=self.reasoning_budget)
+            constraint = constraint_for(tokenizer, tools=forced, schema=schema, max_new_tokens=max_tokens,
+                                        max_reasoning_tokens=self.reasoning_budget)
         elif tokenizer is not None and (self.require_answer or self.reasoning_budget is not None):
-            processor = constrained.AnswerGuard(tokenizer, max_new_tokens=max_tokens,
-                                                max_reasoning_tokens=self.reasoning_budget,
-                                                require_answer=self.require_answer)
-        config = self._config(stop, max_tokens, processor)
+            processor = AnswerGuard(tokenizer, max_new_tokens=max_tokens, max_reasoning_tokens=self.reasoning_budget,
+                                    require_answer=self.require_answer)
+        config = self._config(stop, max_tokens, processor, constraint)
         return prompt, config, bool(tools_for_prompt), bool(forced)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
