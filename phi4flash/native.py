@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +38,16 @@ def _cpu_signature() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def _put_ninja_on_path() -> None:
+    # cpp_extension runs `ninja` from PATH; the ninja wheel's binary is not there when the venv is not activated.
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # type: ignore[import-untyped]
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def disabled() -> bool:
     """Whether the user turned the native kernels off (``PHI4FLASH_NATIVE=0``)."""
     return os.environ.get("PHI4FLASH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
@@ -51,6 +62,7 @@ def load() -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
+        _put_ninja_on_path()
         start = time.perf_counter()
         module = cpp_extension.load(
             name=f"phi4flash_cpu_{_cpu_signature()}", sources=[str(s) for s in SOURCES],

@@ -132,10 +132,14 @@ class Int8Weight(PackedWeight):
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
+        out = torch.empty(self.qweight.shape, dtype=dtype, device=self.device)
+        for i in range(0, self.out_features, _PACK_ROWS):  # in float32, rounded once, in bounded pieces
+            piece = slice(i, i + _PACK_ROWS)
+            out[piece] = self.qweight[piece].float() * self.scales[piece].float()[:, None]
+        return out
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        return self.qweight[index].to(self.dtype) * self.scales[index][..., None]
+        return (self.qweight[index].float() * self.scales[index].float()[..., None]).to(self.dtype)
 
     def portable(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight.cpu(), "scales": self.scales.cpu().to(torch.bfloat16)}
@@ -332,10 +336,16 @@ def pack(tensors: dict[str, torch.Tensor], bits: int, group_size: int, out_featu
 
 def _affine(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
             dtype: torch.dtype) -> torch.Tensor:
-    """(R, K) int4 values, (R, K/g) scales and zeros -> (q - 8) * s + z, (R, K) in ``dtype``."""
+    """(R, K) int4 values, (R, K/g) scales and zeros -> (q - 8) * s + z, (R, K) in ``dtype``.
+
+    Computed in float32 and rounded once, ``_PACK_ROWS`` rows at a time (a bounded float32 temporary)."""
     rows, k = values.shape
-    q = values.view(rows, k // group_size, group_size).to(dtype) - 8
-    return (q * scale.to(dtype)[..., None] + zero.to(dtype)[..., None]).view(rows, k)
+    out = torch.empty(rows, k, dtype=dtype, device=values.device)
+    for i in range(0, rows, _PACK_ROWS):
+        q = values[i:i + _PACK_ROWS].view(-1, k // group_size, group_size).float() - 8
+        part = q * scale[i:i + _PACK_ROWS].float()[..., None] + zero[i:i + _PACK_ROWS].float()[..., None]
+        out[i:i + _PACK_ROWS] = part.view(-1, k)
+    return out
 
 
 # -- PyTorch's CPU int4 layout --------------------------------------------------------------------------------------
