@@ -20,11 +20,19 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / "quant_cpu.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "quant_cpu.cpp", "scan_cpu.cpp")]
+
+
+def build_name() -> str:
+    """The extension's name: a digest of this CPU's model and flags (the build is tuned to it, so a cache shared
+    between machines must tell them apart) and of the sources (two versions of phi4flash never share a build)."""
+    digest = hashlib.sha1(_cpu_signature().encode())
+    for source in sorted(Path(__file__).parent.joinpath("csrc").iterdir()):
+        digest.update(source.name.encode() + source.read_bytes())
+    return f"phi4flash_cpu_{digest.hexdigest()[:12]}"
 
 
 def _cpu_signature() -> str:
-    """Model and flags of this CPU: the build is tuned to it, so a cache shared between machines differs."""
     text = platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -35,7 +43,7 @@ def _cpu_signature() -> str:
                     break
     except OSError:
         pass
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
+    return text
 
 
 def _put_ninja_on_path() -> None:
@@ -65,7 +73,7 @@ def load() -> ModuleType | None:
         _put_ninja_on_path()
         start = time.perf_counter()
         module = cpp_extension.load(
-            name=f"phi4flash_cpu_{_cpu_signature()}", sources=[str(s) for s in SOURCES],
+            name=build_name(), sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back, say why
         reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__

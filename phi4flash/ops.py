@@ -330,13 +330,33 @@ def causal_conv1d_step_auto(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return kernel(x, state, weight[:, 0, :].to(x.dtype), None if bias is None else bias.to(x.dtype), "silu")
 
 
+def native_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: torch.Tensor | None, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`selective_scan` through phi4flash's C++ kernel (:mod:`phi4flash.native`) on the CPU in float32,
+    or None where it does not apply (another device, float64, or no compiled kernels)."""
+    if u.device.type != "cpu" or acc_dtype(u.dtype) != torch.float32:
+        return None
+    from . import native
+
+    kernels = native.load()
+    if kernels is None:
+        return None
+    f32 = torch.float32
+    y, last = kernels.selective_scan(
+        u.to(f32).transpose(1, 2).contiguous(), delta.to(f32).transpose(1, 2).contiguous(), A.to(f32).contiguous(),
+        B.to(f32).transpose(1, 2).contiguous(), C.to(f32).transpose(1, 2).contiguous(),
+        None if D is None else D.to(f32).contiguous(), None if state is None else state.to(f32).contiguous())
+    return y.transpose(1, 2), last  # (B, E, T) as a view of the kernel's (B, T, E)
+
+
 def selective_scan_auto(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                         D: torch.Tensor | None, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`selective_scan`, through mamba-ssm's kernel for a fresh sequence on CUDA when installed
-    (the kernel cannot start from a state; delta arrives with softplus applied, so none is asked of it)."""
+    """:func:`selective_scan`, through the fastest kernel that takes it: mamba-ssm's for a fresh sequence on
+    CUDA when installed (it cannot start from a state; delta arrives with softplus applied, so none is asked
+    of it), phi4flash's C++ scan on the CPU, else the chunked PyTorch scan."""
     kernel = _kernel("selective_scan_fn", u)
     if kernel is None or state is not None:
-        return selective_scan(u, delta, A, B, C, D, state)
+        return native_scan(u, delta, A, B, C, D, state) or selective_scan(u, delta, A, B, C, D, state)
     f32 = torch.float32
     y, last = kernel(u.to(f32).contiguous(), delta.to(f32).contiguous(), A.to(f32).contiguous(),
                      B.to(f32).contiguous(), C.to(f32).contiguous(), None if D is None else D.to(f32),
@@ -346,10 +366,15 @@ def selective_scan_auto(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
 
 def selective_scan_step_auto(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                              C: torch.Tensor, D: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
-    """:func:`selective_scan_step`, through mamba-ssm's state-update kernel on CUDA when installed."""
+    """:func:`selective_scan_step`, through mamba-ssm's state-update kernel on CUDA when installed, or
+    phi4flash's C++ scan (one token) on the CPU."""
     kernel = _kernel("selective_state_update", u)
     if kernel is None or state.dtype != torch.float32:
-        return selective_scan_step(u, delta, A, B, C, D, state)
+        scanned = native_scan(u[..., None], delta[..., None], A, B[..., None], C[..., None], D, state)
+        if scanned is None or state.dtype != torch.float32:
+            return selective_scan_step(u, delta, A, B, C, D, state)
+        state.copy_(scanned[1])
+        return scanned[0][..., 0]
     f32 = torch.float32
     return kernel(state, u.to(f32), delta.to(f32), A.to(f32), B.to(f32), C.to(f32),
                   None if D is None else D.to(f32))

@@ -15,7 +15,8 @@
 //   int8, per row:    sum(w x) = s (16 D_high + D_low - 2304 X)   (16 D_high as D_high against 16 x)
 // Every product is exact in float32. Without AVX512-BF16 the same arithmetic runs as plain C++ loops.
 
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -32,6 +33,7 @@
 #define PHI4FLASH_BF16_DOT 1
 #endif
 
+namespace phi4flash {
 namespace {
 
 constexpr int64_t kBlock = 128;       // inputs per block
@@ -246,7 +248,57 @@ void for_tiles(int64_t M, int64_t N, Tile4x1 t41, Tile1x4 t14, Tile1x1 t11) {
   });
 }
 
-void check_x(const at::Tensor& x) {
+#if PHI4FLASH_BF16_DOT
+// Rows [n0, n0 + RT) of a bfloat16 weight against activation rows [m0, m0 + MT): plain dot products, one
+// accumulator per (row, activation row, segment position) as in the quantized tiles.
+template <int RT, int MT>
+inline void bf16_tile(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t n0, int64_t m0,
+                      int64_t N, int64_t K) {
+  __m512 acc[RT][MT][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m512bh xs[MT];
+#pragma GCC unroll 16
+      for (int m = 0; m < MT; ++m) xs[m] = (__m512bh)_mm512_loadu_si512(x + (m0 + m) * K + k + 32 * h);
+#pragma GCC unroll 16
+      for (int r = 0; r < RT; ++r) {
+        const __m512bh ws = (__m512bh)_mm512_loadu_si512(w + (n0 + r) * K + k + 32 * h);
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; ++m) acc[r][m][h] = _mm512_dpbf16_ps(acc[r][m][h], ws, xs[m]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      float out = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+      for (int64_t j = k; j < K; ++j) out += to_float(w[(n0 + r) * K + j]) * to_float(x[(m0 + m) * K + j]);
+      y[(m0 + m) * N + n0 + r] = at::BFloat16(out);
+    }
+}
+#else
+template <int RT, int MT>
+inline void bf16_tile(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t n0, int64_t m0,
+                      int64_t N, int64_t K) {
+  for (int r = 0; r < RT; ++r)
+    for (int m = 0; m < MT; ++m) {
+      float out = 0.f;
+      for (int64_t j = 0; j < K; ++j) out += to_float(w[(n0 + r) * K + j]) * to_float(x[(m0 + m) * K + j]);
+      y[(m0 + m) * N + n0 + r] = at::BFloat16(out);
+    }
+}
+#endif
+
+}  // namespace
+
+static void check_x(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: contiguous (M, K) bfloat16");
   TORCH_CHECK(x.size(1) % kBlock == 0, "K must be a multiple of 128");
 }
@@ -308,6 +360,23 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       M, N, [&](int64_t n, int64_t m) { int8_tile<4, 1>(xp, x16, wp, sp, xs, yp, n, m, N, K); },
       [&](int64_t n, int64_t m) { int8_tile<1, 4>(xp, x16, wp, sp, xs, yp, n, m, N, K); },
       [&](int64_t n, int64_t m) { int8_tile<1, 1>(xp, x16, wp, sp, xs, yp, n, m, N, K); });
+  return y;
+}
+
+// x (M, K) @ w^T for a bfloat16 weight (N, K): the matrix-vector product of decode, streaming w once.
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: contiguous (M, K) bfloat16");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1),
+              "w: contiguous (N, K) bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  const auto* wp = w.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  for_tiles(
+      M, N, [&](int64_t n, int64_t m) { bf16_tile<4, 1>(xp, wp, yp, n, m, N, K); },
+      [&](int64_t n, int64_t m) { bf16_tile<1, 4>(xp, wp, yp, n, m, N, K); },
+      [&](int64_t n, int64_t m) { bf16_tile<1, 1>(xp, wp, yp, n, m, N, K); });
   return y;
 }
 
@@ -382,12 +451,4 @@ at::Tensor dequantize(const at::Tensor& w, const at::Tensor& scales, const c10::
 
 std::string isa() { return kPath; }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_linear", &int4_linear, "x (M, K) bf16 @ int4 weight^T -> (M, N) bf16");
-  m.def("int8_linear", &int8_linear, "x (M, K) bf16 @ int8 weight^T -> (M, N) bf16");
-  m.def("dequantize", &dequantize, "weight rows -> (R, K) bf16", py::arg("w"), py::arg("scales"),
-        py::arg("zeros") = py::none(), py::arg("group") = 0, py::arg("rows") = py::none());
-  m.def("isa", &isa, "the instruction set the kernels were built for");
-}
+}  // namespace phi4flash

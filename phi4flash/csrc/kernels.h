@@ -1,0 +1,25 @@
+// phi4flash's C++ CPU kernels (built by phi4flash/native.py); each function is documented where it is defined.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+namespace phi4flash {
+
+// quant_cpu.cpp: weight-only quantized linears in nibble planes
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                       int64_t group);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales);
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w);
+at::Tensor dequantize(const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                      int64_t group, const c10::optional<at::Tensor>& rows);
+std::string isa();
+
+// scan_cpu.cpp: the Mamba-1 selective scan
+std::vector<at::Tensor> selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                       const at::Tensor& Bm, const at::Tensor& Cm, const c10::optional<at::Tensor>& D,
+                                       const c10::optional<at::Tensor>& state);
+
+}  // namespace phi4flash

@@ -1,0 +1,83 @@
+"""phi4flash's C++ CPU kernels against their definitions: the selective scan and the bfloat16 matrix-vector
+product (the quantized kernels are in test_quant.py), and the model with and without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_helpers import tiny_model
+
+from phi4flash import native, ops
+
+kernels = native.load()
+pytestmark = pytest.mark.skipif(kernels is None, reason="phi4flash's C++ kernels could not be built here (no g++?)")
+
+
+def _scan_inputs(batch: int, width: int, length: int, state_size: int) -> tuple[torch.Tensor, ...]:
+    u = torch.randn(batch, width, length)
+    delta = torch.nn.functional.softplus(torch.randn(batch, width, length))
+    A = -torch.exp(torch.randn(width, state_size))
+    B, C = torch.randn(batch, state_size, length), torch.randn(batch, state_size, length)
+    return u, delta, A, B, C, torch.randn(width), torch.randn(batch, width, state_size)
+
+
+@pytest.mark.parametrize("batch, width, length, state_size", [
+    (2, 40, 33, 4),     # channels not a multiple of the 16 lanes
+    (1, 128, 100, 8),   # the embedded model's state
+    (3, 256, 17, 16),   # the real model's state
+    (1, 20, 5, 5),      # any other state size: the portable loop
+])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_native_scan_equals_the_definition(batch: int, width: int, length: int, state_size: int,
+                                           with_state: bool) -> None:
+    u, delta, A, B, C, D, state = _scan_inputs(batch, width, length, state_size)
+    start = state if with_state else None
+    y_ref, s_ref = ops.selective_scan_reference(u.double(), delta.double(), A.double(), B.double(), C.double(),
+                                                D.double(), None if start is None else start.double())
+    y, s = ops.native_scan(u, delta, A, B, C, D, start)
+    assert y.shape == u.shape and s.shape == (batch, width, state_size)
+    assert (y.double() - y_ref).abs().max().item() <= 1e-6 * (1 + y_ref.abs().max().item())
+    assert (s.double() - s_ref).abs().max().item() <= 1e-6 * (1 + s_ref.abs().max().item())
+    y_none, _ = ops.native_scan(u, delta, A, B, C, None, start)  # no D skip
+    assert torch.allclose(y_none + D[:, None] * u, y, atol=1e-5)
+
+
+def test_native_scan_underflowing_decays_are_zero() -> None:
+    u, delta, A, B, C, D, _ = _scan_inputs(1, 16, 3, 16)
+    A = A * 1e4  # exp(delta * A) underflows: the state forgets everything each step
+    y, s = ops.native_scan(u, delta, A, B, C, D, None)
+    y_ref, s_ref = ops.selective_scan_reference(u, delta, A, B, C, D)
+    assert torch.isfinite(y).all() and torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(s, s_ref, atol=1e-5)
+
+
+def test_model_with_and_without_the_native_scan(monkeypatch) -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 100, (2, 40))
+    with torch.no_grad():
+        fast = model(ids)
+        cache = model.new_cache(2, 48)
+        model(ids[:, :25], cache=cache, logits_to_keep=1)
+        steps = torch.stack([model.step(ids[:, t], cache) for t in range(25, 40)], dim=1)
+        monkeypatch.setattr(ops, "native_scan", lambda *args: None)
+        slow = model(ids)
+    assert (fast - slow).abs().max().item() <= 1e-4
+    assert (steps - slow[:, 25:]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("rows, out_features, in_features", [(1, 64, 128), (3, 80, 256), (5, 7, 96), (2, 12, 40)])
+def test_bf16_matrix_vector_product(rows: int, out_features: int, in_features: int) -> None:
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    w = torch.randn(out_features, in_features).to(torch.bfloat16)
+    expected = x.float() @ w.float().t()
+    got = kernels.bf16_linear(x, w)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - expected).abs() / (expected.abs() + 1e-2 * expected.abs().max())).max().item() <= 5e-3
+
+
+def test_kernels_refuse_bad_inputs_with_a_message() -> None:
+    with pytest.raises(RuntimeError, match="contiguous \\(M, K\\) bfloat16"):
+        kernels.bf16_linear(torch.randn(2, 8), torch.randn(4, 8).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="shapes"):
+        kernels.selective_scan(*(t.contiguous() for t in (torch.randn(1, 4, 8), torch.randn(1, 4, 9),
+                                                           torch.randn(8, 4), torch.randn(1, 4, 4),
+                                                           torch.randn(1, 4, 4))))
