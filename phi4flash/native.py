@@ -56,6 +56,18 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+_READY: bool | None = None
+
+
+def ready() -> bool:
+    """Whether the kernels are there, loading them on the first call; afterwards a plain read of a flag (no
+    file access), so that torch.compile traces through callers without a graph break."""
+    global _READY
+    if _READY is None:
+        _READY = load() is not None
+    return _READY
+
+
 def disabled() -> bool:
     """Whether the user turned the native kernels off (``PHI4FLASH_NATIVE=0``)."""
     return os.environ.get("PHI4FLASH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
@@ -80,8 +92,35 @@ def load() -> ModuleType | None:
         logger.info("phi4flash native CPU kernels unavailable (%s): pure PyTorch path; install g++ and ninja "
                     "(scripts/setup.sh does) for the fast path", reason)
         return None
+    _register_fakes()
     logger.info("phi4flash native CPU kernels ready in %.1f s (%s)", time.perf_counter() - start, module.isa())
     return module
+
+
+def _register_fakes() -> None:
+    """Shapes of the operators' outputs, so that torch.compile can trace through them without running them."""
+    import torch
+
+    @torch.library.register_fake("phi4flash::int4_linear")
+    def _(x, w, scales, zeros, group):  # noqa: ANN001, ANN202
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("phi4flash::int8_linear")
+    def _(x, w, scales):  # noqa: ANN001, ANN202
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("phi4flash::bf16_linear")
+    def _(x, w):  # noqa: ANN001, ANN202
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("phi4flash::dequantize")
+    def _(w, scales, zeros, group, rows):  # noqa: ANN001, ANN202
+        count = w.shape[0] if rows is None else rows.numel()
+        return w.new_empty(count, w.shape[1] * (2 if zeros is not None else 1), dtype=torch.bfloat16)
+
+    @torch.library.register_fake("phi4flash::selective_scan")
+    def _(u, delta, A, B, C, D, state):  # noqa: ANN001, ANN202
+        return u.new_empty(u.shape), u.new_empty(u.shape[0], u.shape[2], A.shape[1])
 
 
 def main() -> int:

@@ -338,11 +338,10 @@ def native_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.
         return None
     from . import native
 
-    kernels = native.load()
-    if kernels is None:
+    if not native.ready():
         return None
     f32 = torch.float32
-    y, last = kernels.selective_scan(
+    y, last = torch.ops.phi4flash.selective_scan(
         u.to(f32).transpose(1, 2).contiguous(), delta.to(f32).transpose(1, 2).contiguous(), A.to(f32).contiguous(),
         B.to(f32).transpose(1, 2).contiguous(), C.to(f32).transpose(1, 2).contiguous(),
         None if D is None else D.to(f32).contiguous(), None if state is None else state.to(f32).contiguous())

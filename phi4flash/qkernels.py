@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -233,23 +232,23 @@ class NativeInt4Weight(PackedWeight):
 
     bits = 4
 
-    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, group_size: int,
-                 kernels: Any) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
+                 group_size: int) -> None:
         super().__init__(out_features, in_features, group_size, torch.device("cpu"), torch.bfloat16)
-        self.ops = kernels
         values = torch.stack([tensors["qweight"] & 15, tensors["qweight"] >> 4], dim=-1).view(out_features, -1)
         self.planes = to_planes(values)
         self.scales = tensors["scales"].to(torch.bfloat16).contiguous()
         self.zeros = tensors["zeros"].to(torch.bfloat16).contiguous()
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.int4_linear(x, self.planes, self.scales, self.zeros, self.group_size)
+        return torch.ops.phi4flash.int4_linear(x, self.planes, self.scales, self.zeros, self.group_size)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.ops.dequantize(self.planes, self.scales, self.zeros, self.group_size).to(dtype)
+        return torch.ops.phi4flash.dequantize(self.planes, self.scales, self.zeros, self.group_size, None).to(dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        out = self.ops.dequantize(self.planes, self.scales, self.zeros, self.group_size, index.reshape(-1))
+        out = torch.ops.phi4flash.dequantize(self.planes, self.scales, self.zeros, self.group_size,
+                                             index.reshape(-1))
         return out.view(*index.shape, self.in_features)
 
     def portable(self) -> dict[str, torch.Tensor]:
@@ -263,9 +262,8 @@ class NativeInt8Weight(PackedWeight):
 
     bits = 8
 
-    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, kernels: Any) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int) -> None:
         super().__init__(out_features, in_features, 0, torch.device("cpu"), torch.bfloat16)
-        self.ops = kernels
         unsigned = (tensors["qweight"].to(torch.int16) + 128).to(torch.uint8)
         low, high = to_planes(unsigned & 15), to_planes(unsigned >> 4)
         blocks = (out_features, in_features // 128, 64)
@@ -273,13 +271,13 @@ class NativeInt8Weight(PackedWeight):
         self.scales = tensors["scales"].to(torch.bfloat16).contiguous()
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.int8_linear(x, self.planes, self.scales)
+        return torch.ops.phi4flash.int8_linear(x, self.planes, self.scales)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.ops.dequantize(self.planes, self.scales).to(dtype)
+        return torch.ops.phi4flash.dequantize(self.planes, self.scales, None, 0, None).to(dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        out = self.ops.dequantize(self.planes, self.scales, rows=index.reshape(-1))
+        out = torch.ops.phi4flash.dequantize(self.planes, self.scales, None, 0, index.reshape(-1))
         return out.view(*index.shape, self.in_features)
 
     def portable(self) -> dict[str, torch.Tensor]:
@@ -305,16 +303,16 @@ def from_planes(planes: torch.Tensor) -> torch.Tensor:
     return torch.stack([(lanes >> (4 * t)) & 15 for t in range(4)], dim=2).to(torch.uint8).view(n, -1)
 
 
-def native_kernels(device: torch.device, dtype: torch.dtype, in_features: int, group_size: int) -> Any:
-    """phi4flash's own CPU kernels when they take this layer (bfloat16 activations, widths in blocks of 128,
-    an int4 group of 32, 64 or a multiple of 128), else None."""
+def native_kernels(device: torch.device, dtype: torch.dtype, in_features: int, group_size: int) -> bool:
+    """Whether phi4flash's own CPU kernels (torch.ops.phi4flash) run this layer: built, bfloat16 activations,
+    widths in blocks of 128, an int4 group of 32, 64 or a multiple of 128."""
     if device.type != "cpu" or dtype != torch.bfloat16 or in_features % 128:
-        return None
+        return False
     if group_size and group_size not in (32, 64) and group_size % 128:
-        return None
+        return False
     from . import native
 
-    return native.load()
+    return native.ready()
 
 
 @torch.no_grad()
@@ -322,11 +320,10 @@ def pack(tensors: dict[str, torch.Tensor], bits: int, group_size: int, out_featu
          device: torch.device, dtype: torch.dtype) -> PackedWeight:
     """Portable tensors of one layer -> the :class:`PackedWeight` that runs on ``device``."""
     check_support(device, dtype, bits)
-    ops = native_kernels(device, dtype, in_features, group_size)
-    if ops is not None:
+    if native_kernels(device, dtype, in_features, group_size):
         if bits == 8:
-            return NativeInt8Weight(tensors, out_features, in_features, ops)
-        return NativeInt4Weight(tensors, out_features, in_features, group_size, ops)
+            return NativeInt8Weight(tensors, out_features, in_features)
+        return NativeInt4Weight(tensors, out_features, in_features, group_size)
     if bits == 8:
         return Int8Weight(tensors, out_features, in_features, device, dtype)
     if device.type == "cpu":

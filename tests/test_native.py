@@ -69,15 +69,15 @@ def test_bf16_matrix_vector_product(rows: int, out_features: int, in_features: i
     x = torch.randn(rows, in_features).to(torch.bfloat16)
     w = torch.randn(out_features, in_features).to(torch.bfloat16)
     expected = x.float() @ w.float().t()
-    got = kernels.bf16_linear(x, w)
+    got = torch.ops.phi4flash.bf16_linear(x, w)
     assert got.dtype == torch.bfloat16
     assert ((got.float() - expected).abs() / (expected.abs() + 1e-2 * expected.abs().max())).max().item() <= 5e-3
 
 
 def test_kernels_refuse_bad_inputs_with_a_message() -> None:
     with pytest.raises(RuntimeError, match="contiguous \\(M, K\\) bfloat16"):
-        kernels.bf16_linear(torch.randn(2, 8), torch.randn(4, 8).to(torch.bfloat16))
+        torch.ops.phi4flash.bf16_linear(torch.randn(2, 8), torch.randn(4, 8).to(torch.bfloat16))
     with pytest.raises(RuntimeError, match="shapes"):
-        kernels.selective_scan(*(t.contiguous() for t in (torch.randn(1, 4, 8), torch.randn(1, 4, 9),
-                                                           torch.randn(8, 4), torch.randn(1, 4, 4),
-                                                           torch.randn(1, 4, 4))))
+        u, delta, A, B, C = (torch.randn(1, 4, 8), torch.randn(1, 4, 9), torch.randn(8, 4), torch.randn(1, 4, 4),
+                             torch.randn(1, 4, 4))  # delta's length differs from u's
+        torch.ops.phi4flash.selective_scan(u, delta, A, B, C, None, None)
