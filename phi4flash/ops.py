@@ -336,6 +336,10 @@ def selective_scan_auto(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
     (the kernel cannot start from a state; delta arrives with softplus applied, so none is asked of it)."""
     kernel = _kernel("selective_scan_fn", u)
     if kernel is None or state is not None:
+        # The buffered scan writes into preallocated tensors, which autograd cannot record: when a gradient
+        # must flow (fine-tuning, e.g. LoRA through transformers), take the step-by-step definition instead.
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D)):
+            return selective_scan_reference(u, delta, A, B, C, D, state)
         return selective_scan(u, delta, A, B, C, D, state)
     f32 = torch.float32
     y, last = kernel(u.to(f32).contiguous(), delta.to(f32).contiguous(), A.to(f32).contiguous(),
