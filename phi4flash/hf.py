@@ -30,6 +30,7 @@ from torch import nn
 from .cache import Phi4FlashCache
 from .config import CROSS_ATTENTION, GMU, MAMBA_KINDS, MODEL_TYPE, SLIDING_ATTENTION, Phi4FlashConfig
 from .model import FP32_PARAMETERS, DiffAttentionCore, Mamba, Phi4FlashForCausalLM, Phi4FlashModel
+from .weights import EMBEDDED_DIR
 
 try:
     import transformers
@@ -57,7 +58,10 @@ if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):  # pragma: no 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Phi4FlashHFCache", "Phi4FlashHFConfig", "Phi4FlashHFForCausalLM", "register"]
+__all__ = ["EMBEDDED", "Phi4FlashHFCache", "Phi4FlashHFConfig", "Phi4FlashHFForCausalLM", "register"]
+
+EMBEDDED = str(EMBEDDED_DIR)
+"""The embedded tiny model's folder, a model id for ``from_pretrained`` and ``pipeline``."""
 
 _DEFAULTS = Phi4FlashConfig()
 # Native config keys that config.json carries (torch_dtype travels as transformers' ``dtype``).

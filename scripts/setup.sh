@@ -16,4 +16,4 @@ PYTHON="${PYTHON:-python3}"
 python -m pip install -q --upgrade pip
 # The pinned CPU wheel first: an open range would pull a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[demo,langchain,serve,ray,train,test]"
+python -m pip install -q -e ".[demo,langchain,serve,ray,train,hf,test]"
