@@ -29,7 +29,7 @@ from torch import nn
 
 from .cache import Phi4FlashCache
 from .config import CROSS_ATTENTION, GMU, MAMBA_KINDS, MODEL_TYPE, SLIDING_ATTENTION, Phi4FlashConfig
-from .model import FP32_PARAMETERS, DiffAttentionCore, Mamba, Phi4FlashForCausalLM, Phi4FlashModel
+from .model import DiffAttentionCore, Mamba, Phi4FlashForCausalLM, Phi4FlashModel
 from .weights import EMBEDDED_DIR
 
 try:
@@ -265,7 +265,6 @@ class Phi4FlashHFForCausalLM(PreTrainedModel, GenerationMixin):
     loss_type = "ForCausalLM"
     _no_split_modules = ["DecoderLayer"]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    _keep_in_fp32_modules_strict = list(FP32_PARAMETERS)
     _is_stateful = True  # no assisted decoding: a recurrent state cannot verify draft tokens and roll back
     supports_gradient_checkpointing = False
 
