@@ -263,7 +263,9 @@ class Phi4FlashHFForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     loss_type = "ForCausalLM"
-    _no_split_modules = ["DecoderLayer"]
+    # One decode state serves every layer (the memory and the shared K/V pass between them), so device_map
+    # never splits the model: "auto" puts all of it on one device.
+    _no_split_modules = ["Phi4FlashModel"]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _is_stateful = True  # no assisted decoding: a recurrent state cannot verify draft tokens and roll back
     supports_gradient_checkpointing = False
