@@ -440,6 +440,11 @@ def test_lora_trains_saves_loads_and_merges_into_a_phi4flash_checkpoint(tok, tmp
     mask = batch["attention_mask"].bool()
     torch.testing.assert_close(got[mask], expected[mask], rtol=0, atol=1e-4)
     assert not torch.equal(got, phi4flash.load_model("embedded")(batch["input_ids"], batch["attention_mask"]))
+    merged.save_pretrained(tmp_path / "saved")  # transformers' own format: the same names, "dtype" in config.json
+    saved = phi4flash.load_model(tmp_path / "saved")
+    assert saved.model.embed_tokens.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(saved(batch["input_ids"], batch["attention_mask"]), got)
 
     question = _chat("What is the capital of France?")
     inputs = tok.apply_chat_template(question, add_generation_prompt=True, return_dict=True, return_tensors="pt")
