@@ -297,14 +297,9 @@ class Phi4FlashHFForCausalLM(PreTrainedModel, GenerationMixin):
         """transformers' defaults, plus Mamba's and differential attention's own initialisation."""
         super()._init_weights(module)
         if isinstance(module, Mamba):
-            e, n = module.A_log.shape
-            hf_init.copy_(module.A_log, torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(e, n))
-            hf_init.ones_(module.D)
-            bound = module.dt_rank**-0.5
-            hf_init.uniform_(module.dt_proj.weight, -bound, bound)
-            dt = torch.exp(torch.rand(e) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3)))
-                           + torch.log(torch.tensor(1e-3))).clamp(min=1e-4)
-            hf_init.copy_(module.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            # through transformers' init functions, which leave weights loaded from the checkpoint alone
+            for name, value in module.initial_ssm_parameters().items():
+                hf_init.copy_(module.get_parameter(name), value)
         elif isinstance(module, DiffAttentionCore):
             for param in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
                 hf_init.normal_(param, std=0.1)

@@ -165,6 +165,17 @@ def test_auto_classes_load_the_embedded_folder_natively_under_the_checkpoint_nam
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_from_config_initialises_like_the_native_model() -> None:
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(EMBEDDED))
+    mamba = model.model.layers[0].attn
+    n = mamba.A_log.shape[1]
+    assert torch.equal(mamba.A_log, torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(mamba.A_log))
+    assert torch.equal(mamba.D, torch.ones_like(mamba.D))
+    dt = torch.nn.functional.softplus(mamba.dt_proj.bias)
+    assert bool(((dt > 0.9e-3) & (dt < 0.11)).all())  # Mamba's dt range, not a generic init
+    assert model.model.layers[1].attn.inner_cross_attn.lambda_q1.std() > 0.05
+
+
 def test_bfloat16_keeps_a_log_and_the_lambdas_in_float32() -> None:
     model = AutoModelForCausalLM.from_pretrained(EMBEDDED, dtype=torch.bfloat16)
     for name, param in model.named_parameters():
