@@ -72,8 +72,6 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tune", action="store_true",
-                        help="give the transformers model the engine's weight layout (tune_weight_layout)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
@@ -84,8 +82,6 @@ def main() -> None:
             name = args.model
         engine = phi4flash.load(str(path), device="cpu", dtype="float32", kept_state_bytes=0)  # no state reuse
         hf_model = phi4flash.hf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        if args.tune:
-            hf_model.to_native().tune_weight_layout()  # the modules are shared: the layout is the HF model's
         generator = torch.Generator().manual_seed(1)
         prompt = torch.randint(0, 500, (args.prompt,), generator=generator).tolist()
         results: dict[str, list[tuple[float, float]]] = {"engine": [], "transformers generate()": []}
@@ -99,8 +95,7 @@ def main() -> None:
             if ours != theirs:
                 raise RuntimeError("the engine and generate() decoded different tokens")
         engine.close()
-    layout = " (generate() with the engine's weight layout)" if args.tune else ""
-    print(f"# {name}{layout}; prompt {args.prompt} tokens, {args.new_tokens} new tokens, float32 on CPU, "
+    print(f"# {name}; prompt {args.prompt} tokens, {args.new_tokens} new tokens, float32 on CPU, "
           f"{torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds (min..max)")
     print("\n| path | TTFT ms | decode tok/s |\n|---|---|---|")
     for label, runs in results.items():
