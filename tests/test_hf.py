@@ -129,7 +129,7 @@ class Phi4MiniFlashDemo:
         return outputs[0]
 
 
-def _demo_answers_arithmetic() -> None:
+def test_the_article_demo_runs_natively_and_answers() -> None:
     demo = Phi4MiniFlashDemo(EMBEDDED)
     assert isinstance(demo.model, Phi4FlashHFForCausalLM)
     for a, b in ((23, 45), (317, 285), (64, 29)):
@@ -137,15 +137,6 @@ def _demo_answers_arithmetic() -> None:
         assert reply.startswith("<think>") and "</think>" in reply, reply
         assert f"\\boxed{{{a + b}}}" in reply.split("</think>")[-1], reply
         assert reply.endswith("<|end|>"), reply
-
-
-def test_the_article_demo_runs_natively_and_answers() -> None:
-    _demo_answers_arithmetic()
-
-
-@pytest.mark.gpu
-def test_the_article_demo_runs_on_cuda() -> None:
-    _demo_answers_arithmetic()
 
 
 # -- registration and loading --------------------------------------------------------------------------
@@ -270,6 +261,21 @@ def test_greedy_generate_equals_the_engine(model, tok, engine_ids, question: str
     out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
     assert _new_tokens(out[0], inputs["input_ids"].shape[1]) == engine_ids[question]
     assert out[0, -1].item() in STOPS  # stopped on the checkpoint's eos list, not the length
+
+
+@pytest.mark.gpu
+def test_on_cuda_greedy_generate_equals_the_engine_on_cuda(tok) -> None:
+    cuda_model = AutoModelForCausalLM.from_pretrained(EMBEDDED, device_map="cuda", torch_dtype="auto")
+    assert cuda_model.device.type == "cuda"
+    engine = phi4flash.load("embedded", device="cuda", dtype="float32")
+    try:
+        for question in QUESTIONS:
+            inputs = _prompt(tok, question).to("cuda")
+            out = cuda_model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+            expected = engine.generate(_chat(question), GenerationConfig(temperature=0, max_new_tokens=MAX_NEW))
+            assert _new_tokens(out[0].cpu(), inputs["input_ids"].shape[1]) == expected.token_ids, question
+    finally:
+        engine.close()
 
 
 def test_batched_left_padded_greedy_equals_the_engine(model, engine_ids) -> None:
