@@ -28,7 +28,15 @@ import torch
 from torch import nn
 
 from .cache import Phi4FlashCache
-from .config import CROSS_ATTENTION, GMU, MAMBA_KINDS, MODEL_TYPE, SLIDING_ATTENTION, Phi4FlashConfig
+from .config import (
+    CROSS_ATTENTION,
+    GMU,
+    MAMBA_KINDS,
+    MODEL_TYPE,
+    SLIDING_ATTENTION,
+    ConfigError,
+    Phi4FlashConfig,
+)
 from .model import DiffAttentionCore, Mamba, Phi4FlashForCausalLM, Phi4FlashModel
 from .weights import EMBEDDED_DIR
 
@@ -64,9 +72,6 @@ EMBEDDED = str(EMBEDDED_DIR)
 """The embedded tiny model's folder, a model id for ``from_pretrained`` and ``pipeline``."""
 
 _DEFAULTS = Phi4FlashConfig()
-# Native config keys that config.json carries (torch_dtype travels as transformers' ``dtype``).
-_NATIVE_KEYS = tuple(name for name in Phi4FlashConfig.__dataclass_fields__
-                     if name not in ("layer_kinds", "model_type", "torch_dtype"))
 
 TRUST_REMOTE_CODE_NOTE = (
     "trust_remote_code=True was passed for a phi4flash checkpoint. phi4flash.hf has registered the native "
@@ -109,15 +114,16 @@ class Phi4FlashHFConfig(PreTrainedConfig):
         # picks its own kernels, so transformers must not try to set up flash-attn for it.
         kwargs.pop("_attn_implementation", None)
         super().__post_init__(**kwargs)
+        if getattr(self, "quantization", None) is not None:
+            raise ConfigError("this checkpoint was quantized by `phi4flash quantize`; load it with phi4flash.load() "
+                              "or phi4flash.load_model() (transformers loads the unquantized checkpoints)")
         self.to_native()
 
     def to_native(self) -> Phi4FlashConfig:
         """The same hyper-parameters as a native :class:`phi4flash.Phi4FlashConfig`."""
-        data: dict[str, Any] = {name: getattr(self, name) for name in _NATIVE_KEYS}
-        data["model_type"] = MODEL_TYPE
-        if isinstance(self.dtype, torch.dtype):
-            data["torch_dtype"] = str(self.dtype).replace("torch.", "")
-        return Phi4FlashConfig.from_dict(data)
+        # The whole config.json dict (the native reader takes what it knows, "dtype" included), so that keys
+        # the native config gains later travel without a list to keep in step here.
+        return Phi4FlashConfig.from_dict({**self.to_dict(), "model_type": MODEL_TYPE})
 
 
 class Phi4FlashHFCache(Cache):

@@ -156,6 +156,13 @@ def test_auto_classes_load_the_embedded_folder_natively_under_the_checkpoint_nam
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_a_quantized_checkpoint_is_refused_with_the_way_to_load_it(tmp_path: Path) -> None:
+    config = json.loads((Path(EMBEDDED) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization": {"bits": 8, "group_size": 64}}))
+    with pytest.raises(phi4flash.ConfigError, match="phi4flash.load"):
+        AutoConfig.from_pretrained(tmp_path)
+
+
 def test_from_config_initialises_like_the_native_model() -> None:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(EMBEDDED))
     mamba = model.model.layers[0].attn
