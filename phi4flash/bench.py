@@ -46,7 +46,11 @@ def our_config(hidden: int, layers: int, vocab: int, window: int) -> Phi4FlashCo
 
 def baseline_model(hidden: int, layers: int, vocab: int, dtype: torch.dtype) -> torch.nn.Module:
     """Phi-4-mini-reasoning's layout (Phi3ForCausalLM: 24 q / 8 kv heads at 3072) scaled to ``hidden``."""
-    from transformers import Phi3Config, Phi3ForCausalLM
+    try:
+        from transformers import Phi3Config, Phi3ForCausalLM
+    except ImportError as err:
+        raise ImportError("the bench baseline is transformers' Phi3ForCausalLM: pip install 'phi4flash[hf]', "
+                          "or pass --no-baseline") from err
 
     head_dim = 128 if hidden >= 1536 else 64
     heads = max(1, hidden // head_dim)

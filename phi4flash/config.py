@@ -126,6 +126,8 @@ class Phi4FlashConfig:
             )
         known = {f for f in cls.__dataclass_fields__ if f != "layer_kinds"}
         kwargs = {k: v for k, v in data.items() if k in known}
+        if "torch_dtype" not in data and isinstance(data.get("dtype"), str):
+            kwargs["torch_dtype"] = data["dtype"]  # transformers 5 writes the checkpoint dtype as "dtype"
         if "mb_per_layer" in data and data["mb_per_layer"] != 2:
             raise ConfigError(f"mb_per_layer={data['mb_per_layer']!r}: only 2 (Mamba on every even layer) is supported")
         return cls(**kwargs)

@@ -337,16 +337,23 @@ class Mamba(nn.Module):
         self.reset_ssm_parameters()
 
     @torch.no_grad()
-    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+    def reset_ssm_parameters(self) -> None:
         """Mamba's initialisation of A_log, D and the dt projection."""
         if self.A_log.is_meta:
             return
+        for name, value in self.initial_ssm_parameters().items():
+            self.get_parameter(name).copy_(value)
+
+    def initial_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> dict[str, torch.Tensor]:
+        """Fresh values of A_log, D, dt_proj.weight and dt_proj.bias as Mamba initialises them (random dt)."""
         e, n = self.A_log.shape
-        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(e, n))
-        self.D.fill_(1.0)
-        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+        bound = self.dt_rank**-0.5
+        weight = torch.empty(e, self.dt_rank).uniform_(-bound, bound)  # drawn before dt, as always
         dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        return {"A_log": torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(e, n),
+                "D": torch.ones(e),
+                "dt_proj.weight": weight,
+                "dt_proj.bias": dt + torch.log(-torch.expm1(-dt))}  # inverse softplus
 
     def _delta_b_c(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(..., E) conv output -> delta (..., E) after softplus, B and C (..., N); float32."""

@@ -355,6 +355,10 @@ def selective_scan_auto(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
     of it), phi4flash's C++ scan on the CPU, else the chunked PyTorch scan."""
     kernel = _kernel("selective_scan_fn", u)
     if kernel is None or state is not None:
+        # The buffered scan writes into preallocated tensors and the C++ one has no backward: when a gradient
+        # must flow (fine-tuning, e.g. LoRA through transformers), take the step-by-step definition instead.
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D)):
+            return selective_scan_reference(u, delta, A, B, C, D, state)
         return native_scan(u, delta, A, B, C, D, state) or selective_scan(u, delta, A, B, C, D, state)
     f32 = torch.float32
     y, last = kernel(u.to(f32).contiguous(), delta.to(f32).contiguous(), A.to(f32).contiguous(),

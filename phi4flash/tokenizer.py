@@ -264,7 +264,11 @@ class ChatTokenizer:
                 extra_stops.append(eos)
             elif isinstance(eos, list):
                 extra_stops.extend(int(i) for i in eos)
-        return cls(tokenizer, added, config.get("chat_template"), eos_token, extra_stops)
+        chat_template = config.get("chat_template")
+        if chat_template is None and (folder / "chat_template.jinja").is_file():
+            # transformers 5 saves the template in its own file beside tokenizer_config.json
+            chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(tokenizer, added, chat_template, eos_token, extra_stops)
 
     # ------------------------------------------------------------------ ids and text
 

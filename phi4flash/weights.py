@@ -40,7 +40,7 @@ EMBEDDED_DIR = Path(__file__).parent / "embedded"
 CHECKPOINT_PATTERNS = [
     "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
     "model-*.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
 ]
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,

@@ -17,7 +17,7 @@ PYTHON="${PYTHON:-python3}"
 python -m pip install -q --upgrade pip
 # The pinned CPU wheel first: an open range would pull a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[demo,langchain,serve,ray,train,test]"
+python -m pip install -q -e ".[demo,langchain,serve,ray,train,hf,test]"
 # Build the C++ CPU kernels now (about a minute, once per machine) so that no first request waits for them;
 # without a compiler this says so and phi4flash runs on its pure PyTorch path.
 python -m phi4flash.native || echo "phi4flash: C++ CPU kernels not built; the pure PyTorch path will run"
