@@ -177,6 +177,11 @@ def describe(err: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 file``, ``3 files``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def free_memory() -> None:
     """Give cached GPU memory back after a failure (an out-of-memory error, say) so the next row can run."""
     if torch.cuda.is_available():
@@ -253,7 +258,7 @@ class TestCounts:
     def summary(self) -> str:
         """``N passed, N failed, N skipped[, N files not collected]``."""
         text = f"{self.passed} passed, {len(self.failed)} failed, {sum(self.skipped.values())} skipped"
-        return text + (f", {len(self.not_collected)} files not collected" if self.not_collected else "")
+        return text + (f", {plural(len(self.not_collected), 'file')} not collected" if self.not_collected else "")
 
 
 def parse_junit(path: Path) -> TestCounts:
@@ -306,7 +311,7 @@ def section_tests(check: Check, rows: list[Row]) -> None:
     details = [f"failed: {', '.join(counts.failed[:4])}"] if counts.failed else []
     details += [f"{n} skipped: {reason}" for reason, n in counts.skipped.most_common(2)]
     details += [f"not collected: {', '.join(counts.not_collected)}"] if counts.not_collected else []
-    rows.append(Row("tests", f"pytest -m gpu ({len(files)} files)", "failed" if counts.failed else "ok",
+    rows.append(Row("tests", f"pytest -m gpu ({plural(len(files), 'file')})", "failed" if counts.failed else "ok",
                     counts.summary(), "; ".join(details)))
     check.log(f"tests: {counts.summary()}")
 
@@ -415,7 +420,7 @@ def section_paper(check: Check, rows: list[Row]) -> None:
 def section_quantized(check: Check, rows: list[Row]) -> None:
     """int8 / int4 weight-only decode at each batch size, or the refusal when the kernels are missing."""
     from phi4flash.qkernels import KernelUnavailableError
-    from phi4flash.quant import quantize_model_
+    from phi4flash.quant import QuantSpec, quantize_model_
 
     check.models.pop("ours", None)  # the float model is not needed any more: room for the quantized one
     free_memory()
@@ -424,6 +429,7 @@ def section_quantized(check: Check, rows: list[Row]) -> None:
 
         def quantize(spec: str = spec) -> tuple[str, str]:
             nonlocal model
+            QuantSpec.parse(spec)  # a bad spec fails here, before a model is built for it
             check.budget.need(0 if check.args.tiny else 60, f"quantizing to {spec}")
             start = time.perf_counter()
             model = build_phi4flash(ours_config(check.args.tiny), check.device, check.dtype)
@@ -452,6 +458,8 @@ def run_section(check: Check, name: str, rows: list[Row]) -> None:
     try:
         if needs_gpu and check.device.type == "cuda" and not torch.cuda.is_available():
             raise SkipMeasurement("no CUDA device")
+        if name != "environment" and check.budget.left() <= 0:
+            raise SkipMeasurement("no time left in the budget")
         SECTION_FUNCTIONS[name](check, rows)
     except SkipMeasurement as why:
         rows.append(Row(name, "section", "skipped", "", str(why)))

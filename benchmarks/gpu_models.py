@@ -63,6 +63,9 @@ def build_phi4flash(config: Any, device: torch.device | str, dtype: torch.dtype,
     if config.tie_word_embeddings:  # to_empty gives the head its own tensor: tie it again
         model.lm_head.weight = model.model.embed_tokens.weight
     torch.manual_seed(seed)
+    for module in model.modules():  # what construction off the meta device does (init_weights skips conv1d)
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
     model.init_weights()
     return model.eval().tune_weight_layout()
 
