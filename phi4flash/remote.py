@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .metrics import MetricsRecorder
-from .protocol import Completion, GenerationConfig, Message, PromptTooLongError, StreamEvent, Usage
+from .protocol import Completion, GenerationConfig, Message, PromptTooLongError, StreamEvent, Usage, check_messages
 from .reasoning import ReasoningSplitter
 
 logger = logging.getLogger(__name__)
@@ -202,8 +202,9 @@ class RemoteEngine:
         Raises:
             PromptTooLongError: The server reports the prompt plus ``max_new_tokens`` does not fit.
             RemoteEngineError: Any other error status, or the server cannot be reached.
-            ValueError: Invalid ``config`` (checked locally before sending).
+            ValueError: An empty conversation or an invalid ``config`` (checked locally before sending).
         """
+        check_messages(messages)
         config = (config or GenerationConfig()).validate()
         payload = self._payload(messages, config)
         recorder = MetricsRecorder(prompt_tokens=0, context_length=self.context_length, device=self.device,

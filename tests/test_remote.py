@@ -85,6 +85,8 @@ def test_prompt_too_long_and_bad_config(remote: RemoteEngine, engine: Any) -> No
         remote.generate(MESSAGES, GenerationConfig(max_new_tokens=engine.context_length))
     with pytest.raises(ValueError, match="top_p"):
         remote.generate(MESSAGES, GenerationConfig(top_p=2.0))
+    with pytest.raises(ValueError, match="empty conversation"):
+        remote.generate([])
 
 
 def test_server_errors_are_raised(server: str, engine: Any) -> None:
