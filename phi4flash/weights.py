@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -93,6 +93,20 @@ def resolve_checkpoint(source: str | os.PathLike[str], *, revision: str | None =
                               "or no network); download it once online, or pass a local folder") from err
 
 
+def _open_weights(file: Path) -> object:
+    """``safe_open`` that names a damaged, truncated or missing file and says what to do about it."""
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: the checkpoint's index lists it; download the checkpoint again "
+                              "(or copy the whole folder)") from None
+    except (SafetensorError, OSError) as err:
+        size = file.stat().st_size if file.exists() else 0
+        raise CheckpointError(f"{file} ({size:,} bytes) is damaged or incomplete, probably an interrupted download "
+                              f"or copy ({err}); delete it and download it again (for a hub model, "
+                              "`hf download <id> --force-download`)") from None
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> safetensors file, via the index when the checkpoint is sharded."""
     index = path / "model.safetensors.index.json"
@@ -103,7 +117,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
     single = path / "model.safetensors"
     if not single.exists():
         raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
-    with safe_open(single, framework="pt") as f:
+    with _open_weights(single) as f:  # type: ignore[attr-defined]
         return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
 
@@ -152,7 +166,7 @@ def load_model(source: str | os.PathLike[str], *, dtype: str | torch.dtype | Non
     handles: dict[Path, object] = {}
     try:
         for file in sorted(set(files.values())):
-            handles[file] = safe_open(file, framework="pt", device="cpu")
+            handles[file] = _open_weights(file)
         for name, file in files.items():
             if name in expected:
                 shape = tuple(handles[file].get_slice(name).get_shape())  # type: ignore[attr-defined]
