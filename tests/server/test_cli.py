@@ -1,4 +1,4 @@
-"""`phi4flash serve` as a real process: binds loopback, answers 503 while loading, then serves."""
+"""`phi4flash serve` as a real process: loads, binds loopback and serves; a model that cannot load ends it."""
 
 from __future__ import annotations
 
@@ -56,6 +56,18 @@ def test_serve_command_serves_the_embedded_model() -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode is not None
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_model_that_cannot_load_ends_the_command_with_its_error(tmp_path, background: bool) -> None:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "phi4flash", "serve", "--model", str(tmp_path / "nonexistent"), "--port", str(port)]
+    result = subprocess.run(cmd + (["--load-in-background"] if background else []), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert f"cannot load the model '{tmp_path / 'nonexistent'}'" in result.stderr
+    assert "neither a checkpoint folder nor a hub id" in result.stderr
+    assert "Traceback" not in result.stderr.split("phi4flash serve: cannot load")[-1]
 
 
 def test_bad_arguments_exit_2() -> None:
