@@ -60,5 +60,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         message = "the tests changed files of the checkout (tests must write only to temporary folders): "
         if reporter is not None:
+            reporter.ensure_newline()
             reporter.write_line(message + ", ".join(changed), red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
