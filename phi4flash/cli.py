@@ -49,7 +49,7 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("prefill/decode speed vs a transformers Phi-3-style baseline", "phi4flash.bench"),
     "eval": Command("accuracy of a model on the held-out math problems", "phi4flash.training.evaluate"),
     "train": Command("retrain the embedded tiny model", "phi4flash.training.train", "train"),
-    "space": Command("write a deployable Hugging Face Space folder", "phi4flash_demo.space", "demo"),
+    "space": Command("build a deployable Hugging Face Space folder", "phi4flash_demo.space", "demo"),
 }
 
 
