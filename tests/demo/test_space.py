@@ -13,6 +13,7 @@ import venv
 from pathlib import Path
 
 import pytest
+from _process import stop
 
 pytest.importorskip("gradio")
 
@@ -116,8 +117,4 @@ def test_the_built_space_starts_from_its_requirements_alone(tmp_path: Path) -> N
             client.close()
         assert 'data-metric="finish">stop<' in stats_html and "boxed{5}" in str(messages)
     finally:
-        app.terminate()
-        try:
-            app.wait(30)
-        except subprocess.TimeoutExpired:
-            app.kill()
+        stop(app)

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the server side of this test needs the 'serve' extra")
 
-from _models import engine_of, model_params  # noqa: E402
+from _models import assert_streams_one_call, engine_of, model_params  # noqa: E402
 from langchain_core.messages import HumanMessage  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
@@ -62,12 +62,7 @@ def test_forced_tool_calls_over_the_server(served: tuple[str, str], choice: str)
 
 def test_a_forced_call_streams_as_tool_call_chunks(served: tuple[str, str]) -> None:
     chunks = list(_remote(served).bind_tools([lookup], tool_choice="lookup").stream("find cats"))
-    with_calls = [c for c in chunks if c.tool_call_chunks]
-    assert with_calls and with_calls[0].tool_call_chunks[0]["name"] == "lookup"
-    full = chunks[0]
-    for c in chunks[1:]:
-        full = full + c
-    assert full.tool_calls[0]["name"] == "lookup" and set(full.tool_calls[0]["args"]) == {"query", "limit"}
+    assert_streams_one_call(chunks, "lookup", {"query", "limit"})
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])

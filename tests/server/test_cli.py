@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+from _process import stop
 
 from .server_helpers import MODEL_SOURCE
 
@@ -49,12 +50,7 @@ def test_serve_command_serves_the_embedded_model() -> None:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope", max_retries=0).models.list()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert proc.returncode is not None
 
 
