@@ -297,8 +297,8 @@ class RemoteEngine:
                             raw_think = not reasoning and content.lstrip().startswith("<think>")
                             splitter = ReasoningSplitter(assume_reasoning_first=False) if raw_think else None
                         pieces.extend(splitter.push(content) if splitter else [("answer", content)])
-                    if delta.get("tool_calls"):
-                        pieces.append(("answer", calls.write(delta["tool_calls"])))
+                    if delta.get("tool_calls") and (written := calls.write(delta["tool_calls"])):
+                        pieces.append(("answer", written))
                     if choice.get("finish_reason") and calls.open:
                         pieces.append(("answer", calls.close()))
                     for channel, text in pieces:

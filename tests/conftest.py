@@ -21,6 +21,13 @@ def _seed() -> None:
     torch.manual_seed(1234)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # langchain-tests' standard suite times the model's constructor with pytest-benchmark: run it once, without
+    # printing a statistics table into the suite's output (--benchmark-enable brings the table back).
+    if hasattr(config.option, "benchmark_disable"):
+        config.option.benchmark_disable = True
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

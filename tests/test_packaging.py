@@ -25,5 +25,10 @@ def test_the_suite_hides_gradios_pandas_deprecation_but_not_ours(request: pytest
         queueing.Queue._get_df([{"a": 1.0}, {"a": None}])  # what gradio's queue runs after each event
         warnings.warn("a deprecation of ours", DeprecationWarning, stacklevel=1)
     messages = [str(w.message) for w in caught]
-    assert not any("copy keyword is deprecated" in m for m in messages), messages
-    assert "a deprecation of ours" in messages  # the filter is scoped to gradio's warning
+    assert not any("copy keyword" in m or "no_silent_downcasting" in m for m in messages), messages
+    assert "a deprecation of ours" in messages  # the filters are scoped to gradio's warnings
+
+
+def test_the_suite_prints_no_benchmark_table(request: pytest.FixtureRequest) -> None:
+    pytest.importorskip("pytest_benchmark")
+    assert request.config.getoption("benchmark_disable")  # langchain-tests' test_init_time runs once, untimed
