@@ -124,3 +124,24 @@ def test_system_prompt_has_a_default_in_the_chat_api() -> None:
     info = demo.get_api_info()["named_endpoints"]["/chat"]["parameters"]
     required = [p["parameter_name"] for p in info if not p["parameter_has_default"]]
     assert required == ["message"], info
+
+
+def test_a_load_error_is_logged_as_one_clear_line(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """The page explains the failure; the terminal gets the message alone (the traceback only with --debug)."""
+    import logging
+    import shutil
+
+    from phi4flash.weights import EMBEDDED_DIR
+    from phi4flash_demo.cli import load_engine
+
+    shutil.copytree(EMBEDDED_DIR, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with caplog.at_level(logging.DEBUG):
+        error = load_engine(parse_args(["--model", str(tmp_path / "ckpt")]))
+    assert "damaged or incomplete" in str(error)
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("phi4flash_demo")]
+    assert len(shown) == 1 and not shown[0].exc_info and "--debug" in shown[0].getMessage()
+    assert "damaged or incomplete" in shown[0].getMessage()
+    assert any(r.exc_info for r in caplog.records if r.levelno == logging.DEBUG)  # there for --debug
