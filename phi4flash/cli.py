@@ -62,6 +62,8 @@ def configure_logging(debug: bool = False) -> None:
     """Log INFO and above to stderr (DEBUG with ``debug``), replacing any earlier set-up."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         force=True)
+    # HTTP clients log every request at INFO (gradio checks its own server with httpx at start).
+    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def _usage() -> str:
