@@ -22,6 +22,7 @@ from .cli import HelpFormatter
 from .config import Phi4FlashConfig
 from .engine import PREFILL_CHUNK
 from .model import Phi4FlashForCausalLM
+from .quant import quantize_model_
 
 
 @dataclass
@@ -196,8 +197,10 @@ def build_parser(prog: str = "phi4flash bench") -> argparse.ArgumentParser:
     parser.add_argument("--real", action="store_true", help="the real dimensions (hidden 2560, vocab 200064)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of both models")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                        help="dtype of both models")
+    parser.add_argument("--dtype", default=None, help="dtype of both models (default: bfloat16 on CUDA and with "
+                                                      "--quantize, else float32)")
+    parser.add_argument("--quantize", default=None,
+                        help="weight-only quantization of ours: int8, int4 or int4-g<group size> (default: none)")
     parser.add_argument("--no-baseline", action="store_true", help="time phi4flash only")
     return parser
 
@@ -210,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--repeat must be >= 1")
     if args.real:
         args.hidden, args.vocab = 2560, 200064
+    if args.dtype is None:
+        args.dtype = "bfloat16" if torch.cuda.is_available() or args.quantize else "float32"
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -217,11 +222,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours = Phi4FlashForCausalLM(our_config(args.hidden, args.layers, args.vocab, args.window))
     ours.init_weights()
     ours = ours.to(device).to_dtype(dtype).eval().tune_weight_layout()  # as the engine runs it
+    if args.quantize:
+        quantize_model_(ours, args.quantize, dtype)
     baseline = None if args.no_baseline else baseline_model(args.hidden, args.layers, args.vocab, dtype).to(device)
     n_ours = sum(p.numel() for p in ours.parameters())
     print(f"# phi4flash bench: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype} on "
           f"{device}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens, prefill chunks of "
-          f"{args.chunk}, best of {args.repeat} runs")
+          f"{args.chunk}, best of {args.repeat} runs" + (f", ours quantized {args.quantize}" if args.quantize else ""))
     print(f"# parameters: phi4flash {n_ours / 1e6:.1f}M" + (
         f", baseline {sum(p.numel() for p in baseline.parameters()) / 1e6:.1f}M" if baseline is not None else ""))
     print("\n| model | prompt | TTFT ms | prefill tok/s | decode tok/s | state MiB/seq | spread prefill / decode |")

@@ -46,6 +46,9 @@ def build_parser(prog: str = "phi4flash chat") -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 "
                                                         "| float16")
+    parser.add_argument("--quantize", default=None,
+                        help="weight-only quantization: int8, int4 or int4-g<32|64|128|256> "
+                             "(default: none; int4 = int4-g128)")
     parser.add_argument("--system", default=None, help="system prompt (none when not given)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="sampling temperature, 0 = greedy (unset: the checkpoint's generation_config)")
@@ -65,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import phi4flash
 
     try:
-        engine = phi4flash.load(args.model, device=args.device, dtype=args.dtype)
+        engine = phi4flash.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
         overrides: dict[str, object] = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}
         if args.temperature is not None:
             overrides["temperature"] = args.temperature

@@ -1,4 +1,4 @@
-"""The ``phi4flash`` command: chat | demo | serve | bench | eval | train | space.
+"""The ``phi4flash`` command: chat | demo | serve | quantize | bench | eval | train | space.
 
 The only module of the core that prints; the faces with heavier dependencies (web chat, server,
 training) are imported when their sub-command runs. Each sub-command lives in a module with a
@@ -36,16 +36,18 @@ class Command:
     summary: str
     module: str  # defines build_parser(prog) -> ArgumentParser and main(argv) -> int
     extra: str | None = None  # the pip extra whose absence makes the import fail
+    prefix: str = ""  # a module holding several commands names them {prefix}build_parser, {prefix}main
 
     def load(self, attribute: str) -> Callable[..., Any]:
         """Import the command's module and return ``build_parser`` or ``main``."""
-        return getattr(importlib.import_module(self.module), attribute)
+        return getattr(importlib.import_module(self.module), self.prefix + attribute)
 
 
 COMMANDS: dict[str, Command] = {
     "chat": Command("chat in the terminal (reasoning dimmed, then a metrics line)", "phi4flash.chat"),
     "demo": Command("the Gradio web chat (default model: embedded)", "phi4flash_demo.cli", "demo"),
     "serve": Command("an OpenAI-compatible HTTP server", "phi4flash.server.cli", "serve"),
+    "quantize": Command("write an int8 / int4 quantized copy of a checkpoint", "phi4flash.cli", prefix="quantize_"),
     "bench": Command("prefill/decode speed vs a transformers Phi-3-style baseline", "phi4flash.bench"),
     "eval": Command("accuracy of a model on the held-out math problems", "phi4flash.training.evaluate"),
     "train": Command("retrain the embedded tiny model", "phi4flash.training.train", "train"),
@@ -56,6 +58,43 @@ COMMANDS: dict[str, Command] = {
 def command_parser(name: str) -> argparse.ArgumentParser:
     """The argument parser of sub-command ``name`` (for help and tests), with its ``phi4flash NAME`` prog."""
     return COMMANDS[name].load("build_parser")(prog=f"phi4flash {name}")
+
+
+def quantize_build_parser(prog: str = "phi4flash quantize") -> argparse.ArgumentParser:
+    """The ``phi4flash quantize`` options."""
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=HelpFormatter,
+        description="Write a weight-only quantized copy of a checkpoint (safetensors, config.json with a "
+                    "quantization entry, tokenizer files) that `phi4flash.load(OUT)` loads directly.")
+    parser.add_argument("source", help="hub id, checkpoint folder or 'embedded'")
+    parser.add_argument("out", help="folder to write")
+    parser.add_argument("--bits", type=int, choices=(8, 4), default=4, help="8: per-channel int8; 4: group-wise int4")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="int4 group size: 32, 64, 128 or 256 (default: 128)")
+    return parser
+
+
+def quantize_main(argv: Sequence[str] | None = None) -> int:
+    """Run ``phi4flash quantize``; return the exit status."""
+    parser = quantize_build_parser()
+    args = parser.parse_args(argv)
+    if args.bits == 8 and args.group_size is not None:
+        parser.error("--group-size is for --bits 4 (int8 has one scale per output channel)")
+
+    import resource
+    import time
+
+    from .quant import QuantSpec
+    from .weights import quantize_checkpoint
+
+    spec = QuantSpec(8) if args.bits == 8 else QuantSpec(4, args.group_size or 128)
+    start = time.perf_counter()
+    out = quantize_checkpoint(args.source, args.out, spec)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print(f"wrote {out} ({spec.label}, {size / 2**30:.2f} GiB of weights) in {time.perf_counter() - start:.1f} s; "
+          f"peak memory {peak:.2f} GiB")
+    return 0
 
 
 def configure_logging(debug: bool = False) -> None:

@@ -74,6 +74,8 @@ class Phi4FlashConfig:
     hidden_act: str = "silu"
     mb_per_layer: int = 2
     model_type: str = MODEL_TYPE
+    # weight-only quantization of a checkpoint written by `phi4flash quantize` (checked by phi4flash.quant)
+    quantization: dict[str, Any] | None = None
     layer_kinds: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -141,6 +143,8 @@ class Phi4FlashConfig:
         """A config.json dict that :meth:`from_dict` (and the official code) reads back."""
         data = asdict(self)
         data.pop("layer_kinds")
+        if data["quantization"] is None:
+            data.pop("quantization")
         data["architectures"] = ["Phi4FlashForCausalLM"]
         data["mamba_dt_rank"] = "auto"
         return data

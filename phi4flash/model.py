@@ -139,10 +139,19 @@ class Phi4FlashForCausalLM(nn.Module):
         """One decode step: (B,) next token ids -> (B, V) float32 logits; rows may be at different lengths."""
         return self(input_ids[:, None], cache=cache, rows=rows)[:, -1]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model (activation) dtype; with quantized weights, the dtype their kernels compute in."""
+        return self.model.final_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs."""
+        return self.model.final_layernorm.weight.device
+
     def new_cache(self, batch_size: int, max_length: int) -> Phi4FlashCache:
         """Empty decode state for ``batch_size`` sequences of up to ``max_length`` tokens."""
-        weight = self.model.embed_tokens.weight
-        return Phi4FlashCache(self.config, batch_size, max_length, dtype=weight.dtype, device=weight.device)
+        return Phi4FlashCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
 
     def to_dtype(self, dtype: torch.dtype) -> Phi4FlashForCausalLM:
         """Cast to ``dtype``, keeping A_log and the lambdas in at least float32."""
@@ -226,7 +235,7 @@ class Phi4FlashModel(nn.Module):
             cache.grow(int(start.max()) + length)
             ctx = _Context(query_pos=start[:, None] + steps, key_valid=None, cache=cache, rows=row_index)
 
-        residual_dtype = acc_dtype(self.embed_tokens.weight.dtype)
+        residual_dtype = acc_dtype(self.final_layernorm.weight.dtype)
         x = self.embed_tokens(input_ids).to(residual_dtype)  # (B, T, D)
         memory: torch.Tensor | None = None  # (B, T, E) from the memory layer, read by the GMUs
         shared_kv: tuple[torch.Tensor, ...] | None = None  # from the full-attention layer, read by cross layers

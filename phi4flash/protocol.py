@@ -10,9 +10,12 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from .metrics import LatencyMetrics
+
+if TYPE_CHECKING:
+    from .constrained import Constraint
 
 Channel = Literal["reasoning", "answer"]
 Message = dict[str, Any]  # {"role": "system"|"user"|"assistant"|"tool", "content": str, ...}
@@ -28,7 +31,9 @@ class GenerationConfig:
 
     ``temperature == 0`` means greedy decoding. ``stop`` strings may span tokens and are trimmed from
     the output. ``min_new_tokens`` keeps the stop tokens away until that many tokens are generated (like
-    vLLM's ``min_tokens``). ``logits_processor`` lets adapters constrain decoding (tool calls, JSON schemas).
+    vLLM's ``min_tokens``). ``constraint`` (a :class:`phi4flash.constrained.Constraint`) keeps the output inside a
+    grammar (a JSON schema, a forced tool call); the engine masks every constrained row of a step in one pass.
+    ``logits_processor`` runs after it, per row, for anything else.
     """
 
     max_new_tokens: int = 4096
@@ -41,6 +46,7 @@ class GenerationConfig:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logits_processor: LogitsProcessor | None = None
+    constraint: Constraint | None = None
 
     @property
     def greedy(self) -> bool:

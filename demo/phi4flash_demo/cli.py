@@ -34,6 +34,9 @@ def build_parser(prog: str = "phi4flash demo") -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cuda | mps | cpu | auto (cuda > mps > cpu)")
     parser.add_argument("--dtype", default="auto", help="bfloat16 | float16 | float32 | auto (bfloat16 on CUDA, "
                                                         "else float32)")
+    parser.add_argument("--quantize", default=None,
+                        help="weight-only quantization: int8, int4 or int4-g<32|64|128|256> "
+                             "(default: none; int4 = int4-g128)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
@@ -73,7 +76,8 @@ def load_engine(args: argparse.Namespace) -> Any:
             engine = phi4flash.RemoteEngine(args.remote, args.model, api_key=api_key(args))
             engine.check()
             return engine
-        return phi4flash.load(args.model or "embedded", device=args.device, dtype=args.dtype)
+        return phi4flash.load(args.model or "embedded", device=args.device, dtype=args.dtype,
+                              quantize=args.quantize)
     except Exception as exc:  # shown on the page with hints on how to fix it
         logger.error("could not load %s: %s: %s%s", args.remote or args.model or "embedded", type(exc).__name__, exc,
                      "" if args.debug else " (--debug shows the traceback)")

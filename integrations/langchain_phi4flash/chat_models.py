@@ -50,7 +50,7 @@ _DONE = object()
 
 
 def get_engine(model: str = "embedded", *, device: str = "auto", dtype: str = "auto", base_url: str | None = None,
-               api_key: str | None = None) -> Any:
+               api_key: str | None = None, quantize: str | None = None) -> Any:
     """The process-wide engine for a model, loaded on first use and then shared.
 
     Args:
@@ -59,11 +59,12 @@ def get_engine(model: str = "embedded", *, device: str = "auto", dtype: str = "a
         dtype: for local engines: "auto" or a dtype name.
         base_url: an OpenAI-compatible server's API root; then a ``phi4flash.RemoteEngine`` is used.
         api_key: for the server.
+        quantize: for local engines: "int8", "int4", "int4-g<group size>" or None (weight-only quantization).
 
     Returns:
         An object implementing ``phi4flash.Engine``.
     """
-    key = ("remote", base_url, model, api_key) if base_url else ("local", model, device, dtype)
+    key = ("remote", base_url, model, api_key) if base_url else ("local", model, device, dtype, quantize)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
@@ -74,7 +75,7 @@ def get_engine(model: str = "embedded", *, device: str = "auto", dtype: str = "a
             else:
                 import phi4flash
 
-                engine = phi4flash.load(model, device=device, dtype=dtype)
+                engine = phi4flash.load(model, device=device, dtype=dtype, quantize=quantize)
             _ENGINES[key] = engine
         return engine
 
@@ -170,7 +171,9 @@ class ChatPhi4Flash(BaseChatModel):
     device: str = "auto"
     """Local engines: "auto" (cuda > mps > cpu), "cpu", "cuda", ..."""
     dtype: str = "auto"
-    """Local engines: "auto" (bf16 on CUDA, fp32 elsewhere) or a dtype name."""
+    """Local engines: "auto" (bf16 on CUDA and for quantized weights, fp32 elsewhere) or a dtype name."""
+    quantize: str | None = None
+    """Local engines: weight-only quantization, "int8", "int4" or "int4-g<group size>" (None: as stored)."""
     temperature: float = 0.6
     """Sampling temperature; 0 means greedy."""
     max_tokens: int = Field(default=4096, alias="max_new_tokens")
@@ -203,6 +206,7 @@ class ChatPhi4Flash(BaseChatModel):
             "base_url": self.base_url,
             "device": self.device,
             "dtype": self.dtype,
+            "quantize": self.quantize,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
             "top_p": self.top_p,
@@ -237,7 +241,8 @@ class ChatPhi4Flash(BaseChatModel):
         if self.engine is not None:
             return self.engine
         key = self.api_key.get_secret_value() if self.api_key is not None else None
-        return get_engine(self.model_name, device=self.device, dtype=self.dtype, base_url=self.base_url, api_key=key)
+        return get_engine(self.model_name, device=self.device, dtype=self.dtype, base_url=self.base_url, api_key=key,
+                          quantize=self.quantize)
 
     def _tokenizer(self) -> Any:
         return getattr(self.get_engine(), "tokenizer", None)
@@ -319,17 +324,19 @@ class ChatPhi4Flash(BaseChatModel):
 
     # -- generation ------------------------------------------------------------------------------------
 
-    def _config(self, stop: list[str] | None, max_tokens: int, processor: Any) -> GenerationConfig:
+    def _config(self, stop: list[str] | None, max_tokens: int, processor: Any, constraint: Any) -> GenerationConfig:
         stops = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
         return GenerationConfig(max_new_tokens=max_tokens, temperature=float(self.temperature), top_p=self.top_p,
                                 top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                                seed=self.seed, stop=stops, logits_processor=processor)
+                                seed=self.seed, stop=stops, logits_processor=processor, constraint=constraint)
 
     def _plan(self, messages: list[BaseMessage], stop: list[str] | None,
               kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], GenerationConfig, bool, bool, dict[str, Any]]:
         """Prompt, generation config, whether tool calls are parsed, whether a call is forced, and the request
         fields a server gets (tools, tool_choice, response_format: a remote engine constrains on the server)."""
-        from phi4flash import RemoteEngine, constrained
+        from phi4flash import RemoteEngine
+        from phi4flash.constrained import constraint_for
+        from phi4flash.reasoning import AnswerGuard
 
         tools = list(kwargs.get("tools") or [])
         tool_choice = kwargs.get("tool_choice")
@@ -340,25 +347,24 @@ class ChatPhi4Flash(BaseChatModel):
         forced = phi_tools.forced_tools(tools, tool_choice)
         schema = _response_schema(kwargs.get("response_format")) if not forced else None
         max_tokens = int(kwargs.get("max_tokens") or self.max_tokens)
+        processor: Any = None
+        constraint: Any = None
         engine = self.get_engine()
         if isinstance(engine, RemoteEngine):
             request = {"tools": tools_for_prompt or None,
                        "tool_choice": _openai_tool_choice(tools, tool_choice) if tools_for_prompt else None,
                        "response_format": _openai_response_format(schema)}
-            return (to_engine_messages(messages), self._config(stop, max_tokens, None), bool(tools_for_prompt),
+            return (to_engine_messages(messages), self._config(stop, max_tokens, None, None), bool(tools_for_prompt),
                     bool(forced), request)
         prompt = phi_tools.attach_tools(to_engine_messages(messages), tools_for_prompt)
-        processor: Any = None
         tokenizer = getattr(engine, "tokenizer", None)
         if (forced or schema is not None) and tokenizer is not None:
-            processor, max_tokens = constrained.constrained_processor(
-                tokenizer, tools=forced, schema=schema, max_new_tokens=max_tokens,
-                max_reasoning_tokens=self.reasoning_budget)
+            constraint = constraint_for(tokenizer, tools=forced, schema=schema, max_new_tokens=max_tokens,
+                                        max_reasoning_tokens=self.reasoning_budget)
         elif tokenizer is not None and (self.require_answer or self.reasoning_budget is not None):
-            processor = constrained.AnswerGuard(tokenizer, max_new_tokens=max_tokens,
-                                                max_reasoning_tokens=self.reasoning_budget,
-                                                require_answer=self.require_answer)
-        config = self._config(stop, max_tokens, processor)
+            processor = AnswerGuard(tokenizer, max_new_tokens=max_tokens, max_reasoning_tokens=self.reasoning_budget,
+                                    require_answer=self.require_answer)
+        config = self._config(stop, max_tokens, processor, constraint)
         return prompt, config, bool(tools_for_prompt), bool(forced), {}
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,

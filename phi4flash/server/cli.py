@@ -42,6 +42,9 @@ def build_parser(prog: str = "phi4flash serve") -> argparse.ArgumentParser:
                    help="completion budget when a request sets no max_tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--quantize", default=None,
+                        help="weight-only quantization: int8, int4 or int4-g<32|64|128|256> "
+                             "(default: none; int4 = int4-g128)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server and phi4flash log level (debug adds tracebacks to errors)")
     p.add_argument("--load-in-background", action="store_true",
@@ -54,7 +57,8 @@ def build_parser(prog: str = "phi4flash serve") -> argparse.ArgumentParser:
     return p
 
 
-def load_engine(model: str, *, max_batch: int, device: str = "auto", dtype: str = "auto") -> Any:
+def load_engine(model: str, *, max_batch: int, device: str = "auto", dtype: str = "auto",
+                quantize: str | None = None) -> Any:
     """Load an engine with ``phi4flash.load``, passing device and dtype only when they are not "auto".
 
     Args:
@@ -62,6 +66,7 @@ def load_engine(model: str, *, max_batch: int, device: str = "auto", dtype: str 
         max_batch: Requests the engine decodes together.
         device: Device name or "auto".
         dtype: Dtype name or "auto".
+        quantize: "int8", "int4", "int4-g<group size>" or None.
 
     Returns:
         The loaded engine.
@@ -73,6 +78,8 @@ def load_engine(model: str, *, max_batch: int, device: str = "auto", dtype: str 
         kwargs["device"] = device
     if dtype != "auto":
         kwargs["dtype"] = dtype
+    if quantize:
+        kwargs["quantize"] = quantize
     return phi4flash.load(model, **kwargs)
 
 
@@ -95,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_with_ray(model=args.model, replicas=args.replicas, host=args.host, port=args.port,
                               api_key=args.api_key, model_name=args.model_name, max_batch=args.max_batch,
                               max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
-                              device=args.device, dtype=args.dtype, replica_cpus=args.replica_cpus,
+                              device=args.device, dtype=args.dtype, quantize=args.quantize,
+                              replica_cpus=args.replica_cpus,
                               replica_gpus=args.replica_gpus)
     try:
         import uvicorn  # noqa: PLC0415
@@ -105,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"phi4flash serve needs the 'serve' extra: pip install 'phi4flash[serve]' ({exc})")
 
     loader = functools.partial(load_engine, args.model, max_batch=args.max_batch, device=args.device,
-                               dtype=args.dtype)
+                               dtype=args.dtype, quantize=args.quantize)
     failures: list[BaseException] = []
     server: Any = None
 

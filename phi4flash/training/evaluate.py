@@ -70,7 +70,7 @@ def heldout_problems(n_per_family: int, seed: int = 0, families: Sequence[str] |
 
 def evaluate(source: str = "embedded", n_per_family: int = 50, seed: int = 0, *, batch: int = 8,
              max_new_tokens: int = 256, families: Sequence[str] | None = None, engine: Any = None,
-             progress: bool = False) -> dict[str, Any]:
+             progress: bool = False, quantize: str | None = None) -> dict[str, Any]:
     """Generate greedily for the held-out problems and grade the boxed answers.
 
     Args:
@@ -82,6 +82,7 @@ def evaluate(source: str = "embedded", n_per_family: int = 50, seed: int = 0, *,
         families: Families to evaluate (default: all math families).
         engine: An already loaded engine to use.
         progress: Show a tqdm progress bar.
+        quantize: weight-only quantization of the loaded model ("int8", "int4", ...; ignored with ``engine``).
 
     Returns:
         ``{"families": {family: {"n", "correct", "accuracy"}}, "overall": {...}, "tokens_per_s": float,
@@ -93,7 +94,7 @@ def evaluate(source: str = "embedded", n_per_family: int = 50, seed: int = 0, *,
     if engine is None:
         from .. import load
 
-        engine = load(source, max_batch=batch)
+        engine = load(source, max_batch=batch, quantize=quantize)
     problems = heldout_problems(n_per_family, seed, families)
     config = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     results: list[Graded] = []
@@ -176,9 +177,11 @@ def build_parser(prog: str = "phi4flash eval") -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``phi4flash eval [DIR] [--n N] [--seed S]``."""
     parser = build_parser()
+    parser.add_argument("--quantize", default=None,
+                        help="weight-only quantization: int8, int4 or int4-g<group size> (default: none)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     report = evaluate(args.source, args.n, args.seed, batch=args.batch, max_new_tokens=args.max_new_tokens,
-                      families=args.families, progress=True)
+                      families=args.families, progress=True, quantize=args.quantize)
     print(format_report(report))  # noqa: T201 (command-line output)
     if args.errors:
         for family in report["families"]:

@@ -37,7 +37,8 @@ def tiny_engine() -> Any:
 
 def model_params() -> dict[str, Any]:
     """Constructor arguments of ChatPhi4Flash for the CPU tests (small budgets keep the suites fast)."""
-    base: dict[str, Any] = {"temperature": 0, "max_tokens": 48, "reasoning_budget": 16}
+    # max_tokens is a hard cap (as in the OpenAI API): room for a forced call of the standard tools (~50 tokens).
+    base: dict[str, Any] = {"temperature": 0, "max_tokens": 96, "reasoning_budget": 16}
     if embedded_available():
         return {"model": "embedded", **base}
     return {"engine": tiny_engine(), **base}

@@ -1,0 +1,440 @@
+"""The kernels that run weight-only quantized linears, and the memory layouts they read.
+
+:func:`pack` turns the portable tensors of one layer (see :mod:`phi4flash.quant`) into a
+:class:`PackedWeight` for one device: PyTorch's own kernels (``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu`` on CPU, ``_weight_int4pack_mm`` / ``_weight_int8pack_mm`` on CUDA
+where the build has them). A device or dtype they do not cover is refused with the reason, never run
+on a silent slow path.
+
+Few rows (decode) go through the quantized matrix-vector kernel; many rows (prefill) dequantize the
+weight once per call and use the dense matrix multiply, which PyTorch's quantized kernels are not made
+for (measured on this project's CPU: 11-18x slower than bfloat16 ``F.linear`` at 512 rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+# Above this many rows a call dequantizes the weight and runs the dense matmul (see the module docstring);
+# classes whose dequantization is slow raise it.
+DEQUANT_ROWS = 32
+_PACK_ROWS = 4096  # rows packed at a time (a multiple of the CPU int4 layout's 64-row blocks)
+_CPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class KernelUnavailableError(RuntimeError):
+    """Quantized weights were asked for on a device or dtype that no available kernel runs."""
+
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    try:
+        return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key)
+    except RuntimeError:  # the operator does not exist in this PyTorch
+        return False
+
+
+def check_support(device: torch.device, dtype: torch.dtype, bits: int) -> None:
+    """Raise :class:`KernelUnavailableError` (reason and fix) unless ``bits``-bit weights run on ``device``."""
+    name = f"int{bits}"
+    if device.type == "cpu":
+        op = "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm_for_cpu"
+        if not _has_kernel(op, "cpu"):
+            raise KernelUnavailableError(f"{name} weights need PyTorch's {op} CPU kernel, which torch "
+                                         f"{torch.__version__} lacks; upgrade torch (2.6 or newer)")
+        if dtype not in _CPU_DTYPES:
+            raise KernelUnavailableError(f"{name} weights on CPU run with bfloat16, float16 or float32 activations, "
+                                         f"not {dtype}; pass dtype='bfloat16'")
+        if dtype == torch.float32:
+            _warn_float32(name)
+        return
+    if device.type == "cuda":
+        op = "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm"
+        if not _has_kernel(op, "cuda"):
+            alternative = "quantize='int4'" if bits == 8 else "no quantization (bfloat16 fits any large GPU)"
+            raise KernelUnavailableError(f"{name} weights on CUDA need PyTorch's {op} CUDA kernel, which this "
+                                         f"build (torch {torch.__version__}) lacks; use {alternative}")
+        if bits == 4 and dtype != torch.bfloat16:
+            raise KernelUnavailableError(f"int4 weights on CUDA run with bfloat16 activations only, not {dtype}; "
+                                         "pass dtype='bfloat16'")
+        return
+    raise KernelUnavailableError(f"quantized weights run on CPU and CUDA, not {device.type}; load with "
+                                 "device='cpu' or 'cuda', or without quantize=")
+
+
+@functools.cache
+def _warn_float32(name: str) -> None:
+    logger.warning("%s weights with float32 activations: PyTorch's CPU kernels are about 10x slower than with "
+                   "bfloat16; pass dtype='bfloat16' (the default with quantize=) for speed", name)
+
+
+class PackedWeight:
+    """One layer's quantized weight in a kernel's layout, with activations in ``dtype``."""
+
+    bits: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def __init__(self, out_features: int, in_features: int, group_size: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
+        self.device, self.dtype = device, dtype
+
+    dequant_rows = DEQUANT_ROWS
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, K) activations in ``dtype`` -> (M, N): the kernel for few rows, dequantize + dense for many."""
+        if x.shape[0] > self.dequant_rows:
+            return F.linear(x, self.dequantize(x.dtype))
+        return self.kernel(x)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N) through the quantized kernel."""
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole (N, K) weight in ``dtype``."""
+        raise NotImplementedError
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """index.shape + (K,): rows of the weight in the activation dtype."""
+        raise NotImplementedError
+
+    def portable(self) -> dict[str, torch.Tensor]:
+        """The portable CPU tensors this was packed from."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed tensors."""
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+
+
+class Int8Weight(PackedWeight):
+    """Per-channel int8: q (N, K) int8 and scales (N,) in the activation dtype (CPU and CUDA share it)."""
+
+    bits = 8
+
+    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(out_features, in_features, 0, device, dtype)
+        self.qweight = tensors["qweight"].to(device).contiguous()
+        self.scales = tensors["scales"].to(device=device, dtype=dtype)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(self.qweight.shape, dtype=dtype, device=self.device)
+        for i in range(0, self.out_features, _PACK_ROWS):  # in float32, rounded once, in bounded pieces
+            piece = slice(i, i + _PACK_ROWS)
+            out[piece] = self.qweight[piece].float() * self.scales[piece].float()[:, None]
+        return out
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        return (self.qweight[index].float() * self.scales[index].float()[..., None]).to(self.dtype)
+
+    def portable(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight.cpu(), "scales": self.scales.cpu().to(torch.bfloat16)}
+
+
+class CpuInt4Weight(PackedWeight):
+    """Group-wise int4 in the layout of PyTorch's CPU kernel (see :func:`cpu_int4_unpack`), with
+    scales and zeros as one (K/g, N, 2) tensor in the activation dtype."""
+
+    bits = 4
+    dequant_rows = 128  # its dequantization is pure PyTorch (several passes): worth it only for long chunks
+
+    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, group_size: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__(out_features, in_features, group_size, torch.device("cpu"), dtype)
+        check_cpu_int4_layout()
+        values = torch.stack([tensors["qweight"] & 15, tensors["qweight"] >> 4], dim=-1).view(out_features, -1)
+        self.packed = cpu_int4_pack(values)
+        self.scales_zeros = torch.stack([tensors["scales"], tensors["zeros"]], dim=-1).transpose(0, 1).to(
+            dtype).contiguous()  # (K/g, N, 2)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
+
+    def _scale_zero(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        # (..., K/g) scales and zeros of the given rows
+        sz = self.scales_zeros[:, index]  # (K/g, ..., 2)
+        return sz[..., 0].movedim(0, -1), sz[..., 1].movedim(0, -1)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        values = cpu_int4_unpack(self.packed, self.out_features, self.in_features)
+        scale, zero = self._scale_zero(slice(None))
+        return _affine(values, scale.to(dtype), zero.to(dtype), self.group_size, dtype)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        flat = index.reshape(-1)
+        values = cpu_int4_rows(self.packed, self.out_features, self.in_features, flat)
+        scale, zero = self._scale_zero(flat)
+        out = _affine(values, scale, zero, self.group_size, self.dtype)
+        return out.view(*index.shape, self.in_features)
+
+    def portable(self) -> dict[str, torch.Tensor]:
+        values = cpu_int4_unpack(self.packed, self.out_features, self.in_features)
+        scale, zero = self._scale_zero(slice(None))
+        return {"qweight": values[:, 0::2] | (values[:, 1::2] << 4),
+                "scales": scale.to(torch.bfloat16).contiguous(), "zeros": zero.to(torch.bfloat16).contiguous()}
+
+
+class CudaInt4Weight(PackedWeight):
+    """Group-wise int4 in the tile layout of PyTorch's CUDA kernel (tinygemm). That layout cannot be read
+    back row by row, so the portable tensors are kept too (on the GPU) for embedding rows and saving."""
+
+    bits = 4
+
+    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, group_size: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(out_features, in_features, group_size, device, dtype)
+        self.qweight = tensors["qweight"].to(device)
+        self.scales, self.zeros = tensors["scales"].to(device, dtype), tensors["zeros"].to(device, dtype)
+        self.packed = _cuda_int4_pack(self.qweight)
+        self.scales_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous()
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_zeros)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x)  # a real GEMM kernel on CUDA: no dequantization for many rows
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        values = torch.stack([self.qweight & 15, self.qweight >> 4], dim=-1).view(self.out_features, -1)
+        return _affine(values, self.scales.to(dtype), self.zeros.to(dtype), self.group_size, dtype)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        q = self.qweight[index.reshape(-1)]
+        values = torch.stack([q & 15, q >> 4], dim=-1).view(q.shape[0], -1)
+        out = _affine(values, self.scales[index.reshape(-1)], self.zeros[index.reshape(-1)], self.group_size,
+                      self.dtype)
+        return out.view(*index.shape, self.in_features)
+
+    def portable(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight.cpu(), "scales": self.scales.cpu().to(torch.bfloat16),
+                "zeros": self.zeros.cpu().to(torch.bfloat16)}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros, self.qweight))
+
+
+class NativeInt4Weight(PackedWeight):
+    """Group-wise int4 in nibble planes for phi4flash's own CPU kernels (:mod:`phi4flash.native`)."""
+
+    bits = 4
+
+    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, group_size: int,
+                 kernels: Any) -> None:
+        super().__init__(out_features, in_features, group_size, torch.device("cpu"), torch.bfloat16)
+        self.ops = kernels
+        values = torch.stack([tensors["qweight"] & 15, tensors["qweight"] >> 4], dim=-1).view(out_features, -1)
+        self.planes = to_planes(values)
+        self.scales = tensors["scales"].to(torch.bfloat16).contiguous()
+        self.zeros = tensors["zeros"].to(torch.bfloat16).contiguous()
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.int4_linear(x, self.planes, self.scales, self.zeros, self.group_size)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.ops.dequantize(self.planes, self.scales, self.zeros, self.group_size).to(dtype)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        out = self.ops.dequantize(self.planes, self.scales, self.zeros, self.group_size, index.reshape(-1))
+        return out.view(*index.shape, self.in_features)
+
+    def portable(self) -> dict[str, torch.Tensor]:
+        values = from_planes(self.planes)
+        return {"qweight": values[:, 0::2] | (values[:, 1::2] << 4), "scales": self.scales.clone(),
+                "zeros": self.zeros.clone()}
+
+
+class NativeInt8Weight(PackedWeight):
+    """Per-channel int8 as two nibble planes of q + 128, for phi4flash's own CPU kernels."""
+
+    bits = 8
+
+    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, kernels: Any) -> None:
+        super().__init__(out_features, in_features, 0, torch.device("cpu"), torch.bfloat16)
+        self.ops = kernels
+        unsigned = (tensors["qweight"].to(torch.int16) + 128).to(torch.uint8)
+        low, high = to_planes(unsigned & 15), to_planes(unsigned >> 4)
+        blocks = (out_features, in_features // 128, 64)
+        self.planes = torch.cat([low.view(blocks), high.view(blocks)], dim=-1).view(out_features, -1)
+        self.scales = tensors["scales"].to(torch.bfloat16).contiguous()
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.int8_linear(x, self.planes, self.scales)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.ops.dequantize(self.planes, self.scales).to(dtype)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        out = self.ops.dequantize(self.planes, self.scales, rows=index.reshape(-1))
+        return out.view(*index.shape, self.in_features)
+
+    def portable(self) -> dict[str, torch.Tensor]:
+        blocks = self.planes.view(self.out_features, self.in_features // 128, 128)
+        low = from_planes(blocks[..., :64].reshape(self.out_features, -1))
+        high = from_planes(blocks[..., 64:].reshape(self.out_features, -1))
+        return {"qweight": ((high.to(torch.int16) << 4 | low) - 128).to(torch.int8), "scales": self.scales.clone()}
+
+
+def to_planes(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) nibbles -> (N, K/2) bytes in nibble planes (see phi4flash/csrc/quant_cpu.cpp): per block of 128
+    inputs, 32 little-endian 16-bit lanes, lane i holding input 32 t + i at bits 4 t .. 4 t + 3."""
+    n, k = values.shape
+    v = values.view(n, k // 128, 4, 32).to(torch.int32)
+    lanes = v[:, :, 0] | (v[:, :, 1] << 4) | (v[:, :, 2] << 8) | (v[:, :, 3] << 12)
+    return lanes.to(torch.int16).view(torch.uint8).reshape(n, k // 2).contiguous()
+
+
+def from_planes(planes: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_planes`: (N, K/2) bytes -> (N, K) uint8 nibbles."""
+    n = planes.shape[0]
+    lanes = planes.contiguous().view(torch.int16).view(n, -1, 32).to(torch.int32) & 0xFFFF
+    return torch.stack([(lanes >> (4 * t)) & 15 for t in range(4)], dim=2).to(torch.uint8).view(n, -1)
+
+
+def native_kernels(device: torch.device, dtype: torch.dtype, in_features: int, group_size: int) -> Any:
+    """phi4flash's own CPU kernels when they take this layer (bfloat16 activations, widths in blocks of 128,
+    an int4 group of 32, 64 or a multiple of 128), else None."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or in_features % 128:
+        return None
+    if group_size and group_size not in (32, 64) and group_size % 128:
+        return None
+    from . import native
+
+    return native.load()
+
+
+@torch.no_grad()
+def pack(tensors: dict[str, torch.Tensor], bits: int, group_size: int, out_features: int, in_features: int, *,
+         device: torch.device, dtype: torch.dtype) -> PackedWeight:
+    """Portable tensors of one layer -> the :class:`PackedWeight` that runs on ``device``."""
+    check_support(device, dtype, bits)
+    ops = native_kernels(device, dtype, in_features, group_size)
+    if ops is not None:
+        if bits == 8:
+            return NativeInt8Weight(tensors, out_features, in_features, ops)
+        return NativeInt4Weight(tensors, out_features, in_features, group_size, ops)
+    if bits == 8:
+        return Int8Weight(tensors, out_features, in_features, device, dtype)
+    if device.type == "cpu":
+        return CpuInt4Weight(tensors, out_features, in_features, group_size, dtype)
+    return CudaInt4Weight(tensors, out_features, in_features, group_size, device, dtype)
+
+
+def _affine(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+            dtype: torch.dtype) -> torch.Tensor:
+    """(R, K) int4 values, (R, K/g) scales and zeros -> (q - 8) * s + z, (R, K) in ``dtype``.
+
+    Computed in float32 and rounded once, ``_PACK_ROWS`` rows at a time (a bounded float32 temporary)."""
+    rows, k = values.shape
+    out = torch.empty(rows, k, dtype=dtype, device=values.device)
+    for i in range(0, rows, _PACK_ROWS):
+        q = values[i:i + _PACK_ROWS].view(-1, k // group_size, group_size).float() - 8
+        part = q * scale[i:i + _PACK_ROWS].float()[..., None] + zero[i:i + _PACK_ROWS].float()[..., None]
+        out[i:i + _PACK_ROWS] = part.view(-1, k)
+    return out
+
+
+# -- PyTorch's CPU int4 layout --------------------------------------------------------------------------------------
+# _convert_weight_to_int4pack_for_cpu packs (N, K) values into (N, K/2) bytes, block by block of 64 rows:
+# a block is K groups of 32 bytes, byte j of group k holding row j (low nibble) and row 32 + j (high) at
+# input k. A last block of t < 64 rows is K groups of t/2 bytes, byte j holding rows 2j and 2j + 1.
+# The layout is PyTorch's internal one: check_cpu_int4_layout() verifies it once per process.
+
+
+def cpu_int4_pack(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 values in [0, 15] -> PyTorch's CPU int4 layout, ``_PACK_ROWS`` rows at a time."""
+    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(values[i:i + _PACK_ROWS].to(torch.int32), 1)
+                      for i in range(0, values.shape[0], _PACK_ROWS)])
+
+
+def cpu_int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`cpu_int4_pack`: (N, K/2) packed -> (N, K) uint8 values."""
+    full = n // 64 * 64
+    blocks = packed.reshape(-1)[:full * k // 2].view(n // 64, k, 32)
+    head = torch.stack([blocks & 15, blocks >> 4], dim=1).transpose(2, 3).reshape(full, k)
+    if full == n:
+        return head
+    tail_bytes = packed.reshape(-1)[full * k // 2:].view(k, (n - full) // 2)
+    tail = torch.stack([tail_bytes & 15, tail_bytes >> 4], dim=-1).reshape(k, n - full).t()
+    return torch.cat([head, tail])
+
+
+def cpu_int4_rows(packed: torch.Tensor, n: int, k: int, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (R,) of the values in PyTorch's CPU int4 layout -> (R, K) uint8, without unpacking all."""
+    full = n // 64 * 64
+    flat = packed.reshape(-1)
+    blocks = flat[:full * k // 2].view(n // 64, k, 32)
+    out = torch.empty(index.shape[0], k, dtype=torch.uint8, device=packed.device)
+    in_blocks = index < full
+    if bool(in_blocks.any()):
+        rows = index[in_blocks]
+        byte = blocks[rows // 64, :, rows % 32]  # (R, K)
+        out[in_blocks] = (byte >> (4 * ((rows % 64) // 32)).to(torch.uint8)[:, None]) & 15
+    if not bool(in_blocks.all()):
+        rows = index[~in_blocks] - full
+        tail = flat[full * k // 2:].view(k, (n - full) // 2)
+        byte = tail[:, rows // 2].t()  # (R, K)
+        out[~in_blocks] = (byte >> (4 * (rows % 2)).to(torch.uint8)[:, None]) & 15
+    return out
+
+
+@functools.cache
+def check_cpu_int4_layout() -> None:
+    """Verify, once, that this PyTorch packs CPU int4 weights the way :func:`cpu_int4_unpack` reads them."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 16, (80, 64), dtype=torch.uint8, generator=generator)  # one full block + a tail
+    packed = cpu_int4_pack(values)
+    rows = torch.tensor([0, 31, 32, 63, 64, 79])
+    if not (torch.equal(cpu_int4_unpack(packed, 80, 64), values)
+            and torch.equal(cpu_int4_rows(packed, 80, 64, rows), values[rows])):
+        raise KernelUnavailableError(f"torch {torch.__version__} packs CPU int4 weights in a layout phi4flash does "
+                                     "not know; use quantize='int8', or a torch version phi4flash supports")
+
+
+# -- PyTorch's CUDA int4 layout ---------------------------------------------------------------------------------------
+
+
+def _cuda_int4_pack(qweight: torch.Tensor) -> torch.Tensor:
+    """Portable (N, K/2) uint8 on CUDA -> tinygemm's tiles (``_convert_weight_to_int4pack``, 8 inner k-tiles).
+
+    The kernel reads input 2j from the high nibble (torchao packs it so); :func:`_cuda_nibbles_high_first`
+    checks that once on the device and the bytes are swapped to match."""
+    if _cuda_nibbles_high_first(qweight.device):
+        qweight = (qweight << 4) | (qweight >> 4)
+    return torch.ops.aten._convert_weight_to_int4pack(qweight.contiguous(), 8)
+
+
+@functools.cache
+def _cuda_nibbles_high_first(device: torch.device) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    n, k, g = 64, 256, 128
+    values = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+    scales = torch.rand(k // g, n, 1, generator=generator) / 8 + 0.01
+    zeros = torch.randn(k // g, n, 1, generator=generator) / 8
+    scales_zeros = torch.cat([scales, zeros], dim=-1).to(device, torch.bfloat16)
+    x = torch.randn(4, k, generator=generator).to(device, torch.bfloat16)
+    weight = _affine(values, scales[..., 0].t(), zeros[..., 0].t(), g, torch.float32).to(device)
+    expected = x.float() @ weight.t()
+    low_first = (values[:, 0::2] | (values[:, 1::2] << 4)).to(device)
+    for high_first, data in ((True, (low_first << 4) | (low_first >> 4)), (False, low_first)):
+        out = torch.ops.aten._weight_int4pack_mm(x, torch.ops.aten._convert_weight_to_int4pack(data, 8), g,
+                                                 scales_zeros)
+        if torch.allclose(out.float(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max())):
+            return high_first
+    raise KernelUnavailableError(f"torch {torch.__version__}'s CUDA int4 kernel reads weights in a layout phi4flash "
+                                 "does not know; use quantize='int8' or no quantization on this GPU")
+
