@@ -36,6 +36,7 @@ from .protocol import (
     PromptTooLongError,
     StreamEvent,
     Usage,
+    check_messages,
 )
 from .quant import QuantSpec, weights_label
 from .reasoning import ReasoningSplitter
@@ -204,8 +205,9 @@ class LocalEngine:
 
         Raises:
             PromptTooLongError: the prompt leaves no room for a new token in the context.
-            ValueError: invalid sampling values (naming the field).
+            ValueError: an empty conversation, or invalid sampling values (naming the field).
         """
+        check_messages(messages)
         return self.stream_ids(self.tokenizer.encode_chat(messages), config, cancel=cancel)
 
     def stream_ids(self, prompt_ids: Sequence[int], config: GenerationConfig | None = None, *,

@@ -127,6 +127,22 @@ class PromptTooLongError(ValueError):
     """The prompt (plus at least one new token) does not fit in the model's context."""
 
 
+def check_messages(messages: Any) -> None:
+    """Raise ``ValueError`` unless ``messages`` is a non-empty list of message dicts with a ``role``.
+
+    Engines call it before tokenising, so a mistake gets a message naming it instead of a prompt made of
+    nothing (an empty list renders to a bare generation prompt) or of the characters of a string.
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, not "
+                         f"{type(messages).__name__}; e.g. [{{'role': 'user', 'content': 'Hi'}}]")
+    if not messages:
+        raise ValueError("empty conversation: give at least one message, e.g. [{'role': 'user', 'content': 'Hi'}]")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', not {message!r:.80}")
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What the web chat, the LangChain model and the server need from an engine."""

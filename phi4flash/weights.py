@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -108,6 +108,20 @@ def resolve_checkpoint(source: str | os.PathLike[str], *, revision: str | None =
                               "or no network); download it once online, or pass a local folder") from err
 
 
+def _open_weights(file: Path) -> object:
+    """``safe_open`` that names a damaged, truncated or missing file and says what to do about it."""
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: the checkpoint's index lists it; download the checkpoint again "
+                              "(or copy the whole folder)") from None
+    except (SafetensorError, OSError) as err:
+        size = file.stat().st_size if file.exists() else 0
+        raise CheckpointError(f"{file} ({size:,} bytes) is damaged or incomplete, probably an interrupted download "
+                              f"or copy ({err}); delete it and download it again (for a hub model, "
+                              "`hf download <id> --force-download`)") from None
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> safetensors file, via the index when the checkpoint is sharded."""
     index = path / "model.safetensors.index.json"
@@ -118,7 +132,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
     single = path / "model.safetensors"
     if not single.exists():
         raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
-    with safe_open(single, framework="pt") as f:
+    with _open_weights(single) as f:  # type: ignore[attr-defined]
         return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
 
@@ -192,7 +206,7 @@ def load_model(source: str | os.PathLike[str], *, dtype: str | torch.dtype | Non
         prefix, _, leaf = name.rpartition(".")
         if prefix in targets and leaf != "bias":
             # One tensor at a time, its file closed after it, so that the mapped float weights are let go.
-            with safe_open(file, framework="pt", device="cpu") as handle:
+            with _open_weights(file) as handle:  # type: ignore[attr-defined]
                 tensor = handle.get_tensor(name)
                 if stored is None:
                     targets[prefix].set_weight(tensor, device=device, dtype=target)
@@ -203,7 +217,7 @@ def load_model(source: str | os.PathLike[str], *, dtype: str | torch.dtype | Non
                         targets[prefix].set_quantized(pending.pop(prefix), device=device, dtype=target)
             continue
         keep = acc_dtype(target) if leaf in FP32_PARAMETERS else target
-        with safe_open(file, framework="pt", device="cpu") as handle:
+        with _open_weights(file) as handle:  # type: ignore[attr-defined]
             tensor = handle.get_tensor(name).to(device=device, dtype=keep)
         model.get_submodule(prefix)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     if config.tie_word_embeddings and spec is None:
@@ -231,7 +245,7 @@ def _check_tensors(path: Path, config: Phi4FlashConfig, files: dict[str, Path],
     unexpected = sorted(set(files) - set(expected) - tied)
     wrong = []
     for file in sorted(set(files.values())):
-        with safe_open(file, framework="pt", device="cpu") as handle:
+        with _open_weights(file) as handle:  # type: ignore[attr-defined]
             for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                 if name not in expected:
                     continue

@@ -148,6 +148,16 @@ def test_invalid_sampling_and_overlong_prompt(engine: LocalEngine) -> None:
     assert engine.generate(HELLO, GREEDY).finish_reason in ("length", "stop")
 
 
+def test_an_empty_or_malformed_conversation_is_a_value_error(engine: LocalEngine) -> None:
+    with pytest.raises(ValueError, match="empty conversation"):
+        engine.generate([], GREEDY)
+    with pytest.raises(ValueError, match="not str"):
+        engine.stream("Hello there", GREEDY)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"messages\[1\]"):
+        engine.stream([HELLO[0], "and more"], GREEDY)  # type: ignore[list-item]
+    assert engine.generate(HELLO, GREEDY).finish_reason in ("length", "stop")
+
+
 def test_generation_stops_at_the_context_length(engine: LocalEngine) -> None:
     completion = engine.generate(HELLO, GenerationConfig(temperature=0, max_new_tokens=1000))
     if completion.finish_reason == "length":

@@ -331,8 +331,10 @@ class ChatPhi4Flash(BaseChatModel):
                                 seed=self.seed, stop=stops, logits_processor=processor, constraint=constraint)
 
     def _plan(self, messages: list[BaseMessage], stop: list[str] | None,
-              kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], GenerationConfig, bool, bool]:
-        """Prompt, generation config, whether tool calls are parsed, whether a call is forced."""
+              kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], GenerationConfig, bool, bool, dict[str, Any]]:
+        """Prompt, generation config, whether tool calls are parsed, whether a call is forced, and the request
+        fields a server gets (tools, tool_choice, response_format: a remote engine constrains on the server)."""
+        from phi4flash import RemoteEngine
         from phi4flash.constrained import constraint_for
         from phi4flash.reasoning import AnswerGuard
 
@@ -344,11 +346,17 @@ class ChatPhi4Flash(BaseChatModel):
             tools_for_prompt = tools
         forced = phi_tools.forced_tools(tools, tool_choice)
         schema = _response_schema(kwargs.get("response_format")) if not forced else None
-        prompt = phi_tools.attach_tools(to_engine_messages(messages), tools_for_prompt)
         max_tokens = int(kwargs.get("max_tokens") or self.max_tokens)
         processor: Any = None
         constraint: Any = None
         engine = self.get_engine()
+        if isinstance(engine, RemoteEngine):
+            request = {"tools": tools_for_prompt or None,
+                       "tool_choice": _openai_tool_choice(tools, tool_choice) if tools_for_prompt else None,
+                       "response_format": _openai_response_format(schema)}
+            return (to_engine_messages(messages), self._config(stop, max_tokens, None, None), bool(tools_for_prompt),
+                    bool(forced), request)
+        prompt = phi_tools.attach_tools(to_engine_messages(messages), tools_for_prompt)
         tokenizer = getattr(engine, "tokenizer", None)
         if (forced or schema is not None) and tokenizer is not None:
             constraint = constraint_for(tokenizer, tools=forced, schema=schema, max_new_tokens=max_tokens,
@@ -357,19 +365,19 @@ class ChatPhi4Flash(BaseChatModel):
             processor = AnswerGuard(tokenizer, max_new_tokens=max_tokens, max_reasoning_tokens=self.reasoning_budget,
                                     require_answer=self.require_answer)
         config = self._config(stop, max_tokens, processor, constraint)
-        return prompt, config, bool(tools_for_prompt), bool(forced)
+        return prompt, config, bool(tools_for_prompt), bool(forced), {}
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        prompt, config, parse_tools, forced = self._plan(messages, stop, kwargs)
+        prompt, config, parse_tools, forced, request = self._plan(messages, stop, kwargs)
         engine = self.get_engine()
         cancel = threading.Event()
         parser = phi_tools.ToolCallStreamParser(allow_bare_json=not forced) if parse_tools else None
         model_name = getattr(engine, "model_name", None) or self.model_name
         reasoning_open = False
         last = None
-        events = engine.stream(prompt, config, cancel=cancel)
+        events = engine.stream(prompt, config, cancel=cancel, **request)
         try:
             for event in events:
                 if event.done:
@@ -483,6 +491,24 @@ def _json_schema_of(schema: dict | type) -> dict[str, Any]:
     if isinstance(schema, Mapping) and "function" in schema:
         return dict(schema["function"].get("parameters") or {})
     return convert_to_json_schema(schema)
+
+
+def _openai_tool_choice(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> str | dict[str, Any]:
+    """LangChain's ``tool_choice`` in OpenAI's request form ("auto", "required" or a named function)."""
+    forced = phi_tools.forced_tools(tools, tool_choice)
+    if forced is None:
+        return "auto"
+    if len(forced) == len(tools) and (tool_choice is True or tool_choice in ("required", "any")):
+        return "required"
+    return {"type": "function", "function": {"name": phi_tools.tool_definitions(forced)[0]["name"]}}
+
+
+def _openai_response_format(schema: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """An OpenAI ``response_format`` asking for a document of ``schema`` (None: free text)."""
+    if schema is None:
+        return None
+    name = str(schema.get("title") or "output")
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": dict(schema)}}
 
 
 def _answer_chunks(parser: phi_tools.ToolCallStreamParser | None, text: str) -> list[AIMessageChunk]:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..cli import HelpFormatter
 from ._defaults import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -24,11 +25,14 @@ logger = logging.getLogger(__name__)
 
 def build_parser(prog: str = "phi4flash serve") -> argparse.ArgumentParser:
     """The ``serve`` argument parser (the lead's top-level CLI may reuse it as a sub-parser's parent)."""
-    p = argparse.ArgumentParser(prog=prog, description="Serve the model over an OpenAI-compatible HTTP API.")
+    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
+                                description="Serve the model over an OpenAI-compatible HTTP API. The model loads "
+                                            "before the port opens, and a model that cannot load ends the command "
+                                            "with its error (--load-in-background binds first instead).")
     p.add_argument("--model", default="embedded", help="'embedded', a Hugging Face hub id, or a checkpoint folder")
     p.add_argument("--model-name", default=None, help="id served in /v1/models (default: the engine's model_name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--api-key", default=os.environ.get("PHI4FLASH_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $PHI4FLASH_API_KEY, else none)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one batch")
@@ -41,7 +45,11 @@ def build_parser(prog: str = "phi4flash serve") -> argparse.ArgumentParser:
     p.add_argument("--quantize", default=None,
                         help="weight-only quantization: int8, int4 or int4-g<32|64|128|256> "
                              "(default: none; int4 = int4-g128)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server and phi4flash log level (debug adds tracebacks to errors)")
+    p.add_argument("--load-in-background", action="store_true",
+                   help="bind the port first and load the model on a thread: /health and the API answer 503 "
+                        "until it is ready (for probes); a failed load still ends the command")
     p.add_argument("--ray", action="store_true", help="run on Ray Serve (needs the 'ray' extra)")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with its own engine")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
@@ -79,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``phi4flash serve`` with ``argv`` (the arguments after ``serve``); return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
     if args.max_batch < 1 or args.max_queue < 1 or args.replicas < 1:
         parser.error("--max-batch, --max-queue and --replicas must be >= 1")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -105,11 +114,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     loader = functools.partial(load_engine, args.model, max_batch=args.max_batch, device=args.device,
                                dtype=args.dtype, quantize=args.quantize)
-    # The model loads on a thread after the socket is bound, so /health answers (503) while it loads.
-    app = create_app(loader, api_key=args.api_key, model_name=args.model_name, max_queue=args.max_queue,
-                     default_max_tokens=args.default_max_tokens)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
+    failures: list[BaseException] = []
+    server: Any = None
+
+    def load() -> Any:
+        try:
+            return loader()
+        except Exception as exc:
+            failures.append(exc)
+            if server is not None:
+                server.should_exit = True  # a server that can never answer should not stay up
+            raise
+
+    if not args.load_in_background:
+        try:
+            engine: Any = load()
+        except Exception:  # reported below, like a failed background load
+            engine = None
+    if failures:
+        return _load_failed(args, failures[0])
+    app = create_app(load if args.load_in_background else engine, api_key=args.api_key, model_name=args.model_name,
+                     max_queue=args.max_queue, default_max_tokens=args.default_max_tokens)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    return _load_failed(args, failures[0]) if failures else 0
+
+
+def _load_failed(args: argparse.Namespace, exc: BaseException) -> int:
+    """Say why the model did not load (the traceback only at --log-level debug); return the exit status."""
+    logger.debug("loading %s failed", args.model, exc_info=exc)
+    hint = "" if args.log_level == "debug" else "\n(--log-level debug shows the traceback)"
+    print(f"phi4flash serve: cannot load the model {args.model!r}: {exc}{hint}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

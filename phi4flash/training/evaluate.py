@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from ..cli import HelpFormatter
 from . import data as data_mod
 
 
@@ -157,17 +158,25 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m phi4flash.training.evaluate [DIR] [--n N] [--seed S]``."""
-    parser = argparse.ArgumentParser(prog="python -m phi4flash.training.evaluate", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "phi4flash eval") -> argparse.ArgumentParser:
+    """The ``phi4flash eval`` options (also ``python -m phi4flash.training.evaluate``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("source", nargs="?", default="embedded", help="checkpoint folder, hub id or 'embedded'")
-    parser.add_argument("--n", type=int, default=50, help="held-out problems per family (default 50)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=50, help="held-out problems per family")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out problem draw")
     parser.add_argument("--batch", type=int, default=8, help="problems decoded together")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--families", nargs="*", default=None, choices=data_mod.MATH_FAMILIES)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens per answer")
+    parser.add_argument("--families", nargs="*", default=None, choices=data_mod.MATH_FAMILIES,
+                        help="problem families to evaluate (none given: all)")
     parser.add_argument("--errors", type=int, default=3, help="wrong answers to show per family")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``phi4flash eval [DIR] [--n N] [--seed S]``."""
+    parser = build_parser()
     parser.add_argument("--quantize", default=None,
                         help="weight-only quantization: int8, int4 or int4-g<group size> (default: none)")
     args = parser.parse_args(list(argv) if argv is not None else None)

@@ -89,3 +89,13 @@ class ScriptedEngine:
 
     def count_tokens(self, messages: Any) -> int:
         return self._engine.count_tokens(messages)
+
+
+def assert_streams_one_call(chunks: list[Any], name: str, args: set[str]) -> None:
+    """A streamed forced call: announced by name in a tool_call_chunk, and whole once the chunks are added up."""
+    with_calls = [c for c in chunks if c.tool_call_chunks]
+    assert with_calls and with_calls[0].tool_call_chunks[0]["name"] == name
+    full = chunks[0]
+    for c in chunks[1:]:
+        full = full + c
+    assert full.tool_calls[0]["name"] == name and set(full.tool_calls[0]["args"]) == args

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from _models import ScriptedEngine, engine_of, model_params
+from _models import ScriptedEngine, assert_streams_one_call, engine_of, model_params
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from pydantic import BaseModel, Field
@@ -107,12 +107,7 @@ def test_forced_tool_choice_always_schema_valid(seed, choice):
 def test_forced_tool_call_streams_tool_call_chunks():
     llm = ChatPhi4Flash(**{**model_params(), "max_tokens": 96})
     chunks = list(llm.bind_tools([lookup], tool_choice="lookup").stream("find cats"))
-    with_calls = [c for c in chunks if c.tool_call_chunks]
-    assert with_calls and with_calls[0].tool_call_chunks[0]["name"] == "lookup"
-    full = chunks[0]
-    for c in chunks[1:]:
-        full = full + c
-    assert full.tool_calls[0]["name"] == "lookup" and set(full.tool_calls[0]["args"]) == {"query", "limit"}
+    assert_streams_one_call(chunks, "lookup", {"query", "limit"})
 
 
 class Inner(BaseModel):
