@@ -10,6 +10,8 @@ with the spread (worst / best) beside it. Per model:
 
 - floor: one matrix-vector product over every weight the decode step reads (each linear's kernel once,
   LM head included), timed alone: what a decode step would cost with zero overhead;
+- "bfloat16-torch" is the same bfloat16 weights behind PyTorch's ``F.linear`` (today's path before phi4flash's
+  decode kernel), "bfloat16" with it;
 - decode tokens/s after a prompt of each context length, and decode time / floor;
 - the GB/s a decode step streams (weight bytes / step time) against the machine's read bandwidth
   (a float32 sum over 1 GiB, measured in the same run);
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from gpu_models import build_phi4flash  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 from phi4flash import Phi4FlashConfig, Phi4FlashForCausalLM
 from phi4flash.engine import PREFILL_CHUNK
@@ -39,14 +41,8 @@ REAL_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "checkpoi
 
 
 def float_model(config: Phi4FlashConfig) -> Phi4FlashForCausalLM:
-    """The real-size model in bfloat16 with random weights (built on meta, then materialised)."""
-    with torch.device("meta"):
-        model = Phi4FlashForCausalLM(config).to_dtype(torch.bfloat16)  # cast on meta: no float32 copy
-    model = model.to_empty(device="cpu")
-    model.lm_head.weight = model.model.embed_tokens.weight
-    torch.manual_seed(0)
-    model.init_weights()
-    return model.eval()
+    """The real-size model in bfloat16 with random weights (built on meta, materialised once)."""
+    return build_phi4flash(config, "cpu", torch.bfloat16)
 
 
 def quantized_copy(source: Phi4FlashForCausalLM, spec: QuantSpec) -> Phi4FlashForCausalLM:
@@ -65,13 +61,23 @@ def quantized_copy(source: Phi4FlashForCausalLM, spec: QuantSpec) -> Phi4FlashFo
     return model.eval()
 
 
+@torch.no_grad()
 def floor_step(model: Phi4FlashForCausalLM) -> None:
-    """One matrix-vector product through every weight a decode step reads."""
+    """One matrix-vector product through every weight a decode step reads, each with the kernel that runs it."""
     for module in list(model.modules()):
-        if isinstance(module, QuantizedLinear):
-            module.packed.kernel(torch.zeros(1, module.in_features, dtype=torch.bfloat16))
-        elif isinstance(module, torch.nn.Linear):
-            F.linear(torch.zeros(1, module.in_features, dtype=torch.bfloat16), module.weight)
+        if isinstance(module, (QuantizedLinear, torch.nn.Linear)):
+            module(torch.zeros(1, module.in_features, dtype=torch.bfloat16))
+
+
+def plain_copy(source: Phi4FlashForCausalLM) -> Phi4FlashForCausalLM:
+    """The same bfloat16 weights (shared) behind PyTorch's own ``nn.Linear``: today's path, to compare with."""
+    with torch.device("meta"):
+        model = Phi4FlashForCausalLM(source.config)
+    for name, param in source.named_parameters():
+        prefix, _, leaf = name.rpartition(".")
+        model.get_submodule(prefix)._parameters[leaf] = param
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
 
 
 @torch.no_grad()
@@ -144,7 +150,9 @@ def main() -> None:
     parser.add_argument("--contexts", default="32,2048", help="decode after prompts of these lengths")
     parser.add_argument("--decode-tokens", type=int, default=12)
     parser.add_argument("--prefill", type=int, default=2048, help="prompt length for prefill speed (0: skip)")
-    parser.add_argument("--formats", default="bfloat16,int8,int4", help="bfloat16 and quantize= specs")
+    parser.add_argument("--formats", default="bfloat16-torch,bfloat16,int8,int4",
+                        help="bfloat16 (phi4flash's decode kernel), bfloat16-torch (PyTorch's F.linear) and "
+                             "quantize= specs")
     parser.add_argument("--memory", type=Path, default=None, help="also report memory, loading from this folder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -153,7 +161,12 @@ def main() -> None:
     base = float_model(config)
     models = {}
     for name in args.formats.split(","):
-        models[name] = base if name == "bfloat16" else quantized_copy(base, QuantSpec.parse(name))
+        if name == "bfloat16":
+            models[name] = base
+        elif name == "bfloat16-torch":
+            models[name] = plain_copy(base)
+        else:
+            models[name] = quantized_copy(base, QuantSpec.parse(name))
     print(f"# real config, random weights, {args.threads} threads, bfloat16 activations; built in "
           f"{time.perf_counter() - start:.0f} s; {args.rounds} rounds, models measured in turns", flush=True)
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -193,16 +206,18 @@ def main() -> None:
         if args.prefill:
             row += f" {best[(name, 'prefill')]:.1f} ({spread[(name, 'prefill')]:.2f}x) |"
         print(row)
-    if "bfloat16" in models:
-        print("\n| weights |" + "".join(f" decode vs bf16 @{c} |" for c in contexts) + (" prefill vs bf16 |"
-                                                                                        if args.prefill else ""))
+    for ref in ("bfloat16-torch", "bfloat16"):
+        if ref not in models:
+            continue
+        print("\n| weights | " + " | ".join(f"decode vs {ref} @{c}" for c in contexts)
+              + (f" | prefill vs {ref}" if args.prefill else "") + " |")
         print("|---|" + "---|" * (len(contexts) + bool(args.prefill)))
         for name in models:
-            if name == "bfloat16":
+            if name == ref:
                 continue
-            row = f"| {name} |" + "".join(f" {summary[(name, c)] / summary[('bfloat16', c)]:.2f}x |" for c in contexts)
+            row = f"| {name} |" + "".join(f" {summary[(name, c)] / summary[(ref, c)]:.2f}x |" for c in contexts)
             if args.prefill:
-                row += f" {best[(name, 'prefill')] / best[('bfloat16', 'prefill')]:.2f}x |"
+                row += f" {best[(name, 'prefill')] / best[(ref, 'prefill')]:.2f}x |"
             print(row)
     print("\n" + json.dumps({f"{k[0]} {k[1]}": [round(x, 4) for x in v] for k, v in runs.items()}))
     del models, base

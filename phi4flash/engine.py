@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .cache import Phi4FlashCache
+from .compiled import CompiledDecoder, compile_pays
 from .config import Phi4FlashConfig
 from .constrained import mask_logits
 from .metrics import LatencyMetrics, MetricsRecorder
@@ -141,7 +142,7 @@ class LocalEngine:
     def __init__(self, model: Phi4FlashForCausalLM, tokenizer: ChatTokenizer, *, model_name: str = "phi4flash",
                  checkpoint_dir: str | Path | None = None, max_batch: int = 8, prefill_chunk: int = PREFILL_CHUNK,
                  kept_state_bytes: int = 256 * 2**20, skip_cross_decoder: bool = True,
-                 reasoning_first: bool = False) -> None:
+                 reasoning_first: bool = False, compile: bool | str = "auto") -> None:
         """Create an engine and start its scheduler thread.
 
         Args:
@@ -154,6 +155,9 @@ class LocalEngine:
             kept_state_bytes: memory budget for kept conversation states (0 disables reuse).
             skip_cross_decoder: the prefill skip (off only to measure what it buys).
             reasoning_first: treat text before any ``<think>`` tag as reasoning.
+            compile: compile the decode step (:mod:`phi4flash.compiled`) on a background thread, the eager
+                step serving until it is ready. "auto": where it pays (small models on the CPU), unless
+                ``PHI4FLASH_COMPILE=0`` (``=1`` turns it on everywhere).
         """
         self.model = model.eval().tune_weight_layout()
         self.tokenizer = tokenizer
@@ -176,6 +180,10 @@ class LocalEngine:
         self._cache = model.new_cache(max_batch, min(self.context_length, 1024))
         self._kept: OrderedDict[tuple[int, ...], Phi4FlashCache] = OrderedDict()
         self._kept_bytes = 0
+        self._compiled: CompiledDecoder | None = None
+        if _wants_compile(compile, model):
+            self._compiled = CompiledDecoder(model)
+            self._compiled.start(max_batch, self._cache.max_length)
         self._start_scheduler()
         _LIVE_ENGINES.add(self)
 
@@ -254,6 +262,15 @@ class LocalEngine:
         """Queue depth, running batch size and kept-state usage (for servers' /metrics)."""
         return {"queue_depth": self._incoming.qsize(), "running": len(self._running), "max_batch": self.max_batch,
                 "kept_states": len(self._kept), "kept_state_bytes": self._kept_bytes}
+
+    @property
+    def compiled_step(self) -> str:
+        """The decode step in use: "eager", "compiling" (eager meanwhile), "compiled", or "eager (reason)"."""
+        if self._compiled is None:
+            return "eager"
+        if self._compiled.error is not None:
+            return f"eager ({self._compiled.error})"
+        return "compiled" if self._compiled.ready.is_set() else "compiling"
 
     def close(self) -> None:
         """Stop the scheduler thread; running streams end with finish_reason "cancelled"."""
@@ -385,7 +402,10 @@ class LocalEngine:
             return
         rows = [r.row for r in self._running]
         ids = torch.tensor([r.next_token for r in self._running], device=self.torch_device)
-        logits = self.model.step(ids, self._cache, rows=None if rows == list(range(self.max_batch)) else rows)
+        if self._compiled is not None and self._compiled.ready.is_set() and rows == list(range(len(rows))):
+            logits = self._compiled(ids, self._cache)  # rows [0, n): the one compiled graph
+        else:
+            logits = self.model.step(ids, self._cache, rows=None if rows == list(range(self.max_batch)) else rows)
         self._sync()
         logits = self._constrain(self._running, logits)
         for request, row_logits in zip(list(self._running), logits, strict=True):
@@ -499,6 +519,15 @@ class LocalEngine:
     def _sync(self) -> None:
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize(self.torch_device)
+
+
+def _wants_compile(compile: bool | str, model: Phi4FlashForCausalLM) -> bool:
+    if compile != "auto":
+        return bool(compile)
+    setting = os.environ.get("PHI4FLASH_COMPILE", "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    return setting in ("1", "true", "yes", "on") or compile_pays(model)
 
 
 def collect(events: Iterator[StreamEvent]) -> Completion:

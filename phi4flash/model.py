@@ -46,6 +46,7 @@ from .ops import (
     selective_scan_auto,
     selective_scan_step_auto,
 )
+from .qkernels import use_decode_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +177,9 @@ class Phi4FlashForCausalLM(nn.Module):
         values, transposed strides): measured 1.4-2.2x faster matrix-vector products at this model's
         tall shapes (3072x384: 473 -> 224 us; the 200064-row LM head at width 384: 30 -> 14 ms), while
         wide weights and bfloat16 were as fast or faster row-major, and prefill runs at the same speed
-        either way. Everything else is stored row-major, as loaded. Values never change; call it again
-        after moving the model or changing its dtype.
+        either way. Everything else is stored row-major, as loaded; in bfloat16 on the CPU, decode's
+        products run phi4flash's own matrix-vector kernel (:class:`~phi4flash.qkernels.DecodeLinear`, when
+        built). Values never change; call it again after moving the model or changing its dtype.
         """
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -187,6 +189,7 @@ class Phi4FlashForCausalLM(nn.Module):
                 column_major = cpu_float32 and out_features > in_features
                 # a tied LM head is the embedding's own Parameter, so the embedding follows it
                 module.weight.data = weight.t().contiguous().t() if column_major else weight.contiguous()
+        use_decode_kernels(self)  # bfloat16 on the CPU: phi4flash's matrix-vector kernel for decode
         return self
 
     @torch.no_grad()

@@ -304,7 +304,7 @@ def cuda_kernels() -> dict[str, object]:
 
 def _kernel(name: str, x: torch.Tensor) -> object | None:
     """The optional CUDA kernel ``name`` when ``x`` is a CUDA tensor it can take, else None."""
-    if not x.is_cuda or x.dtype == torch.float64:
+    if not x.is_cuda or x.dtype == torch.float64 or torch.compiler.is_compiling():  # compiled: inductor's own
         return None
     return cuda_kernels().get(name)
 

@@ -1,4 +1,5 @@
-"""The kernels that run weight-only quantized linears, and the memory layouts they read.
+"""The kernels that run weight-only quantized linears, and the memory layouts they read (plus the bfloat16
+matrix-vector product of decode, :class:`DecodeLinear`).
 
 :func:`pack` turns the portable tensors of one layer (see :mod:`phi4flash.quant`) into a
 :class:`PackedWeight` for one device: PyTorch's own kernels (``_weight_int8pack_mm``,
@@ -18,6 +19,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -435,3 +437,29 @@ def _cuda_nibbles_high_first(device: torch.device) -> bool:
     raise KernelUnavailableError(f"torch {torch.__version__}'s CUDA int4 kernel reads weights in a layout phi4flash "
                                  "does not know; use quantize='int8' or no quantization on this GPU")
 
+
+class DecodeLinear(nn.Linear):
+    """``nn.Linear`` whose products of one or two rows (decode) on the CPU in bfloat16 run phi4flash's matrix-vector
+    kernel, which streams the weight once; anything else (prefill, other dtypes, training) is ``nn.Linear``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        rows = x.numel() // max(1, x.shape[-1])
+        if (rows > 2 or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or not w.is_contiguous()
+                or (torch.is_grad_enabled() and w.requires_grad) or w.device.type != "cpu"):
+            return super().forward(x)
+        y = torch.ops.phi4flash.bf16_linear(x.reshape(rows, -1).contiguous(), w)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def use_decode_kernels(model: nn.Module) -> None:
+    """Swap the model's CPU bfloat16 ``nn.Linear`` layers for :class:`DecodeLinear` (same parameters, names and
+    state dict) when phi4flash's kernels are built; back to ``nn.Linear`` on other devices and dtypes."""
+    for module in model.modules():
+        if type(module) not in (nn.Linear, DecodeLinear):
+            continue
+        w = module.weight
+        wanted = w.device.type == "cpu" and w.dtype == torch.bfloat16 and native_kernels(w.device, w.dtype, 128, 0)
+        module.__class__ = DecodeLinear if wanted else nn.Linear

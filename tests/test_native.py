@@ -7,7 +7,7 @@ import pytest
 import torch
 from model_helpers import tiny_model
 
-from phi4flash import native, ops
+from phi4flash import native, ops, qkernels
 
 kernels = native.load()
 pytestmark = pytest.mark.skipif(kernels is None, reason="phi4flash's C++ kernels could not be built here (no g++?)")
@@ -81,3 +81,22 @@ def test_kernels_refuse_bad_inputs_with_a_message() -> None:
         u, delta, A, B, C = (torch.randn(1, 4, 8), torch.randn(1, 4, 9), torch.randn(8, 4), torch.randn(1, 4, 4),
                              torch.randn(1, 4, 4))  # delta's length differs from u's
         torch.ops.phi4flash.selective_scan(u, delta, A, B, C, None, None)
+
+
+def test_decode_linear_runs_the_kernel_for_decode_only(monkeypatch) -> None:
+    """bfloat16 on the CPU: one or two rows go through the kernel (same numbers as F.linear up to rounding),
+    more rows through F.linear; float32 layers stay plain nn.Linear."""
+    model = tiny_model().to_dtype(torch.bfloat16).tune_weight_layout()
+    layer = model.model.layers[0].mlp.fc1
+    assert type(layer) is qkernels.DecodeLinear
+    calls = []
+    original = torch.ops.phi4flash.bf16_linear
+    monkeypatch.setattr(torch.ops.phi4flash, "bf16_linear", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    with torch.no_grad():
+        for rows in (1, 2, 5):
+            x = torch.randn(rows, layer.in_features).to(torch.bfloat16)
+            expected = torch.nn.functional.linear(x, layer.weight).float()
+            error = (layer(x).float() - expected).abs() / (expected.abs() + 1e-2 * expected.abs().max())
+            assert error.max().item() <= 1e-2
+    assert calls == [1, 2]
+    assert type(tiny_model().tune_weight_layout().model.layers[0].mlp.fc1) is torch.nn.Linear

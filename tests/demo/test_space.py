@@ -95,8 +95,10 @@ def test_the_built_space_starts_from_its_requirements_alone(tmp_path: Path) -> N
         assert done.returncode == 0, done.stderr[-3000:]
 
     port = _free_port()
+    # PHI4FLASH_NATIVE=0: a fresh environment would build phi4flash's C++ kernels on first use (minutes here;
+    # they are tested elsewhere in the suite), so this app runs the pure PyTorch path.
     env.update(GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False",
-               CUDA_VISIBLE_DEVICES="")
+               CUDA_VISIBLE_DEVICES="", PHI4FLASH_NATIVE="0")
     app = subprocess.Popen([python, "app.py"], cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     try:

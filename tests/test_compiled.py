@@ -1,0 +1,95 @@
+"""The compiled decode step: the static step equals the eager one, the engine switches to the compiled graph when
+it is ready and gives the same tokens, and a step that cannot compile leaves the engine on the eager step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import phi4flash
+from phi4flash import GenerationConfig, load_model
+from phi4flash import compiled as compiled_module
+from phi4flash.compiled import CompiledDecoder, compile_pays
+
+PROMPTS = ["What is 487 + 356?", "Solve 4x - 7 = 21", "What is 25% of 80?"]
+
+
+def test_static_step_equals_the_eager_step_past_a_cache_growth() -> None:
+    model = load_model("embedded")
+    ids = torch.randint(0, 500, (3, 30))
+    eager, static = model.new_cache(3, 32), model.new_cache(3, 32)
+    with torch.no_grad():
+        model(ids, cache=eager, logits_to_keep=1)
+        model(ids, cache=static, logits_to_keep=1)
+        token = torch.tensor([5, 6, 7])
+        for _ in range(6):  # 30 + 6 > 32: the caches grow on the way
+            expected = model.step(token, eager)
+            static.grow(int(static.lengths.max()) + 1)
+            got = model.step(token, static, rows=slice(0, 3), static=True)
+            assert (got - expected).abs().max().item() <= 1e-5
+            token = expected.argmax(-1)
+    assert torch.equal(eager.lengths, static.lengths)
+    with pytest.raises(ValueError, match="one token per row"):
+        model(ids[:, :2], cache=static, static=True)
+
+
+def test_compiling_pays_for_small_cpu_models_only(monkeypatch) -> None:
+    model = load_model("embedded")
+    assert compile_pays(model)
+    monkeypatch.setattr(compiled_module, "SMALL_MODEL_PARAMETERS", 1000)  # as if it were the real model's size
+    assert not compile_pays(model)
+    monkeypatch.setenv("PHI4FLASH_COMPILE", "1")
+    engine = phi4flash.load("embedded")  # "auto" with the variable set: on, whatever the size
+    try:
+        assert engine.compiled_step in ("compiling", "compiled")
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def engines():
+    compiled = phi4flash.load("embedded", compile=True)
+    eager = phi4flash.load("embedded", compile=False)
+    assert compiled._compiled is not None and compiled._compiled.ready.wait(timeout=900), compiled.compiled_step
+    yield compiled, eager
+    compiled.close()
+    eager.close()
+
+
+def test_engine_decodes_through_the_compiled_graph_with_the_same_tokens(engines) -> None:
+    compiled, eager = engines
+    assert compiled.compiled_step == "compiled" and eager.compiled_step == "eager"
+    calls = []
+    original = compiled._compiled._step
+    compiled._compiled._step = lambda *args: calls.append(args[0].shape[0]) or original(*args)
+    try:
+        config = GenerationConfig(temperature=0, max_new_tokens=120)
+        conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+        got = compiled.generate_batch(conversations, config)
+        expected = eager.generate_batch(conversations, config)
+        alone = compiled.generate(conversations[1], config)
+    finally:
+        compiled._compiled._step = original
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert alone.token_ids == expected[1].token_ids
+    assert calls and max(calls) >= 2 and 1 in calls  # the graph ran for a batch and for one row
+
+
+def test_a_step_that_cannot_compile_leaves_the_eager_step(monkeypatch) -> None:
+    def broken(self, ids, cache):  # noqa: ANN001, ANN202
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(CompiledDecoder, "_static_step", broken)
+    engine = phi4flash.load("embedded", compile=True)
+    try:
+        decoder = engine._compiled
+        for _ in range(100):
+            if decoder.error is not None:
+                break
+            decoder.ready.wait(0.1)
+        assert engine.compiled_step.startswith("eager (RuntimeError: no compiler here")
+        answer = engine.generate([{"role": "user", "content": PROMPTS[0]}],
+                                 GenerationConfig(temperature=0, max_new_tokens=120)).answer
+        assert "843" in answer
+    finally:
+        engine.close()
