@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .cli import HelpFormatter
+from .compiled import CompiledDecoder, wants_compile
 from .config import Phi4FlashConfig
 from .engine import PREFILL_CHUNK
 from .model import Phi4FlashForCausalLM
@@ -78,8 +79,10 @@ def _time(fn) -> float:  # noqa: ANN001
 
 @torch.no_grad()
 def bench_ours(model: Phi4FlashForCausalLM, prompt: torch.Tensor, new_tokens: int, *, skip: bool = True,
-               chunk: int = PREFILL_CHUNK, name: str = "phi4flash") -> BenchResult:
-    """Prefill in chunks as the engine does (skip on/off), then ``new_tokens`` greedy one-token steps."""
+               chunk: int = PREFILL_CHUNK, name: str = "phi4flash", decoder: CompiledDecoder | None = None
+               ) -> BenchResult:
+    """Prefill in chunks as the engine does (skip on/off), then ``new_tokens`` greedy one-token steps (through
+    the compiled step when ``decoder`` is given, as the engine runs it once compiled)."""
     length = prompt.shape[1]
     cache = model.new_cache(1, length + new_tokens + 1)
     logits: list[torch.Tensor] = []
@@ -96,7 +99,7 @@ def bench_ours(model: Phi4FlashForCausalLM, prompt: torch.Tensor, new_tokens: in
     def decode() -> None:
         nonlocal token
         for _ in range(new_tokens):
-            token = model.step(token, cache).argmax(-1)
+            token = (decoder(token, cache) if decoder is not None else model.step(token, cache)).argmax(-1)
 
     decode_s = _time(decode)
     return BenchResult(name, length, ttft, length / ttft, new_tokens / decode_s, cache.bytes_per_sequence(length))
@@ -206,6 +209,9 @@ def build_parser(prog: str = "phi4flash bench") -> argparse.ArgumentParser:
     parser.add_argument("--quantize", default=None,
                         help="weight-only quantization of ours: int8, int4 or int4-g<group size> (default: none)")
     parser.add_argument("--no-baseline", action="store_true", help="time phi4flash only")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="decode ours through the compiled step, as the engine does once it is compiled (auto: "
+                             "where the engine compiles by default, small models on the CPU)")
     return parser
 
 
@@ -228,11 +234,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours = ours.to(device).to_dtype(dtype).eval().tune_weight_layout()  # as the engine runs it
     if args.quantize:
         quantize_model_(ours, args.quantize, dtype)
+    decoder = None
+    if wants_compile({"on": True, "off": False}.get(args.compile, "auto"), ours):
+        decoder = CompiledDecoder(ours)
+        decoder.start(1, 64, background=False)
+        if decoder.error is not None:
+            print(f"# decode step not compiled ({decoder.error}): eager", file=sys.stderr)
+            decoder = None
     baseline = None if args.no_baseline else baseline_model(args.hidden, args.layers, args.vocab, dtype).to(device)
     n_ours = sum(p.numel() for p in ours.parameters())
     print(f"# phi4flash bench: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype} on "
           f"{device}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens, prefill chunks of "
-          f"{args.chunk}, best of {args.repeat} runs" + (f", ours quantized {args.quantize}" if args.quantize else ""))
+          f"{args.chunk}, best of {args.repeat} runs" + (f", ours quantized {args.quantize}" if args.quantize else "")
+          + (f", ours decoding through the compiled step (compiled in {decoder.seconds:.0f} s)" if decoder else
+             ", ours decoding eagerly"))
     print(f"# parameters: phi4flash {n_ours / 1e6:.1f}M" + (
         f", baseline {sum(p.numel() for p in baseline.parameters()) / 1e6:.1f}M" if baseline is not None else ""))
     print("\n| model | prompt | TTFT ms | prefill tok/s | decode tok/s | state MiB/seq | spread prefill / decode |")
@@ -240,12 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[tuple[str, int], Measured] = {}
     for length in lengths:
         prompt = torch.randint(3, args.vocab, (1, length), device=device)
-        bench_ours(ours, prompt[:, :64], 2)  # warm-up
+        bench_ours(ours, prompt[:, :64], 2, decoder=decoder)  # warm-up
         if baseline is not None:
             bench_baseline(baseline, prompt[:, :64], 2)
         for _ in range(args.repeat):  # rounds interleave the models, so a busy spell hits all of them
-            runs = [bench_ours(ours, prompt, args.new_tokens, chunk=args.chunk),
-                    bench_ours(ours, prompt, args.new_tokens, chunk=args.chunk, skip=False,
+            runs = [bench_ours(ours, prompt, args.new_tokens, chunk=args.chunk, decoder=decoder),
+                    bench_ours(ours, prompt, args.new_tokens, chunk=args.chunk, skip=False, decoder=decoder,
                                name="phi4flash (no prefill skip)")]
             if baseline is not None:
                 runs.append(bench_baseline(baseline, prompt, args.new_tokens))

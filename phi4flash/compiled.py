@@ -13,6 +13,7 @@ the compiled step takes over, or why it could not.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -32,6 +33,16 @@ def compile_pays(model: Phi4FlashForCausalLM) -> bool:
     if model.device.type != "cpu":
         return False
     return sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS
+
+
+def wants_compile(setting: bool | str, model: Phi4FlashForCausalLM) -> bool:
+    """True/False as given; "auto": ``PHI4FLASH_COMPILE`` (0 or 1) when set, else :func:`compile_pays`."""
+    if setting != "auto":
+        return bool(setting)
+    env = os.environ.get("PHI4FLASH_COMPILE", "").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return False
+    return env in ("1", "true", "yes", "on") or compile_pays(model)
 
 
 class CompiledDecoder:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .cache import Phi4FlashCache
-from .compiled import CompiledDecoder, compile_pays
+from .compiled import CompiledDecoder, wants_compile
 from .config import Phi4FlashConfig
 from .constrained import mask_logits
 from .metrics import LatencyMetrics, MetricsRecorder
@@ -181,7 +181,7 @@ class LocalEngine:
         self._kept: OrderedDict[tuple[int, ...], Phi4FlashCache] = OrderedDict()
         self._kept_bytes = 0
         self._compiled: CompiledDecoder | None = None
-        if _wants_compile(compile, model):
+        if wants_compile(compile, model):
             self._compiled = CompiledDecoder(model)
             self._compiled.start(max_batch, self._cache.max_length)
         self._start_scheduler()
@@ -519,15 +519,6 @@ class LocalEngine:
     def _sync(self) -> None:
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize(self.torch_device)
-
-
-def _wants_compile(compile: bool | str, model: Phi4FlashForCausalLM) -> bool:
-    if compile != "auto":
-        return bool(compile)
-    setting = os.environ.get("PHI4FLASH_COMPILE", "").strip().lower()
-    if setting in ("0", "false", "no", "off"):
-        return False
-    return setting in ("1", "true", "yes", "on") or compile_pays(model)
 
 
 def collect(events: Iterator[StreamEvent]) -> Completion:
