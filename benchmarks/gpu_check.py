@@ -337,7 +337,8 @@ def section_prefill(check: Check, rows: list[Row]) -> None:
         check.measure(rows, "prefill", f"phi4flash, {length} tokens, batch 1", run)
 
 
-def decode_rows(check: Check, rows: list[Row], model: Any, section: str, label: str) -> None:
+def decode_rows(check: Check, rows: list[Row], model: Any, section: str, label: str,
+                step: Callable[[Any, Any], Any] | None = None) -> None:
     """Decode tokens/s of ``model`` at each batch size after a prompt of --decode-context tokens."""
     args, chunk = check.args, prefill_chunk(check.args)
     for batch in args.decode_batches:
@@ -346,10 +347,10 @@ def decode_rows(check: Check, rows: list[Row], model: Any, section: str, label: 
             steps = args.decode_steps
             cache = model.new_cache(batch, args.decode_context + steps * args.rounds + 2)
             prompt = random_ids((batch, args.decode_context), model.config.vocab_size, check.device, seed=batch)
-            token = ours_decode(model, ours_prefill(model, prompt, cache, chunk), cache, 1)  # warm
+            token = ours_decode(model, ours_prefill(model, prompt, cache, chunk), cache, 1, step)  # warm
             times = []
             for _ in range(args.rounds):
-                times.append(timed(lambda: ours_decode(model, token, cache, steps), check.device))
+                times.append(timed(lambda: ours_decode(model, token, cache, steps, step), check.device))
             best, spread = best_of([batch * steps / t for t in times])
             return f"{rate(best)} tok/s", f"{spread}; {steps} steps after {args.decode_context} tokens"
 
@@ -357,8 +358,24 @@ def decode_rows(check: Check, rows: list[Row], model: Any, section: str, label: 
 
 
 def section_decode(check: Check, rows: list[Row]) -> None:
-    """phi4flash decode tokens/s (all rows together) at each batch size."""
-    decode_rows(check, rows, check.ours(), "decode", "phi4flash")
+    """phi4flash decode tokens/s (all rows together) at each batch size: the eager step, then the compiled one
+    (torch.compile; CUDA graphs on a GPU) as ``phi4flash.load(..., compile=True)`` runs it."""
+    model = check.ours()
+    decode_rows(check, rows, model, "decode", "phi4flash")
+    from phi4flash.compiled import CompiledDecoder
+
+    def compile_step() -> tuple[str, str]:
+        check.budget.need(0 if check.args.tiny else 90, "compiling the decode step")
+        decoder = CompiledDecoder(model)
+        if not decoder.compile(max(check.args.decode_batches), check.args.decode_context + 8):
+            raise RuntimeError(decoder.error)
+        compiled.append(decoder)
+        return f"{decoder.seconds:.0f} s", "once per process"
+
+    compiled: list[Any] = []
+    check.measure(rows, "decode", "phi4flash, compiling the decode step", compile_step)
+    if compiled:
+        decode_rows(check, rows, model, "decode", "phi4flash (compiled step)", step=compiled[0])
 
 
 def section_paper(check: Check, rows: list[Row]) -> None:

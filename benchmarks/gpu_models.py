@@ -126,13 +126,16 @@ def ours_prefill(model: Any, prompt: torch.Tensor, cache: Any, chunk: int) -> to
 
 
 @torch.no_grad()
-def ours_decode(model: Any, token: torch.Tensor, cache: Any, steps: int) -> torch.Tensor:
+def ours_decode(model: Any, token: torch.Tensor, cache: Any, steps: int,
+                step: Callable[[torch.Tensor, Any], torch.Tensor] | None = None) -> torch.Tensor:
     """``steps`` greedy one-token steps of all rows together; returns the last tokens.
 
-    The step the engine's decode loop takes (``model.step``), so that the check measures what serving runs.
+    The step the engine's decode loop takes (``model.step``, or the compiled step given as ``step``), so that
+    the check measures what serving runs.
     """
+    step = step or model.step
     for _ in range(steps):
-        token = model.step(token, cache).argmax(-1)
+        token = step(token, cache).argmax(-1)
     return token
 
 

@@ -5,16 +5,16 @@ cache's size only, nothing reads a tensor in Python, and the global K/V is atten
 graph, dynamic in those sizes, serves every step of rows ``[0, n)`` of a cache. The engine uses it when its
 running requests hold exactly those rows, and the eager step otherwise.
 
-Compiling takes a while (about a minute on a small CPU, once per process; inductor caches its code on disk). It
-runs on a background thread on a scratch cache while the engine serves with the eager step; a log line says when
-the compiled step takes over, or why it could not.
+Compiling takes a while (about a minute on a small CPU, once per process; inductor caches its code on disk), so it
+is asked for (``phi4flash.load(..., compile=True)`` or ``PHI4FLASH_COMPILE=1``) and done while loading, on a scratch
+cache, with a log line for its time, or for why it could not be done (the eager step then runs). It is not done on
+a background thread while the engine serves: a process that quits during a compile aborts in C++.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 
 import torch
@@ -35,44 +35,38 @@ def compile_pays(model: Phi4FlashForCausalLM) -> bool:
     return sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS
 
 
-def wants_compile(setting: bool | str, model: Phi4FlashForCausalLM) -> bool:
-    """True/False as given; "auto": ``PHI4FLASH_COMPILE`` (0 or 1) when set, else :func:`compile_pays`."""
+def wants_compile(setting: bool | str, model: Phi4FlashForCausalLM, *, default: bool = False) -> bool:
+    """True/False as given; "auto": ``PHI4FLASH_COMPILE`` (0 or 1) when set, else ``default`` (the engine: off,
+    the start-up costs more than a model that already decodes faster than anyone reads gains; the benchmark:
+    :func:`compile_pays`)."""
     if setting != "auto":
         return bool(setting)
     env = os.environ.get("PHI4FLASH_COMPILE", "").strip().lower()
     if env in ("0", "false", "no", "off"):
         return False
-    return env in ("1", "true", "yes", "on") or compile_pays(model)
+    return env in ("1", "true", "yes", "on") or (default and compile_pays(model))
 
 
 class CompiledDecoder:
-    """The compiled static decode step of ``model`` for caches like the engine's; call :meth:`start` once."""
+    """The compiled static decode step of ``model`` for caches like the engine's; :meth:`compile` it once."""
 
     def __init__(self, model: Phi4FlashForCausalLM) -> None:
         self.model = model
         cuda = model.device.type == "cuda"
         # on CUDA, "reduce-overhead" replays the step as CUDA graphs
         self._step = torch.compile(self._static_step, dynamic=True, mode="reduce-overhead" if cuda else None)
-        self.ready = threading.Event()
+        self.ready = False
         self.error: str | None = None
         self.seconds: float | None = None
 
     def _static_step(self, ids: torch.Tensor, cache: Phi4FlashCache) -> torch.Tensor:
         return self.model.step(ids, cache, rows=slice(0, ids.shape[0]), static=True)
 
-    def start(self, rows: int, max_length: int, *, background: bool = True) -> None:
-        """Compile for caches of ``rows`` rows, on a scratch cache (in a thread unless ``background`` is False)."""
-        if background:
-            threading.Thread(target=self._warm_up, args=(rows, max_length), name="phi4flash-compile",
-                             daemon=True).start()
-        else:
-            self._warm_up(rows, max_length)
-
     @torch.no_grad()
-    def _warm_up(self, rows: int, max_length: int) -> None:
+    def compile(self, rows: int, max_length: int) -> bool:
+        """Compile for caches of ``rows`` rows on a scratch cache; False (``error`` says why) if it cannot be."""
         started = time.perf_counter()
-        logger.info("compiling the decode step (once per process, about a minute on a small CPU; the eager step "
-                    "serves meanwhile)")
+        logger.info("compiling the decode step (once per process; about a minute on a small CPU)")
         try:
             scratch = self.model.new_cache(rows, max_length)
             prompt = torch.zeros(rows, 4, dtype=torch.long, device=self.model.device)
@@ -80,12 +74,14 @@ class CompiledDecoder:
             for batch in (min(2, rows), 1):  # two sizes, so that the graph is general in the number of rows
                 self._step(torch.zeros(batch, dtype=torch.long, device=self.model.device), scratch)
         except Exception as err:  # noqa: BLE001 - no compiler, an unsupported op: stay on the eager step, say why
-            self.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err) else ''}"
+            first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            self.error = f"{type(err).__name__}: {first_line}"
             logger.warning("decode step not compiled (%s); the eager step runs", self.error)
-            return
+            return False
         self.seconds = time.perf_counter() - started
+        self.ready = True
         logger.info("compiled decode step ready in %.0f s", self.seconds)
-        self.ready.set()
+        return True
 
     def __call__(self, ids: torch.Tensor, cache: Phi4FlashCache) -> torch.Tensor:
         """(n,) next tokens of rows [0, n) -> (n, V) logits; the cache grows here, outside the graph."""

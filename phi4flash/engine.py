@@ -155,9 +155,8 @@ class LocalEngine:
             kept_state_bytes: memory budget for kept conversation states (0 disables reuse).
             skip_cross_decoder: the prefill skip (off only to measure what it buys).
             reasoning_first: treat text before any ``<think>`` tag as reasoning.
-            compile: compile the decode step (:mod:`phi4flash.compiled`) on a background thread, the eager
-                step serving until it is ready. "auto": where it pays (small models on the CPU), unless
-                ``PHI4FLASH_COMPILE=0`` (``=1`` turns it on everywhere).
+            compile: compile the decode step (:mod:`phi4flash.compiled`) now, before serving (a minute or so,
+                logged); "auto": as ``PHI4FLASH_COMPILE`` says (off when unset).
         """
         self.model = model.eval().tune_weight_layout()
         self.tokenizer = tokenizer
@@ -183,7 +182,7 @@ class LocalEngine:
         self._compiled: CompiledDecoder | None = None
         if wants_compile(compile, model):
             self._compiled = CompiledDecoder(model)
-            self._compiled.start(max_batch, self._cache.max_length)
+            self._compiled.compile(max_batch, self._cache.max_length)
         self._start_scheduler()
         _LIVE_ENGINES.add(self)
 
@@ -265,12 +264,10 @@ class LocalEngine:
 
     @property
     def compiled_step(self) -> str:
-        """The decode step in use: "eager", "compiling" (eager meanwhile), "compiled", or "eager (reason)"."""
+        """The decode step in use: "eager", "compiled", or "eager (why it could not be compiled)"."""
         if self._compiled is None:
             return "eager"
-        if self._compiled.error is not None:
-            return f"eager ({self._compiled.error})"
-        return "compiled" if self._compiled.ready.is_set() else "compiling"
+        return "compiled" if self._compiled.ready else f"eager ({self._compiled.error})"
 
     def close(self) -> None:
         """Stop the scheduler thread; running streams end with finish_reason "cancelled"."""
@@ -402,7 +399,7 @@ class LocalEngine:
             return
         rows = [r.row for r in self._running]
         ids = torch.tensor([r.next_token for r in self._running], device=self.torch_device)
-        if self._compiled is not None and self._compiled.ready.is_set() and rows == list(range(len(rows))):
+        if self._compiled is not None and self._compiled.ready and rows == list(range(len(rows))):
             logits = self._compiled(ids, self._cache)  # rows [0, n): the one compiled graph
         else:
             logits = self.model.step(ids, self._cache, rows=None if rows == list(range(self.max_batch)) else rows)

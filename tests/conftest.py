@@ -14,9 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 REPO = Path(__file__).resolve().parents[1]
-# Engines compile their decode step in the background by default where it pays (the embedded model on the CPU):
-# a minute of CPU per engine the suite would pay again and again. The suite runs the eager step, and the
-# compiled step where a test asks for it (compile=True), as tests/test_compiled.py does. Child processes inherit it.
+# PHI4FLASH_COMPILE=1 in a developer's environment would make every engine of the suite compile its decode step
+# (a minute each): the suite runs the eager step, and the compiled one where a test asks for it (compile=True, as
+# tests/test_compiled.py does). Child processes inherit it.
 os.environ.setdefault("PHI4FLASH_COMPILE", "0")
 _CHECKOUT_BEFORE = pytest.StashKey[dict]()
 
