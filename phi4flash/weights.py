@@ -305,7 +305,10 @@ def save_checkpoint(model: Phi4FlashForCausalLM, out_dir: str | os.PathLike[str]
             continue
         param = model.get_parameter(name).detach()
         keep = acc_dtype(target) if name.rsplit(".", 1)[-1] in FP32_PARAMETERS else target
-        tensors[name] = param.to(device="cpu", dtype=keep).contiguous().clone()
+        tensor = param.to(device="cpu", dtype=keep).contiguous()
+        # a view into a larger storage (e.g. of a mapped file) is copied; a tensor that owns its storage is
+        # written as it is, so that saving a large model needs no second copy of it in memory
+        tensors[name] = tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
     for prefix, module in checkpoint_modules(model).items():
         tensors.update({f"{prefix}.{suffix}": t.contiguous() for suffix, t in module.portable().items()})
     if max_shard_bytes is None:
