@@ -118,6 +118,10 @@ def _register_fakes() -> None:
         count = w.shape[0] if rows is None else rows.numel()
         return w.new_empty(count, w.shape[1] * (2 if zeros is not None else 1), dtype=torch.bfloat16)
 
+    @torch.library.register_fake("phi4flash::dequantize_into")
+    def _(w, scales, zeros, group, first_row, out):  # noqa: ANN001, ANN202
+        return None
+
     @torch.library.register_fake("phi4flash::selective_scan")
     def _(u, delta, A, B, C, D, state):  # noqa: ANN001, ANN202
         return u.new_empty(u.shape), u.new_empty(u.shape[0], u.shape[2], A.shape[1])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -229,8 +230,60 @@ class CudaInt4Weight(PackedWeight):
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros, self.qweight))
 
 
-class NativeInt4Weight(PackedWeight):
-    """Group-wise int4 in nibble planes for phi4flash's own CPU kernels (:mod:`phi4flash.native`)."""
+# A many-row product on native weights dequantizes this many weight rows at a time into a reused buffer
+# (fresh memory for the whole weight would cost a page fault per 4 KB, as much as the dequantization).
+DENSE_BLOCK_ROWS = 1024
+
+
+class _Scratch(threading.local):
+    buffer: torch.Tensor | None = None
+
+
+_scratch = _Scratch()
+
+
+def _scratch_rows(rows: int, in_features: int) -> torch.Tensor:
+    """A (rows, in_features) bfloat16 buffer of this thread, reused across calls."""
+    need = rows * in_features
+    if _scratch.buffer is None or _scratch.buffer.numel() < need:
+        _scratch.buffer = torch.empty(need, dtype=torch.bfloat16)
+    return _scratch.buffer[:need].view(rows, in_features)
+
+
+class _NativeTiles(PackedWeight):
+    """Shared by the native layouts: many rows dequantize a block of weight rows at a time."""
+
+    tiles: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.dequant_rows:
+            return self.kernel(x)
+        y = x.new_empty(x.shape[0], self.out_features)
+        block = _scratch_rows(min(DENSE_BLOCK_ROWS, self.out_features), self.in_features)
+        for first in range(0, self.out_features, block.shape[0]):
+            weight = block[:min(block.shape[0], self.out_features - first)]
+            torch.ops.phi4flash.dequantize_into(self.tiles, self.scales, self.zeros, self.group_size, first, weight)
+            y[:, first:first + weight.shape[0]] = F.linear(x, weight)
+        return y
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.ops.phi4flash.dequantize(self.tiles, self.scales, self.zeros, self.group_size, None).to(dtype)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.phi4flash.dequantize(self.tiles, self.scales, self.zeros, self.group_size,
+                                             index.reshape(-1))
+        return out.view(*index.shape, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.tiles, self.scales) if self.zeros is None else (self.tiles, self.scales, self.zeros)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class NativeInt4Weight(_NativeTiles):
+    """Group-wise int4 in row tiles for phi4flash's own CPU kernels (:mod:`phi4flash.native`)."""
 
     bits = 4
 
@@ -238,77 +291,97 @@ class NativeInt4Weight(PackedWeight):
                  group_size: int) -> None:
         super().__init__(out_features, in_features, group_size, torch.device("cpu"), torch.bfloat16)
         values = torch.stack([tensors["qweight"] & 15, tensors["qweight"] >> 4], dim=-1).view(out_features, -1)
-        self.planes = to_planes(values)
-        self.scales = tensors["scales"].to(torch.bfloat16).contiguous()
-        self.zeros = tensors["zeros"].to(torch.bfloat16).contiguous()
+        self.tiles = int4_tiles(values)
+        self.scales = tile_columns(tensors["scales"].to(torch.bfloat16))
+        self.zeros = tile_columns(tensors["zeros"].to(torch.bfloat16))
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.phi4flash.int4_linear(x, self.planes, self.scales, self.zeros, self.group_size)
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return torch.ops.phi4flash.dequantize(self.planes, self.scales, self.zeros, self.group_size, None).to(dtype)
-
-    def rows(self, index: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.phi4flash.dequantize(self.planes, self.scales, self.zeros, self.group_size,
-                                             index.reshape(-1))
-        return out.view(*index.shape, self.in_features)
+        return torch.ops.phi4flash.int4_linear(x, self.tiles, self.scales, self.zeros, self.group_size)
 
     def portable(self) -> dict[str, torch.Tensor]:
-        values = from_planes(self.planes)
-        return {"qweight": values[:, 0::2] | (values[:, 1::2] << 4), "scales": self.scales.clone(),
-                "zeros": self.zeros.clone()}
+        values = int4_untiled(self.tiles)
+        return {"qweight": values[:, 0::2] | (values[:, 1::2] << 4), "scales": untile_columns(self.scales),
+                "zeros": untile_columns(self.zeros)}
 
 
-class NativeInt8Weight(PackedWeight):
-    """Per-channel int8 as two nibble planes of q + 128, for phi4flash's own CPU kernels."""
+class NativeInt8Weight(_NativeTiles):
+    """Per-channel int8 in row tiles (as q + 128), for phi4flash's own CPU kernels."""
 
     bits = 8
 
     def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int) -> None:
         super().__init__(out_features, in_features, 0, torch.device("cpu"), torch.bfloat16)
-        unsigned = (tensors["qweight"].to(torch.int16) + 128).to(torch.uint8)
-        low, high = to_planes(unsigned & 15), to_planes(unsigned >> 4)
-        blocks = (out_features, in_features // 128, 64)
-        self.planes = torch.cat([low.view(blocks), high.view(blocks)], dim=-1).view(out_features, -1)
+        self.tiles = int8_tiles((tensors["qweight"].to(torch.int16) + 128).to(torch.uint8))
         self.scales = tensors["scales"].to(torch.bfloat16).contiguous()
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.phi4flash.int8_linear(x, self.planes, self.scales)
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return torch.ops.phi4flash.dequantize(self.planes, self.scales, None, 0, None).to(dtype)
-
-    def rows(self, index: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.phi4flash.dequantize(self.planes, self.scales, None, 0, index.reshape(-1))
-        return out.view(*index.shape, self.in_features)
+        return torch.ops.phi4flash.int8_linear(x, self.tiles, self.scales)
 
     def portable(self) -> dict[str, torch.Tensor]:
-        blocks = self.planes.view(self.out_features, self.in_features // 128, 128)
-        low = from_planes(blocks[..., :64].reshape(self.out_features, -1))
-        high = from_planes(blocks[..., 64:].reshape(self.out_features, -1))
-        return {"qweight": ((high.to(torch.int16) << 4 | low) - 128).to(torch.int8), "scales": self.scales.clone()}
+        unsigned = int8_untiled(self.tiles)
+        return {"qweight": (unsigned.to(torch.int16) - 128).to(torch.int8), "scales": self.scales.clone()}
 
 
-def to_planes(values: torch.Tensor) -> torch.Tensor:
-    """(N, K) nibbles -> (N, K/2) bytes in nibble planes (see phi4flash/csrc/quant_cpu.cpp): per block of 128
-    inputs, 32 little-endian 16-bit lanes, lane i holding input 32 t + i at bits 4 t .. 4 t + 3."""
+# Row tiles (see phi4flash/csrc/quant_cpu.cpp): rows in tiles of TILE_ROWS; a tile is a run of 64-byte
+# vectors, lane i (4 bytes) of each belonging to row i of the tile.
+TILE_ROWS = 16
+
+
+def int4_tiles(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) nibbles -> (N, K/2) bytes in row tiles: vector c of a tile holds inputs 8c .. 8c+7 of its 16 rows,
+    byte j of lane i = input 8c + j | input 8c + 4 + j << 4 of row i."""
     n, k = values.shape
-    v = values.view(n, k // 128, 4, 32).to(torch.int32)
-    lanes = v[:, :, 0] | (v[:, :, 1] << 4) | (v[:, :, 2] << 8) | (v[:, :, 3] << 12)
-    return lanes.to(torch.int16).view(torch.uint8).reshape(n, k // 2).contiguous()
+    v = values.to(torch.uint8).view(n // TILE_ROWS, TILE_ROWS, k // 8, 2, 4)
+    return (v[:, :, :, 0] | (v[:, :, :, 1] << 4)).transpose(1, 2).contiguous().view(n, k // 2)
 
 
-def from_planes(planes: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_planes`: (N, K/2) bytes -> (N, K) uint8 nibbles."""
-    n = planes.shape[0]
-    lanes = planes.contiguous().view(torch.int16).view(n, -1, 32).to(torch.int32) & 0xFFFF
-    return torch.stack([(lanes >> (4 * t)) & 15 for t in range(4)], dim=2).to(torch.uint8).view(n, -1)
+def int4_untiled(tiles: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`int4_tiles`: (N, K/2) bytes -> (N, K) uint8 nibbles."""
+    n, half = tiles.shape
+    b = tiles.view(n // TILE_ROWS, half // 4, TILE_ROWS, 4).transpose(1, 2)  # (T, 16, K/8, 4)
+    return torch.stack([b & 15, b >> 4], dim=3).reshape(n, 2 * half)
 
 
-def native_kernels(device: torch.device, dtype: torch.dtype, in_features: int, group_size: int) -> bool:
+def int8_tiles(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) bytes -> (N, K) in row tiles: vector c of a tile holds inputs 4c .. 4c+3 of its 16 rows."""
+    n, k = values.shape
+    return values.view(n // TILE_ROWS, TILE_ROWS, k // 4, 4).transpose(1, 2).contiguous().view(n, k)
+
+
+def int8_untiled(tiles: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`int8_tiles`."""
+    n, k = tiles.shape
+    return tiles.view(n // TILE_ROWS, k // 4, TILE_ROWS, 4).transpose(1, 2).reshape(n, k)
+
+
+def tile_columns(values: torch.Tensor) -> torch.Tensor:
+    """Per-row, per-group values (N, G) -> (N/16, G, 16): one 16-lane vector per tile and group."""
+    n, g = values.shape
+    return values.view(n // TILE_ROWS, TILE_ROWS, g).transpose(1, 2).contiguous()
+
+
+def untile_columns(values: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`tile_columns`."""
+    t, g, _ = values.shape
+    return values.transpose(1, 2).reshape(t * TILE_ROWS, g).contiguous()
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the native kernels multiply by: x (M, K) quantized per block of 128 inputs to int8,
+    symmetric (scale = max|x| / 127, q = round(x / scale)). Returns (q, scales (M, K/128)) in float32;
+    q * scale is the activation the kernels see (a reference for tests and quality checks)."""
+    m, k = x.shape
+    blocks = x.float().view(m, k // 128, 128)
+    scale = blocks.abs().amax(-1) / 127
+    q = torch.where(scale[..., None] > 0, torch.round(blocks / scale[..., None]), torch.zeros(()))
+    return q.view(m, k), scale
+
+
+def native_kernels(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int,
+                   group_size: int) -> bool:
     """Whether phi4flash's own CPU kernels (torch.ops.phi4flash) run this layer: built, bfloat16 activations,
-    widths in blocks of 128, an int4 group of 32, 64 or a multiple of 128."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or in_features % 128:
+    rows in tiles of 16, widths in blocks of 128, an int4 group of 32, 64 or a multiple of 128."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or in_features % 128 or out_features % TILE_ROWS:
         return False
     if group_size and group_size not in (32, 64) and group_size % 128:
         return False
@@ -322,7 +395,7 @@ def pack(tensors: dict[str, torch.Tensor], bits: int, group_size: int, out_featu
          device: torch.device, dtype: torch.dtype) -> PackedWeight:
     """Portable tensors of one layer -> the :class:`PackedWeight` that runs on ``device``."""
     check_support(device, dtype, bits)
-    if native_kernels(device, dtype, in_features, group_size):
+    if native_kernels(device, dtype, out_features, in_features, group_size):
         if bits == 8:
             return NativeInt8Weight(tensors, out_features, in_features)
         return NativeInt4Weight(tensors, out_features, in_features, group_size)
@@ -461,5 +534,5 @@ def use_decode_kernels(model: nn.Module) -> None:
         if type(module) not in (nn.Linear, DecodeLinear):
             continue
         w = module.weight
-        wanted = w.device.type == "cpu" and w.dtype == torch.bfloat16 and native_kernels(w.device, w.dtype, 128, 0)
+        wanted = w.device.type == "cpu" and w.dtype == torch.bfloat16 and native_kernels(w.device, w.dtype, TILE_ROWS, 128, 0)
         module.__class__ = DecodeLinear if wanted else nn.Linear

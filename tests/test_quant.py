@@ -127,7 +127,9 @@ def _layer(spec: QuantSpec, out_features: int, in_features: int, dtype: torch.dt
 @pytest.mark.parametrize("shape", [(80, 256), (256, 128), (48, 512)])
 def test_kernels_equal_the_dequantized_reference(backend: str, spec: QuantSpec, shape: tuple[int, int]) -> None:
     """bfloat16 activations: the decode kernels equal x @ W^T computed exactly from the portable tensors, up to
-    the rounding of the bfloat16 output; the path for many rows equals PyTorch's matmul on the dequantized W."""
+    the rounding of the bfloat16 output (phi4flash's native kernels multiply by x quantized per block of 128 to
+    int8, as llama.cpp does: the reference takes that x); the path for many rows equals PyTorch's matmul on the
+    dequantized W."""
     out_features, in_features = shape
     if spec.bits == 4 and in_features % spec.group_size:
         pytest.skip("group does not divide the width")
@@ -139,7 +141,11 @@ def test_kernels_equal_the_dequantized_reference(backend: str, spec: QuantSpec, 
         x = torch.randn(rows, in_features).to(torch.bfloat16)
         dense = rows > layer.packed.dequant_rows
         # the dense path is PyTorch's bfloat16 matmul on the dequantized weight (its own accumulation order)
-        product = torch.nn.functional.linear(x, w.to(torch.bfloat16)).float() if dense else x.float() @ w.t()
+        seen = x.float()
+        if backend == "native" and not dense:
+            q, scale = qkernels.quantize_activations(x)
+            seen = (q.view(rows, -1, 128) * scale[..., None]).view(rows, in_features)
+        product = torch.nn.functional.linear(x, w.to(torch.bfloat16)).float() if dense else seen @ w.t()
         expected = product + layer.bias.float()
         got = layer(x)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
@@ -159,12 +165,36 @@ def test_float32_activations_run_exactly_on_pytorchs_kernels() -> None:
             assert (layer(x) - expected).abs().max().item() <= 1e-4 * (1 + expected.abs().max().item())
 
 
-def test_nibble_planes_round_trip() -> None:
-    values = torch.randint(0, 16, (3, 256), dtype=torch.uint8)
-    planes = qkernels.to_planes(values)
-    assert planes.shape == (3, 128) and torch.equal(qkernels.from_planes(planes), values)
-    lane = int(planes[0, 2]) | int(planes[0, 3]) << 8  # lane 1 of block 0: inputs 1, 33, 65, 97
-    assert lane == int(values[0, 1]) | int(values[0, 33]) << 4 | int(values[0, 65]) << 8 | int(values[0, 97]) << 12
+def test_row_tiles_round_trip_and_layout() -> None:
+    nibbles = torch.randint(0, 16, (32, 256), dtype=torch.uint8)
+    tiles = qkernels.int4_tiles(nibbles)
+    assert tiles.shape == (32, 128) and torch.equal(qkernels.int4_untiled(tiles), nibbles)
+    flat = tiles.flatten()
+    # tile 1, vector 2 (inputs 16..23), lane 5 (row 21), byte 3: inputs 19 and 23 of row 21
+    byte = int(flat[1 * 16 * 128 + 2 * 64 + 5 * 4 + 3])
+    assert byte == int(nibbles[21, 19]) | int(nibbles[21, 23]) << 4
+    values = torch.randint(0, 256, (32, 256), dtype=torch.uint8)
+    tiles = qkernels.int8_tiles(values)
+    assert torch.equal(qkernels.int8_untiled(tiles), values)
+    assert int(tiles.flatten()[16 * 256 + 3 * 64 + 7 * 4 + 2]) == int(values[23, 14])  # tile 1, inputs 12..15, row 23
+    per_group = torch.randn(32, 4)
+    assert torch.equal(qkernels.untile_columns(qkernels.tile_columns(per_group)), per_group)
+
+
+def test_activation_quantization_matches_the_kernel() -> None:
+    """The int8 activations the native kernels use: per block of 128, |q| <= 127, error at most half a step;
+    an all-zero block stays zero (no division by zero)."""
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    x[1, 128:] = 0
+    q, scale = qkernels.quantize_activations(x)
+    assert q.abs().max().item() <= 127 and scale[1, 1].item() == 0 and q[1, 128:].abs().max().item() == 0
+    seen = (q.view(3, 2, 128) * scale[..., None]).view(3, 256)
+    assert ((seen - x.float()).abs() <= scale.repeat_interleave(128, 1) / 2 + 1e-7).all()
+    if native.ready():
+        layer = _layer(QuantSpec(8), 16, 256, torch.bfloat16)
+        layer.bias = None
+        w = dequantize(**layer.portable())
+        assert torch.equal(layer(x), (seen.double() @ w.double().t()).to(torch.bfloat16))
 
 
 def test_quantizing_a_trainable_weight_keeps_no_graph() -> None:

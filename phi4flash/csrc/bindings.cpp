@@ -9,6 +9,7 @@ TORCH_LIBRARY(phi4flash, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
   m.def("dequantize(Tensor w, Tensor scales, Tensor? zeros, int group, Tensor? rows) -> Tensor");
+  m.def("dequantize_into(Tensor w, Tensor scales, Tensor? zeros, int group, int first_row, Tensor(a!) out) -> ()");
   m.def("selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? state) "
         "-> (Tensor, Tensor)");
 }
@@ -26,6 +27,7 @@ TORCH_LIBRARY_IMPL(phi4flash, CPU, m) {
   m.impl("int8_linear", &phi4flash::int8_linear);
   m.impl("bf16_linear", &phi4flash::bf16_linear);
   m.impl("dequantize", &phi4flash::dequantize);
+  m.impl("dequantize_into", &phi4flash::dequantize_into);
   m.impl("selective_scan", &selective_scan_op);
 }
 

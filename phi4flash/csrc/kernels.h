@@ -8,13 +8,15 @@
 
 namespace phi4flash {
 
-// quant_cpu.cpp: weight-only quantized linears in nibble planes
+// quant_cpu.cpp: weight-only quantized linears in row tiles (int8 activations), bfloat16 matrix-vector products
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
                        int64_t group);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales);
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w);
 at::Tensor dequantize(const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
                       int64_t group, const c10::optional<at::Tensor>& rows);
+void dequantize_into(const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                     int64_t group, int64_t first_row, at::Tensor out);
 std::string isa();
 
 // scan_cpu.cpp: the Mamba-1 selective scan

@@ -1,26 +1,28 @@
 // phi4flash's CPU kernels for weight-only quantized linears: matrix-vector products for decode that stream
-// the packed weights once, and dequantization to bfloat16 (all rows for prefill's dense matmul, or a few
-// rows for the embedding lookup).
+// the packed weights once at memory speed, and dequantization to bfloat16 (all rows for prefill's dense
+// matmul, or a few rows for the embedding lookup); plus the bfloat16 matrix-vector product of decode.
 //
-// Layout ("nibble planes", built by phi4flash/qkernels.py): a weight row is cut into blocks of 128 inputs.
-// A plane of one block is 64 bytes, read as 32 little-endian 16-bit lanes; lane i holds four nibbles, the
-// nibble at bits 4t..4t+3 being input 32 t + i of the block.
-//   int4: one plane per block, nibble q in [0, 15]; scales, zeros (N, K/g) bfloat16; weight = (q - 8) s + z.
-//   int8: two planes per block (low then high nibbles of u = q + 128); scales (N,) bfloat16; weight = q s.
-// Activations x (M, K) bfloat16; outputs (M, N) bfloat16, accumulated in float32.
-//
-// The products use AVX512-BF16 dot products on exact bfloat16 images of the nibbles: 0x4300 | n is the
-// bfloat16 of 128 + n, so D = sum((128 + n) x) = sum(n x) + 128 X with X = sum(x):
-//   int4, per group:  sum(w x) = s D + (z - 136 s) X
-//   int8, per row:    sum(w x) = s (16 D_high + D_low - 2304 X)   (16 D_high as D_high against 16 x)
-// Every product is exact in float32. Without AVX512-BF16 the same arithmetic runs as plain C++ loops.
+// Layout ("row tiles", built by phi4flash/qkernels.py): the weight's rows go in tiles of 16, and a tile is a
+// run of 64-byte vectors, one per chunk of inputs; lane i (4 bytes) of a vector belongs to row 16 t + i, so
+// that one integer dot-product instruction advances 16 rows at once and the outputs need no horizontal sums.
+//   int4: chunk c = inputs 8c .. 8c+7; byte j of a lane = q[8c + j] | q[8c + 4 + j] << 4, q in [0, 15];
+//         scales, zeros (N/16, K/g, 16) bfloat16; weight = (q - 8) s + z.
+//   int8: chunk c = inputs 4c .. 4c+3; byte j of a lane = q[4c + j] + 128; scales (N,) bfloat16; weight = q s.
+// Activations x (M, K) bfloat16 are quantized per block of 128 inputs to int8 (symmetric: a = max|x| / 127,
+// xq = round(x / a)), as llama.cpp does, so that AVX512-VNNI's u8 x s8 dot products (vpdpbusd) do the work:
+//   int4, per segment (the inputs one group and one block share):  a (s D + (z - 8 s) X)
+//   int8, per block:  a (D - 128 X), times s at the end
+// with D = sum(q xq) in int32 and X = sum(xq). Outputs (M, N) bfloat16, accumulated in float32.
+// Without AVX512-VNNI the same arithmetic runs as plain C++ loops.
 
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -31,205 +33,216 @@
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define PHI4FLASH_BF16_DOT 1
+#define PHI4FLASH_BF16_DOT_ON true
+#else
+#define PHI4FLASH_BF16_DOT_ON false
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define PHI4FLASH_VNNI 1
 #endif
 
 namespace phi4flash {
 namespace {
 
-constexpr int64_t kBlock = 128;       // inputs per block
-constexpr int64_t kPlaneBytes = 64;   // bytes per plane of one block
+constexpr int64_t kBlock = 128;  // inputs per activation block
+constexpr int64_t kTile = 16;    // rows per tile
 
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
-// Nibble of input k (0 <= k < 128) within one plane of a block.
-inline int plane_nibble(const uint8_t* plane, int64_t k) {
-  const int64_t t = k / 32, i = k % 32;
-  const uint16_t lane = static_cast<uint16_t>(plane[2 * i] | (plane[2 * i + 1] << 8));
-  return (lane >> (4 * t)) & 0xF;
-}
-
-// Sums of x over consecutive runs of ``width`` inputs: (M, K / width) floats.
-std::vector<float> run_sums(const at::BFloat16* x, int64_t M, int64_t K, int64_t width) {
-  const int64_t R = K / width;
-  std::vector<float> sums(M * R, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) sums[m * R + k / width] += to_float(x[m * K + k]);
-  return sums;
-}
-
-#if PHI4FLASH_BF16_DOT
-constexpr const char* kPath = "avx512-bf16";
-
-// The bfloat16 images (128 + nibble) of segment t of a plane: 32 inputs 32 t .. 32 t + 31, in order.
-inline __m512bh segment(__m512i plane, int t) {
-  const __m512i nib = _mm512_and_si512(_mm512_srli_epi16(plane, 4 * t), _mm512_set1_epi16(0x000F));
-  return (__m512bh)_mm512_or_si512(nib, _mm512_set1_epi16(0x4300));
-}
-
-// Rows [n0, n0 + RT) against activation rows [m0, m0 + MT), int4, for groups of SEG segments of 32 inputs
-// (SEG 4: groups of whole blocks). Each (row, activation row) keeps one accumulator per segment position t,
-// so that 4 RT MT dot products are independent; every index is a compile-time constant once the loops
-// unroll, so the accumulators live in registers.
-template <int RT, int MT, int SEG>
-inline void int4_tile(const at::BFloat16* x, const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros,
-                      const float* xsum, at::BFloat16* y, int64_t n0, int64_t m0, int64_t N, int64_t K, int64_t group) {
-  const int64_t G = K / group, row_bytes = K / 2, blocks_per_group = SEG == 4 ? group / kBlock : 1;
-  __m512 acc[RT][MT][4], total[RT][MT];
-  float extra[RT][MT];
-#pragma GCC unroll 16
-  for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m) {
-      total[r][m] = _mm512_setzero_ps();
-      extra[r][m] = 0.f;
-#pragma GCC unroll 4
-      for (int t = 0; t < 4; ++t) acc[r][m][t] = _mm512_setzero_ps();
-    }
-  // scale the accumulators of segments [first, last] (one group) into the totals
-  auto close_group = [&](int first, int last, int64_t g) __attribute__((always_inline)) {
-#pragma GCC unroll 16
-    for (int r = 0; r < RT; ++r) {
-      const float s = to_float(scales[(n0 + r) * G + g]);
-      const float zc = to_float(zeros[(n0 + r) * G + g]) - 136.f * s;
-      const __m512 sv = _mm512_set1_ps(s);
-#pragma GCC unroll 16
-      for (int m = 0; m < MT; ++m) {
-        __m512 sum = acc[r][m][first];
-        acc[r][m][first] = _mm512_setzero_ps();
-#pragma GCC unroll 4
-        for (int u = first + 1; u <= last; ++u) {
-          sum = _mm512_add_ps(sum, acc[r][m][u]);
-          acc[r][m][u] = _mm512_setzero_ps();
-        }
-        total[r][m] = _mm512_fmadd_ps(sum, sv, total[r][m]);
-        extra[r][m] += zc * xsum[(m0 + m) * G + g];
-      }
-    }
-  };
-  int64_t block_count = 0;
-  for (int64_t kb = 0; kb < K; kb += kBlock) {
-    __m512i planes[RT];
-#pragma GCC unroll 16
-    for (int r = 0; r < RT; ++r)
-      planes[r] = _mm512_loadu_si512(w + (n0 + r) * row_bytes + (kb / kBlock) * kPlaneBytes);
-#pragma GCC unroll 4
-    for (int t = 0; t < 4; ++t) {
-      __m512bh xs[MT];
-#pragma GCC unroll 16
-      for (int m = 0; m < MT; ++m) xs[m] = (__m512bh)_mm512_loadu_si512(x + (m0 + m) * K + kb + 32 * t);
-#pragma GCC unroll 16
-      for (int r = 0; r < RT; ++r) {
-        const __m512bh ws = segment(planes[r], t);
-#pragma GCC unroll 16
-        for (int m = 0; m < MT; ++m) acc[r][m][t] = _mm512_dpbf16_ps(acc[r][m][t], ws, xs[m]);
-      }
-      if (SEG < 4 && t % SEG == SEG - 1) close_group(t + 1 - SEG, t, (kb + 32 * t) / group);
-    }
-    if (SEG == 4 && ++block_count == blocks_per_group) {
-      block_count = 0;
-      close_group(0, 3, kb / group);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m)
-      y[(m0 + m) * N + n0 + r] = at::BFloat16(_mm512_reduce_add_ps(total[r][m]) + extra[r][m]);
-}
-
-// Rows [n0, n0 + RT) against activation rows [m0, m0 + MT), int8: the high plane is dotted with x16 = 16 x
-// (exact in bfloat16), so both planes add into the same accumulators: D = 16 D_high + D_low.
-template <int RT, int MT>
-inline void int8_tile(const at::BFloat16* x, const at::BFloat16* x16, const uint8_t* w, const at::BFloat16* scales,
-                      const float* xsum, at::BFloat16* y, int64_t n0, int64_t m0, int64_t N, int64_t K) {
-  const int64_t row_bytes = K;
-  __m512 acc[RT][MT][4];
-#pragma GCC unroll 16
-  for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 4
-      for (int t = 0; t < 4; ++t) acc[r][m][t] = _mm512_setzero_ps();
-  for (int64_t kb = 0; kb < K; kb += kBlock) {
-    __m512i lo[RT], hi[RT];
-#pragma GCC unroll 16
-    for (int r = 0; r < RT; ++r) {
-      const uint8_t* base = w + (n0 + r) * row_bytes + (kb / kBlock) * 2 * kPlaneBytes;
-      lo[r] = _mm512_loadu_si512(base);
-      hi[r] = _mm512_loadu_si512(base + kPlaneBytes);
-    }
-#pragma GCC unroll 4
-    for (int t = 0; t < 4; ++t) {
-      __m512bh xs[MT], xs16[MT];
-#pragma GCC unroll 16
-      for (int m = 0; m < MT; ++m) {
-        xs[m] = (__m512bh)_mm512_loadu_si512(x + (m0 + m) * K + kb + 32 * t);
-        xs16[m] = (__m512bh)_mm512_loadu_si512(x16 + (m0 + m) * K + kb + 32 * t);
-      }
-#pragma GCC unroll 16
-      for (int r = 0; r < RT; ++r) {
-        const __m512bh wl = segment(lo[r], t), wh = segment(hi[r], t);
-    #pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m)
-          acc[r][m][t] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][m][t], wl, xs[m]), wh, xs16[m]);
-      }
-    }
-  }
-  for (int r = 0; r < RT; ++r) {
-    const float s = to_float(scales[n0 + r]);
-    for (int m = 0; m < MT; ++m) {
-      const __m512 d = _mm512_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]),
-                                     _mm512_add_ps(acc[r][m][2], acc[r][m][3]));
-      y[(m0 + m) * N + n0 + r] = at::BFloat16(s * (_mm512_reduce_add_ps(d) - 2304.f * xsum[m0 + m]));
-    }
-  }
-}
-
-#else
-constexpr const char* kPath = "portable C++";
-
-template <int RT, int MT, int SEG>
-inline void int4_tile(const at::BFloat16* x, const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros,
-                      const float* xsum, at::BFloat16* y, int64_t n0, int64_t m0, int64_t N, int64_t K, int64_t group) {
-  const int64_t G = K / group;
-  for (int r = 0; r < RT; ++r) {
-    const uint8_t* row = w + (n0 + r) * (K / 2);
-    for (int m = 0; m < MT; ++m) {
-      float total = 0.f;
-      for (int64_t g = 0; g < G; ++g) {
-        float d = 0.f;
-        for (int64_t k = g * group; k < (g + 1) * group; ++k)
-          d += (128.f + plane_nibble(row + (k / kBlock) * kPlaneBytes, k % kBlock)) * to_float(x[(m0 + m) * K + k]);
-        const float s = to_float(scales[(n0 + r) * G + g]);
-        total += s * d + (to_float(zeros[(n0 + r) * G + g]) - 136.f * s) * xsum[(m0 + m) * G + g];
-      }
-      y[(m0 + m) * N + n0 + r] = at::BFloat16(total);
-    }
-  }
-}
-
-template <int RT, int MT>
-inline void int8_tile(const at::BFloat16* x, const at::BFloat16* x16, const uint8_t* w, const at::BFloat16* scales,
-                      const float* xsum, at::BFloat16* y, int64_t n0, int64_t m0, int64_t N, int64_t K) {
-  (void)xsum;
-  (void)x16;
-  for (int r = 0; r < RT; ++r) {
-    const uint8_t* row = w + (n0 + r) * K;
-    for (int m = 0; m < MT; ++m) {
-      float total = 0.f;
-      for (int64_t k = 0; k < K; ++k) {
-        const uint8_t* block = row + (k / kBlock) * 2 * kPlaneBytes;
-        const int u = plane_nibble(block, k % kBlock) | (plane_nibble(block + kPlaneBytes, k % kBlock) << 4);
-        total += (u - 128) * to_float(x[(m0 + m) * K + k]);
-      }
-      y[(m0 + m) * N + n0 + r] = at::BFloat16(total * to_float(scales[n0 + r]));
-    }
-  }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 bfloat16 -> 16 floats
+inline __m512 load_bf16x16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 #endif
 
-// Every (row tile, activation tile) of the product, rows split between threads in runs of whole tiles:
-// up to 3 activation rows (decode) take 4 weight rows at a time, one by one; 4 or more take 4 at a time.
+// x (M, K) quantized per block of 128 inputs; ``seg`` inputs per segment (min(group, 128); 128 for int8).
+struct Activations {
+  std::vector<int8_t> q;       // (M, K)
+  std::vector<float> scale;    // (M, K / 128): a
+  std::vector<float> seg_sum;  // (M, K / seg): a * sum(xq) over the segment
+  int64_t K, seg;
+};
+
+Activations quantize_activations(const at::BFloat16* x, int64_t M, int64_t K, int64_t seg) {
+  const int64_t B = K / kBlock, S = K / seg;
+  Activations a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * S, 0.f), K, seg};
+  float block[kBlock];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < B; ++b) {
+      float amax = 0.f;
+      for (int64_t j = 0; j < kBlock; ++j) {
+        block[j] = to_float(x[m * K + b * kBlock + j]);
+        amax = std::max(amax, std::fabs(block[j]));
+      }
+      const float scale = amax / 127.f;
+      a.scale[m * B + b] = scale;
+      int8_t* q = a.q.data() + m * K + b * kBlock;
+      for (int64_t j = 0; j < kBlock; ++j) q[j] = scale > 0.f ? static_cast<int8_t>(std::nearbyint(block[j] / scale)) : 0;
+      for (int64_t j0 = 0; j0 < kBlock; j0 += seg) {
+        int32_t sum = 0;
+        for (int64_t j = j0; j < j0 + seg; ++j) sum += q[j];
+        a.seg_sum[m * S + (b * kBlock + j0) / seg] = scale * static_cast<float>(sum);
+      }
+    }
+  return a;
+}
+
+#if PHI4FLASH_VNNI
+constexpr const char* kQuantPath = "avx512-vnni";
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Tile ``tile`` (16 rows) against activation rows [m0, m0 + MT), int4 with segments of SEG_CHUNKS chunks.
+// Four accumulators per activation row keep the dot products' dependency chains short.
+template <int MT, int SEG_CHUNKS>
+inline void int4_tile(const Activations& a, const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros,
+                      float* y, int64_t tile, int64_t m0, int64_t K, int64_t group) {
+  const int64_t G = K / group, B = K / kBlock, S = K / a.seg, chunks = K / 8;
+  const uint8_t* t = w + tile * kTile * (K / 2);
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  __m512 total[MT];
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < chunks; c0 += SEG_CHUNKS) {
+    __m512i acc[MT][4];
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_si512();
+#pragma GCC unroll 16
+    for (int v = 0; v < SEG_CHUNKS; ++v) {
+      const __m512i wv = _mm512_loadu_si512(t + (c0 + v) * 64);
+      const __m512i lo = _mm512_and_si512(wv, mask), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), mask);
+#pragma GCC unroll 4
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* xp = a.q.data() + (m0 + m) * K + 8 * (c0 + v);
+        acc[m][2 * (v & 1)] = _mm512_dpbusd_epi32(acc[m][2 * (v & 1)], lo, _mm512_set1_epi32(load_i32(xp)));
+        acc[m][2 * (v & 1) + 1] = _mm512_dpbusd_epi32(acc[m][2 * (v & 1) + 1], hi, _mm512_set1_epi32(load_i32(xp + 4)));
+      }
+    }
+    const int64_t k = 8 * c0, g = k / group, b = k / kBlock, s = k / a.seg;
+    const __m512 sv = load_bf16x16(scales + (tile * G + g) * kTile);
+    const __m512 zc = _mm512_fmadd_ps(sv, _mm512_set1_ps(-8.f), load_bf16x16(zeros + (tile * G + g) * kTile));
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      const __m512i d = _mm512_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]), _mm512_add_epi32(acc[m][2], acc[m][3]));
+      const __m512 sa = _mm512_mul_ps(sv, _mm512_set1_ps(a.scale[(m0 + m) * B + b]));
+      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sa, total[m]);
+      total[m] = _mm512_fmadd_ps(zc, _mm512_set1_ps(a.seg_sum[(m0 + m) * S + s]), total[m]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(y + m * kTile, total[m]);
+}
+
+// Tile ``tile`` against activation rows [m0, m0 + MT), int8: per block of 32 chunks, a D into the totals;
+// the offset of the unsigned weights (128 X) and the row scales come at the end.
+template <int MT>
+inline void int8_tile(const Activations& a, const uint8_t* w, float* y, int64_t tile, int64_t m0, int64_t K) {
+  const int64_t B = K / kBlock;
+  const uint8_t* t = w + tile * kTile * K;
+  __m512 total[MT];
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    __m512i acc[MT][4];
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_si512();
+#pragma GCC unroll 32
+    for (int v = 0; v < 32; ++v) {
+      const __m512i wv = _mm512_loadu_si512(t + (b * 32 + v) * 64);
+#pragma GCC unroll 4
+      for (int m = 0; m < MT; ++m)
+        acc[m][v & 3] = _mm512_dpbusd_epi32(
+            acc[m][v & 3], wv, _mm512_set1_epi32(load_i32(a.q.data() + (m0 + m) * K + b * kBlock + 4 * v)));
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      const __m512i d = _mm512_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]), _mm512_add_epi32(acc[m][2], acc[m][3]));
+      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a.scale[(m0 + m) * B + b]), total[m]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(y + m * kTile, total[m]);
+}
+#else
+constexpr const char* kQuantPath = "portable C++";
+
+template <int MT, int SEG_CHUNKS>
+inline void int4_tile(const Activations& a, const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros,
+                      float* y, int64_t tile, int64_t m0, int64_t K, int64_t group) {
+  const int64_t G = K / group, B = K / kBlock, S = K / a.seg, chunks = K / 8;
+  const uint8_t* t = w + tile * kTile * (K / 2);
+  for (int m = 0; m < MT; ++m)
+    for (int i = 0; i < kTile; ++i) {
+      float total = 0.f;
+      for (int64_t c0 = 0; c0 < chunks; c0 += SEG_CHUNKS) {
+        int32_t d = 0;
+        for (int64_t c = c0; c < c0 + SEG_CHUNKS; ++c)
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t byte = t[c * 64 + i * 4 + j];
+            const int8_t* xp = a.q.data() + (m0 + m) * K + 8 * c;
+            d += (byte & 15) * xp[j] + (byte >> 4) * xp[4 + j];
+          }
+        const int64_t k = 8 * c0, g = k / group;
+        const float s = to_float(scales[(tile * G + g) * kTile + i]);
+        const float zc = to_float(zeros[(tile * G + g) * kTile + i]) - 8.f * s;
+        total += static_cast<float>(d) * (s * a.scale[(m0 + m) * B + k / kBlock]) + zc * a.seg_sum[(m0 + m) * S + k / a.seg];
+      }
+      y[m * kTile + i] = total;
+    }
+}
+
+template <int MT>
+inline void int8_tile(const Activations& a, const uint8_t* w, float* y, int64_t tile, int64_t m0, int64_t K) {
+  const int64_t B = K / kBlock;
+  const uint8_t* t = w + tile * kTile * K;
+  for (int m = 0; m < MT; ++m)
+    for (int i = 0; i < kTile; ++i) {
+      float total = 0.f;
+      for (int64_t b = 0; b < B; ++b) {
+        int32_t d = 0;
+        for (int64_t c = 32 * b; c < 32 * (b + 1); ++c)
+          for (int j = 0; j < 4; ++j) d += t[c * 64 + i * 4 + j] * a.q[(m0 + m) * K + 4 * c + j];
+        total += static_cast<float>(d) * a.scale[(m0 + m) * B + b];
+      }
+      y[m * kTile + i] = total;
+    }
+}
+#endif
+
+// Every tile against every activation row, tiles split between threads; rows four at a time, so that a tile
+// (at most 16 x K/2 or 16 x K bytes, in the L2 cache) is read from memory once for up to 32 rows.
+template <typename Tile>
+void for_row_tiles(int64_t M, int64_t N, Tile tile_fn) {
+  at::parallel_for(0, N / kTile, 4, [&](int64_t begin, int64_t end) {
+    float out[4 * kTile];
+    for (int64_t tile = begin; tile < end; ++tile)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) tile_fn(tile, m0, std::min<int64_t>(4, M - m0), out);
+  });
+}
+
+template <typename F>
+void with_rows(int64_t count, F f) {
+  switch (count) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    default: f(std::integral_constant<int, 4>()); break;
+  }
+}
+
+// bfloat16 weights: every (row tile, activation tile) of the product, rows split between threads in runs of
+// whole tiles: up to 3 activation rows (decode) take 4 weight rows at a time, one by one; 4 or more take 4 at
+// a time.
 template <typename Tile4x1, typename Tile1x4, typename Tile1x1>
 void for_tiles(int64_t M, int64_t N, Tile4x1 t41, Tile1x4 t14, Tile1x1 t11) {
   at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t begin, int64_t end) {
@@ -303,39 +316,44 @@ static void check_x(const at::Tensor& x) {
   TORCH_CHECK(x.size(1) % kBlock == 0, "K must be a multiple of 128");
 }
 
+static void check_tiles(const at::Tensor& w, int64_t N, int64_t bytes_per_row) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(0) == N &&
+                  w.size(1) == bytes_per_row && N % kTile == 0,
+              "w: contiguous (N, bytes per row) uint8 in row tiles, N a multiple of 16");
+}
+
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
                        int64_t group) {
   check_x(x);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 2 == K,
-              "w: contiguous (N, K/2) uint8 in nibble planes");
-  TORCH_CHECK((group == 32 || group == 64 || group % kBlock == 0) && K % group == 0,
+  check_tiles(w, N, K / 2);
+  TORCH_CHECK(group % 32 == 0 && K % group == 0 && (group % kBlock == 0 || kBlock % group == 0),
               "group must be 32, 64 or a multiple of 128, dividing K");
-  TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.size(0) == N && scales.size(1) == K / group &&
-                  scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16 &&
-                  scales.is_contiguous() && zeros.is_contiguous(),
-              "scales, zeros: contiguous (N, K/group) bfloat16");
+  TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.dim() == 3 && scales.size(0) == N / kTile &&
+                  scales.size(1) == K / group && scales.size(2) == kTile && scales.scalar_type() == at::kBFloat16 &&
+                  zeros.scalar_type() == at::kBFloat16 && scales.is_contiguous() && zeros.is_contiguous(),
+              "scales, zeros: contiguous (N/16, K/group, 16) bfloat16");
   auto y = at::empty({M, N}, x.options());
-  const auto* xp = x.data_ptr<at::BFloat16>();
+  const int64_t seg = std::min(group, kBlock);
+  const Activations a = quantize_activations(x.data_ptr<at::BFloat16>(), M, K, seg);
   const auto* wp = w.data_ptr<uint8_t>();
   const auto* sp = scales.data_ptr<at::BFloat16>();
   const auto* zp = zeros.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
-  const std::vector<float> xsum = run_sums(xp, M, K, group);
-  const float* xs = xsum.data();
-  auto run = [&](auto seg) {
-    constexpr int SEG = decltype(seg)::value;
-    for_tiles(
-        M, N, [&](int64_t n, int64_t m) { int4_tile<4, 1, SEG>(xp, wp, sp, zp, xs, yp, n, m, N, K, group); },
-        [&](int64_t n, int64_t m) { int4_tile<1, 4, SEG>(xp, wp, sp, zp, xs, yp, n, m, N, K, group); },
-        [&](int64_t n, int64_t m) { int4_tile<1, 1, SEG>(xp, wp, sp, zp, xs, yp, n, m, N, K, group); });
+  auto run = [&](auto seg_chunks) {
+    constexpr int SEG = decltype(seg_chunks)::value;
+    for_row_tiles(M, N, [&](int64_t tile, int64_t m0, int64_t rows, float* out) {
+      with_rows(rows, [&](auto mt) { int4_tile<decltype(mt)::value, SEG>(a, wp, sp, zp, out, tile, m0, K, group); });
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t i = 0; i < kTile; ++i) yp[(m0 + m) * N + tile * kTile + i] = at::BFloat16(out[m * kTile + i]);
+    });
   };
-  if (group == 32) {
-    run(std::integral_constant<int, 1>());
-  } else if (group == 64) {
-    run(std::integral_constant<int, 2>());
-  } else {
+  if (seg == 32) {
     run(std::integral_constant<int, 4>());
+  } else if (seg == 64) {
+    run(std::integral_constant<int, 8>());
+  } else {
+    run(std::integral_constant<int, 16>());
   }
   return y;
 }
@@ -343,23 +361,25 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   check_x(x);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) == K,
-              "w: contiguous (N, K) uint8 in nibble planes");
+  check_tiles(w, N, K);
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N && scales.scalar_type() == at::kBFloat16 &&
                   scales.is_contiguous(), "scales: contiguous (N,) bfloat16");
   auto y = at::empty({M, N}, x.options());
-  const auto* xp = x.data_ptr<at::BFloat16>();
+  const Activations a = quantize_activations(x.data_ptr<at::BFloat16>(), M, K, kBlock);
+  std::vector<float> offset(M, 0.f);  // 128 sum(a xq) per row: the unsigned weights' offset
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < K / kBlock; ++b) offset[m] += 128.f * a.seg_sum[m * (K / kBlock) + b];
   const auto* wp = w.data_ptr<uint8_t>();
   const auto* sp = scales.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
-  const std::vector<float> xsum = run_sums(xp, M, K, K);
-  const float* xs = xsum.data();
-  const at::Tensor x16_t = x * 16;  // exact in bfloat16: a power of two
-  const auto* x16 = x16_t.data_ptr<at::BFloat16>();
-  for_tiles(
-      M, N, [&](int64_t n, int64_t m) { int8_tile<4, 1>(xp, x16, wp, sp, xs, yp, n, m, N, K); },
-      [&](int64_t n, int64_t m) { int8_tile<1, 4>(xp, x16, wp, sp, xs, yp, n, m, N, K); },
-      [&](int64_t n, int64_t m) { int8_tile<1, 1>(xp, x16, wp, sp, xs, yp, n, m, N, K); });
+  for_row_tiles(M, N, [&](int64_t tile, int64_t m0, int64_t rows, float* out) {
+    with_rows(rows, [&](auto mt) { int8_tile<decltype(mt)::value>(a, wp, out, tile, m0, K); });
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t i = 0; i < kTile; ++i) {
+        const int64_t n = tile * kTile + i;
+        yp[(m0 + m) * N + n] = at::BFloat16(to_float(sp[n]) * (out[m * kTile + i] - offset[m0 + m]));
+      }
+  });
   return y;
 }
 
@@ -380,75 +400,195 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-// Rows of a quantized weight as bfloat16, (R, K); ``rows`` selects them (all when None). ``zeros`` is
-// defined for int4 (one plane per block), undefined for int8 (two planes).
-at::Tensor dequantize(const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
-                      int64_t group, const c10::optional<at::Tensor>& rows) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), "w: contiguous uint8 planes");
-  const bool int4 = zeros.has_value();
-  const int64_t N = w.size(0), K = int4 ? w.size(1) * 2 : w.size(1), G = int4 ? K / group : 1;
-  TORCH_CHECK(K % kBlock == 0 && (!int4 || (group % 32 == 0 && K % group == 0)), "bad K or group");
-  const at::Tensor index = rows.has_value() ? rows->to(at::kLong).contiguous()
-                                            : at::arange(N, w.options().dtype(at::kLong));
-  const int64_t R = index.numel();
-  auto out = at::empty({R, K}, w.options().dtype(at::kBFloat16));
-  const auto* ip = index.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < N, "row index out of range");
-  const auto* wp = w.data_ptr<uint8_t>();
-  const at::Tensor s_c = scales.contiguous();
-  const auto* sp = s_c.data_ptr<at::BFloat16>();
-  const at::Tensor z_c = int4 ? zeros->contiguous() : at::Tensor();
-  const at::BFloat16* zp = int4 ? z_c.data_ptr<at::BFloat16>() : nullptr;
-  auto* op = out.data_ptr<at::BFloat16>();
-  const int64_t row_bytes = w.size(1), block_bytes = int4 ? kPlaneBytes : 2 * kPlaneBytes;
-  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = ip[r];
-      const uint8_t* row = wp + n * row_bytes;
-      at::BFloat16* dst = op + r * K;
-      for (int64_t kb = 0; kb < K; kb += kBlock) {
-        const uint8_t* block = row + (kb / kBlock) * block_bytes;
-#if PHI4FLASH_BF16_DOT
-        const __m512i lo = _mm512_loadu_si512(block);
-        const __m512i hi = int4 ? _mm512_setzero_si512() : _mm512_loadu_si512(block + kPlaneBytes);
-        for (int t = 0; t < 4; ++t) {
-          const int64_t k = kb + 32 * t;
-          const __m512i mask = _mm512_set1_epi16(0x000F);
-          __m512i q = _mm512_and_si512(_mm512_srli_epi16(lo, 4 * t), mask);  // 32 lanes of 16 bits
-          float s, zc;
-          if (int4) {
-            s = to_float(sp[n * G + k / group]);
-            zc = to_float(zp[n * G + k / group]) - 8.f * s;
-          } else {  // u = 16 high + low; weight = (u - 128) s
-            q = _mm512_or_si512(q, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hi, 4 * t), mask), 4));
-            s = to_float(sp[n]);
-            zc = -128.f * s;
-          }
-          const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(zc);
-          for (int half = 0; half < 2; ++half) {
-            const __m256i q16 = half ? _mm512_extracti64x4_epi64(q, 1) : _mm512_castsi512_si256(q);
-            const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(q16)), sv, zv);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k + 16 * half), (__m256i)_mm512_cvtneps_pbh(v));
-          }
+namespace {
+
+// One row of a quantized weight as bfloat16 (the embedding lookup's few rows).
+void dequantize_row(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros, int64_t group,
+                    int64_t N, int64_t K, int64_t n, at::BFloat16* dst) {
+  const int64_t tile = n / kTile, i = n % kTile;
+  if (zeros != nullptr) {
+    const int64_t G = K / group;
+    const uint8_t* t = w + tile * kTile * (K / 2);
+    for (int64_t c = 0; c < K / 8; ++c)
+      for (int j = 0; j < 4; ++j) {
+        const uint8_t byte = t[c * 64 + i * 4 + j];
+        for (int half = 0; half < 2; ++half) {
+          const int64_t k = 8 * c + 4 * half + j, g = (tile * G + k / group) * kTile + i;
+          const int q = half ? byte >> 4 : byte & 15;
+          dst[k] = at::BFloat16((q - 8) * to_float(scales[g]) + to_float(zeros[g]));
         }
-#else
-        for (int64_t j = 0; j < kBlock; ++j) {
-          const int64_t k = kb + j;
-          if (int4) {
-            const float s = to_float(sp[n * G + k / group]);
-            dst[k] = at::BFloat16((plane_nibble(block, j) - 8) * s + to_float(zp[n * G + k / group]));
-          } else {
-            const int u = plane_nibble(block, j) | (plane_nibble(block + kPlaneBytes, j) << 4);
-            dst[k] = at::BFloat16((u - 128) * to_float(sp[n]));
-          }
-        }
-#endif
       }
+  } else {
+    const uint8_t* t = w + tile * kTile * K;
+    const float s = to_float(scales[n]);
+    for (int64_t c = 0; c < K / 4; ++c)
+      for (int j = 0; j < 4; ++j) dst[4 * c + j] = at::BFloat16((t[c * 64 + i * 4 + j] - 128) * s);
+  }
+  (void)N;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// float -> bfloat16, rounding to nearest even (finite values)
+inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, bias), 16));
+}
+
+inline __m512 bytes_to_float(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
+
+// The 16 lanes (row within a tile) that output lanes take: rows r0 (lanes 0..7) and r0 + 1 (8..15) for int4,
+// rows r0 .. r0 + 3 four lanes each for int8.
+inline __m512i row_pairs(int r0) {
+  return _mm512_set_epi32(r0 + 1, r0 + 1, r0 + 1, r0 + 1, r0 + 1, r0 + 1, r0 + 1, r0 + 1, r0, r0, r0, r0, r0, r0, r0, r0);
+}
+inline __m512i row_quads(int r0) {
+  return _mm512_set_epi32(r0 + 3, r0 + 3, r0 + 3, r0 + 3, r0 + 2, r0 + 2, r0 + 2, r0 + 2, r0 + 1, r0 + 1, r0 + 1, r0 + 1,
+                          r0, r0, r0, r0);
+}
+
+// A whole tile (16 rows) of int4, vectorized: each 64-byte chunk gives 8 inputs of every row.
+void dequantize_tile_int4(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros, int64_t group,
+                          int64_t K, int64_t tile, at::BFloat16* out) {
+  const int64_t G = K / group;
+  const uint8_t* t = w + tile * kTile * (K / 2);
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 sv = load_bf16x16(scales + (tile * G + g) * kTile);
+    const __m512 zc = _mm512_fmadd_ps(sv, _mm512_set1_ps(-8.f), load_bf16x16(zeros + (tile * G + g) * kTile));
+    for (int64_t c = g * group / 8; c < (g + 1) * group / 8; ++c) {
+      const __m512i wv = _mm512_loadu_si512(t + c * 64);
+      const __m512i lo = _mm512_and_si512(wv, mask), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), mask);
+      const __m512i pairs[2] = {_mm512_unpacklo_epi32(lo, hi), _mm512_unpackhi_epi32(lo, hi)};
+#pragma GCC unroll 2
+      for (int p = 0; p < 2; ++p)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+          __m128i bytes;
+          switch (q) {  // the lane index must be a constant
+            case 0: bytes = _mm512_extracti32x4_epi32(pairs[p], 0); break;
+            case 1: bytes = _mm512_extracti32x4_epi32(pairs[p], 1); break;
+            case 2: bytes = _mm512_extracti32x4_epi32(pairs[p], 2); break;
+            default: bytes = _mm512_extracti32x4_epi32(pairs[p], 3); break;
+          }
+          const int r0 = 4 * q + 2 * p;
+          const __m512i idx = row_pairs(r0);
+          const __m256i v = to_bf16(_mm512_fmadd_ps(bytes_to_float(bytes), _mm512_permutexvar_ps(idx, sv),
+                                                    _mm512_permutexvar_ps(idx, zc)));
+          at::BFloat16* row = out + (tile * kTile + r0) * K + 8 * c;
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(row), _mm256_castsi256_si128(v));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(row + K), _mm256_extracti128_si256(v, 1));
+        }
+    }
+  }
+}
+
+// A whole tile of int8, vectorized: each 64-byte chunk gives 4 inputs of every row.
+void dequantize_tile_int8(const uint8_t* w, const at::BFloat16* scales, int64_t K, int64_t tile, at::BFloat16* out) {
+  const uint8_t* t = w + tile * kTile * K;
+  const __m512 sv = load_bf16x16(scales + tile * kTile);
+  for (int64_t c = 0; c < K / 4; ++c) {
+    const __m512i wv = _mm512_loadu_si512(t + c * 64);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      __m128i bytes;
+      switch (q) {
+        case 0: bytes = _mm512_extracti32x4_epi32(wv, 0); break;
+        case 1: bytes = _mm512_extracti32x4_epi32(wv, 1); break;
+        case 2: bytes = _mm512_extracti32x4_epi32(wv, 2); break;
+        default: bytes = _mm512_extracti32x4_epi32(wv, 3); break;
+      }
+      const __m512 s = _mm512_permutexvar_ps(row_quads(4 * q), sv);
+      const __m256i v = to_bf16(_mm512_mul_ps(_mm512_sub_ps(bytes_to_float(bytes), _mm512_set1_ps(128.f)), s));
+      at::BFloat16* row = out + (tile * kTile + 4 * q) * K + 4 * c;
+      const __m128i low = _mm256_castsi256_si128(v), high = _mm256_extracti128_si256(v, 1);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(row), low);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(row + K), _mm_unpackhi_epi64(low, low));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(row + 2 * K), high);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(row + 3 * K), _mm_unpackhi_epi64(high, high));
+    }
+  }
+}
+#define PHI4FLASH_VECTOR_DEQUANT 1
+#endif
+
+}  // namespace
+
+static void check_layer(const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                        int64_t group) {
+  const bool int4 = zeros.has_value();
+  const int64_t N = w.size(0), K = int4 ? w.size(1) * 2 : w.size(1);
+  check_tiles(w, N, w.size(1));
+  TORCH_CHECK(K % kBlock == 0 && (!int4 || (group % 32 == 0 && K % group == 0)), "bad K or group");
+  TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kBFloat16 &&
+                  (!int4 || (zeros->is_contiguous() && zeros->scalar_type() == at::kBFloat16 &&
+                             scales.numel() == N * (K / group) && zeros->numel() == scales.numel())) &&
+                  (int4 || scales.numel() == N),
+              "scales (and zeros): contiguous bfloat16 of the layer's size");
+}
+
+// Tiles [first, first + count) into ``out`` (row n of the weight at out + n K).
+static void dequantize_tiles(const uint8_t* wp, const at::BFloat16* sp, const at::BFloat16* zp, int64_t group,
+                             int64_t N, int64_t K, int64_t first, int64_t count, at::BFloat16* out) {
+  at::parallel_for(first, first + count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+#if PHI4FLASH_VECTOR_DEQUANT
+      if (zp != nullptr) {
+        dequantize_tile_int4(wp, sp, zp, group, K, tile, out);
+      } else {
+        dequantize_tile_int8(wp, sp, K, tile, out);
+      }
+#else
+      for (int64_t n = tile * kTile; n < (tile + 1) * kTile; ++n) dequantize_row(wp, sp, zp, group, N, K, n, out + n * K);
+#endif
     }
   });
+}
+
+// Rows of a quantized weight as bfloat16, (R, K); ``rows`` selects them (all when None). ``zeros`` is
+// defined for int4 (scales and zeros in tiles), undefined for int8 (scales per row).
+at::Tensor dequantize(const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                      int64_t group, const c10::optional<at::Tensor>& rows) {
+  check_layer(w, scales, zeros, group);
+  const bool int4 = zeros.has_value();
+  const int64_t N = w.size(0), K = int4 ? w.size(1) * 2 : w.size(1);
+  const auto* wp = w.data_ptr<uint8_t>();
+  const auto* sp = scales.data_ptr<at::BFloat16>();
+  const at::BFloat16* zp = int4 ? zeros->data_ptr<at::BFloat16>() : nullptr;
+  if (rows.has_value()) {
+    const at::Tensor index = rows->to(at::kLong).contiguous();
+    const int64_t R = index.numel();
+    const auto* ip = index.data_ptr<int64_t>();
+    for (int64_t r = 0; r < R; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < N, "row index out of range");
+    auto out = at::empty({R, K}, w.options().dtype(at::kBFloat16));
+    auto* op = out.data_ptr<at::BFloat16>();
+    at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) dequantize_row(wp, sp, zp, group, N, K, ip[r], op + r * K);
+    });
+    return out;
+  }
+  auto out = at::empty({N, K}, w.options().dtype(at::kBFloat16));
+  dequantize_tiles(wp, sp, zp, group, N, K, 0, N / kTile, out.data_ptr<at::BFloat16>());
   return out;
 }
 
-std::string isa() { return kPath; }
+// Rows [first_row, first_row + out.size(0)) of the weight into ``out`` (a reused buffer: a prefill
+// dequantizes every weight once per chunk, and fresh memory would cost a page fault per 4 KB).
+void dequantize_into(const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                     int64_t group, int64_t first_row, at::Tensor out) {
+  const bool int4 = zeros.has_value();
+  const int64_t N = w.size(0), K = int4 ? w.size(1) * 2 : w.size(1), R = out.size(0);
+  check_layer(w, scales, zeros, group);
+  TORCH_CHECK(out.dim() == 2 && out.size(1) == K && out.scalar_type() == at::kBFloat16 && out.is_contiguous() &&
+                  first_row % kTile == 0 && R % kTile == 0 && first_row >= 0 && first_row + R <= N,
+              "out: contiguous (R, K) bfloat16, rows first_row .. first_row + R in whole tiles of the weight");
+  const at::BFloat16* zp = int4 ? zeros->data_ptr<at::BFloat16>() : nullptr;
+  // the tiles are written relative to ``out``: shift the base so that tile first_row / 16 lands at row 0
+  dequantize_tiles(w.data_ptr<uint8_t>(), scales.data_ptr<at::BFloat16>(), zp, group, N, K, first_row / kTile,
+                   R / kTile, out.data_ptr<at::BFloat16>() - first_row * K);
+}
+
+std::string isa() { return std::string(kQuantPath) + (PHI4FLASH_BF16_DOT_ON ? " + avx512-bf16" : ""); }
 
 }  // namespace phi4flash
