@@ -58,7 +58,7 @@ def quantized_copy(source: Phi4FlashForCausalLM, spec: QuantSpec) -> Phi4FlashFo
             model.get_submodule(prefix)._parameters[leaf] = param
     for prefix, module in targets.items():
         module.set_weight(weights[prefix], device=torch.device("cpu"), dtype=torch.bfloat16)
-    return model.eval()
+    return model.eval().tune_weight_layout()  # as the engine runs it (dt_proj through the decode kernel)
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ from .ops import (
     selective_scan_auto,
     selective_scan_step_auto,
 )
-from .qkernels import use_decode_kernels
+from .qkernels import decode_linear, use_decode_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ class Mamba(nn.Module):
         """(..., E) conv output -> delta (..., E) after softplus, B and C (..., N); float32."""
         acc = acc_dtype(x.dtype)
         dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
+        delta = F.softplus(decode_linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
         return delta, b.to(acc), c.to(acc)
 
     def _gate(self, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

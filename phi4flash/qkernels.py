@@ -511,20 +511,25 @@ def _cuda_nibbles_high_first(device: torch.device) -> bool:
                                  "does not know; use quantize='int8' or no quantization on this GPU")
 
 
+def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` without bias; one or two rows (decode) on the CPU in bfloat16 run phi4flash's
+    matrix-vector kernel when it is built (it streams the weight once; PyTorch's is slower at these shapes)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if (rows > 2 or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not weight.is_contiguous()
+            or (torch.is_grad_enabled() and weight.requires_grad) or weight.device.type != "cpu"
+            or not native_kernels(weight.device, weight.dtype, TILE_ROWS, 128, 0)):
+        return F.linear(x, weight)
+    y = torch.ops.phi4flash.bf16_linear(x.reshape(rows, -1).contiguous(), weight)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 class DecodeLinear(nn.Linear):
     """``nn.Linear`` whose products of one or two rows (decode) on the CPU in bfloat16 run phi4flash's matrix-vector
-    kernel, which streams the weight once; anything else (prefill, other dtypes, training) is ``nn.Linear``'s."""
+    kernel (:func:`decode_linear`); anything else (prefill, other dtypes, training) is ``nn.Linear``'s."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        rows = x.numel() // max(1, x.shape[-1])
-        if (rows > 2 or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or not w.is_contiguous()
-                or (torch.is_grad_enabled() and w.requires_grad) or w.device.type != "cpu"):
-            return super().forward(x)
-        y = torch.ops.phi4flash.bf16_linear(x.reshape(rows, -1).contiguous(), w)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        y = decode_linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 def use_decode_kernels(model: nn.Module) -> None:

@@ -68,18 +68,34 @@ struct Activations {
 Activations quantize_activations(const at::BFloat16* x, int64_t M, int64_t K, int64_t seg) {
   const int64_t B = K / kBlock, S = K / seg;
   Activations a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * S, 0.f), K, seg};
-  float block[kBlock];
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
-      float amax = 0.f;
-      for (int64_t j = 0; j < kBlock; ++j) {
-        block[j] = to_float(x[m * K + b * kBlock + j]);
-        amax = std::max(amax, std::fabs(block[j]));
-      }
-      const float scale = amax / 127.f;
-      a.scale[m * B + b] = scale;
+      const at::BFloat16* xb = x + m * K + b * kBlock;
       int8_t* q = a.q.data() + m * K + b * kBlock;
-      for (int64_t j = 0; j < kBlock; ++j) q[j] = scale > 0.f ? static_cast<int8_t>(std::nearbyint(block[j] / scale)) : 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      __m512 v[8];
+      __m512 amax = _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        v[j] = load_bf16x16(xb + 16 * j);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j]));
+      }
+      const float scale = _mm512_reduce_max_ps(amax) / 127.f;
+      const __m512 sv = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {  // round(x / scale), half to even, as torch.round
+        const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v[j], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m128i bytes = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * j), scale > 0.f ? bytes : _mm_setzero_si128());
+      }
+#else
+      float amax = 0.f;
+      for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(to_float(xb[j])));
+      const float scale = amax / 127.f;
+      for (int64_t j = 0; j < kBlock; ++j)
+        q[j] = scale > 0.f ? static_cast<int8_t>(std::nearbyint(to_float(xb[j]) / scale)) : 0;
+#endif
+      a.scale[m * B + b] = scale;
       for (int64_t j0 = 0; j0 < kBlock; j0 += seg) {
         int32_t sum = 0;
         for (int64_t j = j0; j < j0 + seg; ++j) sum += q[j];
@@ -91,6 +107,9 @@ Activations quantize_activations(const at::BFloat16* x, int64_t M, int64_t K, in
 
 #if PHI4FLASH_VNNI
 constexpr const char* kQuantPath = "avx512-vnni";
+// Software prefetch this far ahead of the weight stream: one core keeps more reads in flight than its hardware
+// prefetcher does (measured: one thread streams int4 weights 1.2-1.4x faster).
+constexpr int64_t kPrefetchBytes = 2048;
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -118,6 +137,7 @@ inline void int4_tile(const Activations& a, const uint8_t* w, const at::BFloat16
 #pragma GCC unroll 16
     for (int v = 0; v < SEG_CHUNKS; ++v) {
       const __m512i wv = _mm512_loadu_si512(t + (c0 + v) * 64);
+      _mm_prefetch(reinterpret_cast<const char*>(t + (c0 + v) * 64 + kPrefetchBytes), _MM_HINT_T0);
       const __m512i lo = _mm512_and_si512(wv, mask), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), mask);
 #pragma GCC unroll 4
       for (int m = 0; m < MT; ++m) {
@@ -159,6 +179,7 @@ inline void int8_tile(const Activations& a, const uint8_t* w, float* y, int64_t 
 #pragma GCC unroll 32
     for (int v = 0; v < 32; ++v) {
       const __m512i wv = _mm512_loadu_si512(t + (b * 32 + v) * 64);
+      _mm_prefetch(reinterpret_cast<const char*>(t + (b * 32 + v) * 64 + kPrefetchBytes), _MM_HINT_T0);
 #pragma GCC unroll 4
       for (int m = 0; m < MT; ++m)
         acc[m][v & 3] = _mm512_dpbusd_epi32(
