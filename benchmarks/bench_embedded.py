@@ -52,6 +52,9 @@ def main() -> None:
     eager = phi4flash.load("embedded", compile=False)
     variants = {"before (eager, PyTorch scan)": (eager, True), "eager": (eager, False), "compiled": (compiled, False)}
     runs: dict[tuple[str, int], list[float]] = {}
+    for batch in (1, 8):  # a warm-up round, not recorded: a compiled step may recompile for a new batch size
+        for engine, before in variants.values():
+            decode_rate(engine, batch, before)
     for _ in range(args.rounds):
         for batch in (1, 8):
             for name, (engine, before) in variants.items():

@@ -539,5 +539,6 @@ def use_decode_kernels(model: nn.Module) -> None:
         if type(module) not in (nn.Linear, DecodeLinear):
             continue
         w = module.weight
-        wanted = w.device.type == "cpu" and w.dtype == torch.bfloat16 and native_kernels(w.device, w.dtype, TILE_ROWS, 128, 0)
+        wanted = (w.device.type == "cpu" and w.dtype == torch.bfloat16
+                  and native_kernels(w.device, w.dtype, TILE_ROWS, 128, 0))
         module.__class__ = DecodeLinear if wanted else nn.Linear

@@ -348,6 +348,21 @@ def test_engine_on_quantized_weights_answers_and_batches(spec: str) -> None:
         engine.close()
 
 
+def test_quantizing_while_loading_hands_freed_memory_back(monkeypatch) -> None:
+    """Each float weight, once quantized, is freed and the freed pages handed back (glibc keeps them otherwise:
+    the real model in int8 stayed at 7.1 GB resident after loading, 4.1 GB with this)."""
+    from phi4flash import weights
+
+    calls = []
+    monkeypatch.setattr(weights, "release_freed_memory", lambda: calls.append(1))
+    model = load_model("embedded", quantize="int8")
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(calls) == len(quantized) > 10
+    monkeypatch.undo()
+    weights.release_freed_memory()  # the real one: glibc's malloc_trim here, a no-op elsewhere
+    assert (weights._malloc_trim() is not None) == sys.platform.startswith("linux")
+
+
 # -- quantized checkpoints ------------------------------------------------------------------------------------------
 
 
