@@ -1,7 +1,14 @@
 """phi4flash's C++ CPU kernels against their definitions: the selective scan and the bfloat16 matrix-vector
-product (the quantized kernels are in test_quant.py), and the model with and without them."""
+product (the quantized kernels are in test_quant.py; their portable C++ build is checked here), and the model
+with and without them."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +107,16 @@ def test_decode_linear_runs_the_kernel_for_decode_only(monkeypatch) -> None:
             assert error.max().item() <= 1e-2
     assert calls == [1, 2]
     assert type(tiny_model().tune_weight_layout().model.layers[0].mlp.fc1) is torch.nn.Linear
+
+
+@pytest.mark.slow
+def test_portable_kernels_for_cpus_without_avx512(tmp_path) -> None:
+    """The plain C++ loops that CPUs without AVX-512 VNNI run give the same bits as the reference (built here
+    with -march=x86-64-v2 in a process of their own: a CI machine of another kind would run them untested)."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    script = Path(__file__).with_name("_portable_kernels.py")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PORTABLE OK portable C++" in result.stdout

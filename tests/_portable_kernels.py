@@ -1,0 +1,55 @@
+"""Run by tests/test_native.py in its own process: build phi4flash's C++ kernels for a CPU without AVX-512
+(``-march=x86-64-v2``, the portable C++ loops) and check them against the reference, bit for bit.
+
+Usage: python tests/_portable_kernels.py BUILD_DIR  (prints "PORTABLE OK <isa>" when every check holds)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.cpp_extension import load
+
+from phi4flash import qkernels, quant
+
+SOURCES = Path(__file__).resolve().parents[1] / "phi4flash" / "csrc"
+
+
+def main(build_dir: str) -> None:
+    module = load(name="phi4flash_portable_check", sources=[str(SOURCES / f) for f in
+                                                            ("bindings.cpp", "quant_cpu.cpp", "scan_cpu.cpp")],
+                  extra_cflags=["-O2", "-march=x86-64-v2", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                  build_directory=build_dir, verbose=False)
+    torch.manual_seed(0)
+    for bits, group in [(8, 0), (4, 128), (4, 64), (4, 32)]:
+        for rows, n, k in [(1, 32, 256), (5, 48, 384)]:
+            port = quant.quantize_weight(torch.randn(n, k) * 0.05, bits, group)
+            x = torch.randn(rows, k).to(torch.bfloat16)
+            q, scale = qkernels.quantize_activations(x)
+            seen = (q.view(rows, -1, 128) * scale[..., None]).view(rows, k)
+            if bits == 8:
+                scales = port["scales"].to(torch.bfloat16).contiguous()
+                tiles, extra = qkernels.int8_tiles((port["qweight"].to(torch.int16) + 128).to(torch.uint8)), None
+                y = torch.ops.phi4flash.int8_linear(x, tiles, scales)
+                w = port["qweight"].float() * scales.float()[:, None]
+            else:
+                values = torch.stack([port["qweight"] & 15, port["qweight"] >> 4], -1).view(n, k)
+                tiles = qkernels.int4_tiles(values)
+                scales = qkernels.tile_columns(port["scales"].to(torch.bfloat16))
+                extra = qkernels.tile_columns(port["zeros"].to(torch.bfloat16))
+                y = torch.ops.phi4flash.int4_linear(x, tiles, scales, extra, group)
+                w = ((values.float() - 8) * port["scales"].float().repeat_interleave(group, 1)
+                     + port["zeros"].float().repeat_interleave(group, 1))
+            expected = (seen.double() @ w.double().t()).float().to(torch.bfloat16)
+            assert torch.equal(y, expected), (bits, group, rows, (y.float() - expected.float()).abs().max())
+            whole = torch.ops.phi4flash.dequantize(tiles, scales, extra, group, None)
+            assert torch.equal(whole, w.to(torch.bfloat16)), (bits, group)
+            picked = torch.ops.phi4flash.dequantize(tiles, scales, extra, group, torch.tensor([n - 1, 0]))
+            assert torch.equal(picked, w[[n - 1, 0]].to(torch.bfloat16)), (bits, group)
+    print("PORTABLE OK", module.isa())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
