@@ -29,19 +29,17 @@ def main(build_dir: str) -> None:
             x = torch.randn(rows, k).to(torch.bfloat16)
             q, scale = qkernels.quantize_activations(x)
             seen = (q.view(rows, -1, 128) * scale[..., None]).view(rows, k)
+            w = quant.dequantize(**port)
             if bits == 8:
                 scales = port["scales"].to(torch.bfloat16).contiguous()
                 tiles, extra = qkernels.int8_tiles((port["qweight"].to(torch.int16) + 128).to(torch.uint8)), None
                 y = torch.ops.phi4flash.int8_linear(x, tiles, scales)
-                w = port["qweight"].float() * scales.float()[:, None]
             else:
                 values = torch.stack([port["qweight"] & 15, port["qweight"] >> 4], -1).view(n, k)
                 tiles = qkernels.int4_tiles(values)
                 scales = qkernels.tile_columns(port["scales"].to(torch.bfloat16))
                 extra = qkernels.tile_columns(port["zeros"].to(torch.bfloat16))
                 y = torch.ops.phi4flash.int4_linear(x, tiles, scales, extra, group)
-                w = ((values.float() - 8) * port["scales"].float().repeat_interleave(group, 1)
-                     + port["zeros"].float().repeat_interleave(group, 1))
             expected = (seen.double() @ w.double().t()).float().to(torch.bfloat16)
             assert torch.equal(y, expected), (bits, group, rows, (y.float() - expected.float()).abs().max())
             whole = torch.ops.phi4flash.dequantize(tiles, scales, extra, group, None)
