@@ -276,11 +276,6 @@ class _NativeTiles(PackedWeight):
                                              index.reshape(-1))
         return out.view(*index.shape, self.in_features)
 
-    @property
-    def nbytes(self) -> int:
-        tensors = (self.tiles, self.scales) if self.zeros is None else (self.tiles, self.scales, self.zeros)
-        return sum(t.numel() * t.element_size() for t in tensors)
-
 
 class NativeInt4Weight(_NativeTiles):
     """Group-wise int4 in row tiles for phi4flash's own CPU kernels (:mod:`phi4flash.native`)."""
@@ -385,6 +380,11 @@ def native_kernels(device: torch.device, dtype: torch.dtype, out_features: int, 
         return False
     if group_size and group_size not in (32, 64) and group_size % 128:
         return False
+    return native_built()
+
+
+def native_built() -> bool:
+    """Whether phi4flash's own CPU kernels are built and loaded (built on the first call)."""
     from . import native
 
     return native.ready()
@@ -517,7 +517,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // max(1, x.shape[-1])
     if (rows > 2 or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not weight.is_contiguous()
             or (torch.is_grad_enabled() and weight.requires_grad) or weight.device.type != "cpu"
-            or not native_kernels(weight.device, weight.dtype, TILE_ROWS, 128, 0)):
+            or not native_built()):
         return F.linear(x, weight)
     y = torch.ops.phi4flash.bf16_linear(x.reshape(rows, -1).contiguous(), weight)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -539,6 +539,5 @@ def use_decode_kernels(model: nn.Module) -> None:
         if type(module) not in (nn.Linear, DecodeLinear):
             continue
         w = module.weight
-        wanted = (w.device.type == "cpu" and w.dtype == torch.bfloat16
-                  and native_kernels(w.device, w.dtype, TILE_ROWS, 128, 0))
+        wanted = w.device.type == "cpu" and w.dtype == torch.bfloat16 and native_built()
         module.__class__ = DecodeLinear if wanted else nn.Linear

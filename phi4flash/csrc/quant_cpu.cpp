@@ -62,12 +62,12 @@ struct Activations {
   std::vector<int8_t> q;       // (M, K)
   std::vector<float> scale;    // (M, K / 128): a
   std::vector<float> seg_sum;  // (M, K / seg): a * sum(xq) over the segment
-  int64_t K, seg;
+  int64_t seg;
 };
 
 Activations quantize_activations(const at::BFloat16* x, int64_t M, int64_t K, int64_t seg) {
   const int64_t B = K / kBlock, S = K / seg;
-  Activations a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * S, 0.f), K, seg};
+  Activations a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * S, 0.f), seg};
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
       const at::BFloat16* xb = x + m * K + b * kBlock;
@@ -425,7 +425,7 @@ namespace {
 
 // One row of a quantized weight as bfloat16 (the embedding lookup's few rows).
 void dequantize_row(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros, int64_t group,
-                    int64_t N, int64_t K, int64_t n, at::BFloat16* dst) {
+                    int64_t K, int64_t n, at::BFloat16* dst) {
   const int64_t tile = n / kTile, i = n % kTile;
   if (zeros != nullptr) {
     const int64_t G = K / group;
@@ -445,7 +445,6 @@ void dequantize_row(const uint8_t* w, const at::BFloat16* scales, const at::BFlo
     for (int64_t c = 0; c < K / 4; ++c)
       for (int j = 0; j < 4; ++j) dst[4 * c + j] = at::BFloat16((t[c * 64 + i * 4 + j] - 128) * s);
   }
-  (void)N;
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -551,7 +550,7 @@ static void check_layer(const at::Tensor& w, const at::Tensor& scales, const c10
 
 // Tiles [first, first + count) into ``out`` (row n of the weight at out + n K).
 static void dequantize_tiles(const uint8_t* wp, const at::BFloat16* sp, const at::BFloat16* zp, int64_t group,
-                             int64_t N, int64_t K, int64_t first, int64_t count, at::BFloat16* out) {
+                             int64_t K, int64_t first, int64_t count, at::BFloat16* out) {
   at::parallel_for(first, first + count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
 #if PHI4FLASH_VECTOR_DEQUANT
@@ -561,7 +560,7 @@ static void dequantize_tiles(const uint8_t* wp, const at::BFloat16* sp, const at
         dequantize_tile_int8(wp, sp, K, tile, out);
       }
 #else
-      for (int64_t n = tile * kTile; n < (tile + 1) * kTile; ++n) dequantize_row(wp, sp, zp, group, N, K, n, out + n * K);
+      for (int64_t n = tile * kTile; n < (tile + 1) * kTile; ++n) dequantize_row(wp, sp, zp, group, K, n, out + n * K);
 #endif
     }
   });
@@ -585,12 +584,12 @@ at::Tensor dequantize(const at::Tensor& w, const at::Tensor& scales, const c10::
     auto out = at::empty({R, K}, w.options().dtype(at::kBFloat16));
     auto* op = out.data_ptr<at::BFloat16>();
     at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) dequantize_row(wp, sp, zp, group, N, K, ip[r], op + r * K);
+      for (int64_t r = begin; r < end; ++r) dequantize_row(wp, sp, zp, group, K, ip[r], op + r * K);
     });
     return out;
   }
   auto out = at::empty({N, K}, w.options().dtype(at::kBFloat16));
-  dequantize_tiles(wp, sp, zp, group, N, K, 0, N / kTile, out.data_ptr<at::BFloat16>());
+  dequantize_tiles(wp, sp, zp, group, K, 0, N / kTile, out.data_ptr<at::BFloat16>());
   return out;
 }
 
@@ -606,7 +605,7 @@ void dequantize_into(const at::Tensor& w, const at::Tensor& scales, const c10::o
               "out: contiguous (R, K) bfloat16, rows first_row .. first_row + R in whole tiles of the weight");
   const at::BFloat16* zp = int4 ? zeros->data_ptr<at::BFloat16>() : nullptr;
   // the tiles are written relative to ``out``: shift the base so that tile first_row / 16 lands at row 0
-  dequantize_tiles(w.data_ptr<uint8_t>(), scales.data_ptr<at::BFloat16>(), zp, group, N, K, first_row / kTile,
+  dequantize_tiles(w.data_ptr<uint8_t>(), scales.data_ptr<at::BFloat16>(), zp, group, K, first_row / kTile,
                    R / kTile, out.data_ptr<at::BFloat16>() - first_row * K);
 }
 
