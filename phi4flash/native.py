@@ -20,7 +20,8 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "quant_cpu.cpp", "scan_cpu.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "quant_cpu.cpp", "scan_cpu.cpp",
+                                                                   "attention_cpu.cpp")]
 
 
 def build_name() -> str:
@@ -125,6 +126,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("phi4flash::selective_scan")
     def _(u, delta, A, B, C, D, state):  # noqa: ANN001, ANN202
         return u.new_empty(u.shape), u.new_empty(u.shape[0], u.shape[2], A.shape[1])
+
+    @torch.library.register_fake("phi4flash::diff_attention_decode")
+    def _(q, k, v, key_valid, scale):  # noqa: ANN001, ANN202
+        return q.new_empty(q.shape[0], 2, q.shape[1] // 2, 2 * q.shape[2])
 
 
 def main() -> int:

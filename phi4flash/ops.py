@@ -222,6 +222,10 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         outs = [F.scaled_dot_product_attention(F.pad(qg, pad), F.pad(kg, pad), v12, attn_mask=bias, scale=scale,
                                                is_causal=causal, enable_gqa=h != hkv)
                 for qg, kg in zip(qs, ks, strict=True)]
+    elif t == 1 and _native_decode_attention(q, k, v):  # one query per row on the CPU: the cache read in place
+        valid = None if mask is None else mask[:, 0, 0].contiguous()  # (B, S)
+        o = torch.ops.phi4flash.diff_attention_decode(q[:, 0].contiguous(), k, v, valid, scale)  # (B, 2, H/2, 2Dh)
+        outs = [o[:, 0, :, None], o[:, 1, :, None]]  # (B, H/2, 1, 2Dh) each
     else:  # few queries (decode): both groups against the cached keys and values in one pass each
         if causal:
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)[None, None]
@@ -234,6 +238,21 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     y = (y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + eps)).to(y.dtype) * subln_weight.to(y.dtype)
     y = y * (1.0 - lambda_init)
     return y.transpose(1, 2).reshape(b, t, h * dh)
+
+
+def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether phi4flash's C++ decode attention takes these tensors: the CPU, float32 or bfloat16, each position's
+    heads contiguous, no gradient wanted, and the kernels built."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    dh = q.shape[-1]
+    if any(t.dtype != q.dtype or t.stride(3) != 1 or t.stride(2) != dh for t in (k, v)):
+        return False
+    from . import native
+
+    return native.ready()
 
 
 def _both_groups_probs(qs: list[torch.Tensor], k12: torch.Tensor, mask: torch.Tensor | None,

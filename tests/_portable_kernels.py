@@ -1,5 +1,6 @@
 """Run by tests/test_native.py in its own process: build phi4flash's C++ kernels for a CPU without AVX-512
-(``-march=x86-64-v2``, the portable C++ loops) and check them against the reference, bit for bit.
+(``-march=x86-64-v2``, the portable C++ loops) and check them against the reference: the quantized kernels bit
+for bit, the decode attention within float32 rounding.
 
 Usage: python tests/_portable_kernels.py BUILD_DIR  (prints "PORTABLE OK <isa>" when every check holds)
 """
@@ -12,14 +13,13 @@ from pathlib import Path
 import torch
 from torch.utils.cpp_extension import load
 
-from phi4flash import qkernels, quant
+from model_helpers import decode_attention_reference
 
-SOURCES = Path(__file__).resolve().parents[1] / "phi4flash" / "csrc"
+from phi4flash import native, qkernels, quant
 
 
 def main(build_dir: str) -> None:
-    module = load(name="phi4flash_portable_check", sources=[str(SOURCES / f) for f in
-                                                            ("bindings.cpp", "quant_cpu.cpp", "scan_cpu.cpp")],
+    module = load(name="phi4flash_portable_check", sources=[str(source) for source in native.SOURCES],
                   extra_cflags=["-O2", "-march=x86-64-v2", "-fopenmp"], extra_ldflags=["-fopenmp"],
                   build_directory=build_dir, verbose=False)
     torch.manual_seed(0)
@@ -46,6 +46,13 @@ def main(build_dir: str) -> None:
             assert torch.equal(whole, w.to(torch.bfloat16)), (bits, group)
             picked = torch.ops.phi4flash.dequantize(tiles, scales, extra, group, torch.tensor([n - 1, 0]))
             assert torch.equal(picked, w[[n - 1, 0]].to(torch.bfloat16)), (bits, group)
+    for heads, kv_heads, head_dim in [(40, 20, 64), (4, 2, 32), (12, 4, 24)]:
+        q, k, v = torch.randn(2, heads, head_dim), torch.randn(2, 50, kv_heads, head_dim), torch.randn(2, 50, kv_heads,
+                                                                                                        head_dim)
+        valid = torch.rand(2, 50) > 0.3
+        got = torch.ops.phi4flash.diff_attention_decode(q, k, v, valid, head_dim**-0.5)
+        expected = decode_attention_reference(q, k, v, valid, head_dim**-0.5)
+        assert (got.double() - expected).abs().max().item() <= 1e-5, (heads, kv_heads, head_dim)
     print("PORTABLE OK", module.isa())
 
 

@@ -1,5 +1,5 @@
-"""phi4flash's C++ CPU kernels against their definitions: the selective scan and the bfloat16 matrix-vector
-product (the quantized kernels are in test_quant.py; their portable C++ build is checked here), and the model
+"""phi4flash's C++ CPU kernels against their definitions: the selective scan, the bfloat16 matrix-vector
+product and the decode attention (the quantized kernels are in test_quant.py; their portable C++ build is checked here), and the model
 with and without them."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import tiny_model
+from model_helpers import decode_attention_reference, tiny_model
 
 from phi4flash import native, ops, qkernels
 
@@ -107,6 +107,72 @@ def test_decode_linear_runs_the_kernel_for_decode_only(monkeypatch) -> None:
             assert error.max().item() <= 1e-2
     assert calls == [1, 2]
     assert type(tiny_model().tune_weight_layout().model.layers[0].mlp.fc1) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, head_dim, keys", [
+    (1, 40, 20, 64, 700),  # the real model's heads (the vectorised path: head width 64 or 32)
+    (3, 4, 2, 32, 70),     # the embedded model's
+    (2, 6, 2, 64, 40),     # phi4flash bench's: three query heads per kv head (six rows, padded to eight)
+    (1, 4, 4, 64, 17),     # one query head per kv head
+    (2, 4, 2, 16, 9),      # any other head width: the portable loops
+    (2, 12, 4, 24, 33),    # the same, three query heads per kv head
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_equals_the_definition(batch: int, heads: int, kv_heads: int, head_dim: int, keys: int,
+                                                dtype: torch.dtype, masked: bool) -> None:
+    """The cache is read where it lies: a slice of a longer buffer, rows far apart."""
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, head_dim).to(dtype)
+    buffer = torch.randn(batch, keys + 5, kv_heads, head_dim).to(dtype)
+    k, v = buffer[:, 3:keys + 3], torch.randn(batch, keys, kv_heads, head_dim).to(dtype)
+    valid = torch.rand(batch, keys) > 0.4 if masked else None
+    if valid is not None:
+        valid[:, 0] = True
+    scale = head_dim**-0.5
+    got = torch.ops.phi4flash.diff_attention_decode(q, k, v, valid, scale)
+    expected = decode_attention_reference(q, k, v, valid, scale)
+    assert got.dtype == dtype and got.shape == expected.shape
+    bound = 1e-6 if dtype == torch.float32 else 8e-3  # bfloat16: the output's own rounding
+    assert ((got.double() - expected).abs() / (1 + expected.abs())).max().item() <= bound
+
+
+def test_decode_attention_refuses_bad_inputs_with_a_message() -> None:
+    q, k = torch.randn(1, 4, 16), torch.randn(1, 5, 2, 16)
+    with pytest.raises(RuntimeError, match="Hkv even and dividing H"):
+        torch.ops.phi4flash.diff_attention_decode(q, torch.randn(1, 5, 3, 16), torch.randn(1, 5, 3, 16), None, 1.0)
+    with pytest.raises(RuntimeError, match="heads contiguous"):
+        strided = torch.randn(1, 5, 16, 2).transpose(2, 3)
+        torch.ops.phi4flash.diff_attention_decode(q, strided, strided, None, 1.0)
+    with pytest.raises(RuntimeError, match="contiguous bool"):
+        torch.ops.phi4flash.diff_attention_decode(q, k, k, torch.ones(1, 4, dtype=torch.bool), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 128])  # head width 16 (portable loops) and 32 (vectorised)
+def test_model_decode_with_and_without_the_native_attention(monkeypatch, dtype: torch.dtype, hidden: int) -> None:
+    """Decode steps past the window (the ring wraps) and a continued batch agree with the PyTorch path."""
+    model = tiny_model(hidden_size=hidden).to_dtype(dtype)
+    ids = torch.randint(0, 100, (2, 30))
+    calls = []
+    original = torch.ops.phi4flash.diff_attention_decode
+    monkeypatch.setattr(torch.ops.phi4flash, "diff_attention_decode",
+                        lambda *a: calls.append(a[1].shape[1]) or original(*a))
+
+    def decode() -> torch.Tensor:
+        with torch.no_grad():
+            cache = model.new_cache(2, 32)
+            model(ids[:, :6], cache=cache, logits_to_keep=1)
+            calls.clear()
+            return torch.stack([model.step(ids[:, t], cache) for t in range(6, 30)], dim=1)
+
+    fast = decode()
+    assert len(calls) == 24 * 4  # four attention layers in tiny_config (two sliding, the full, one cross)
+    monkeypatch.setattr(ops, "_native_decode_attention", lambda *a: False)
+    slow = decode()
+    assert not calls
+    bound = 1e-4 if dtype == torch.float32 else 0.1
+    assert (fast - slow).abs().max().item() <= bound * (1 + slow.abs().max().item())
 
 
 @pytest.mark.slow

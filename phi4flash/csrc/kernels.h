@@ -24,4 +24,8 @@ std::vector<at::Tensor> selective_scan(const at::Tensor& u, const at::Tensor& de
                                        const at::Tensor& Bm, const at::Tensor& Cm, const c10::optional<at::Tensor>& D,
                                        const c10::optional<at::Tensor>& state);
 
+// attention_cpu.cpp: differential attention of one new token per row against the K/V cache, read in place
+at::Tensor diff_attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const c10::optional<at::Tensor>& key_valid, double scale);
+
 }  // namespace phi4flash
