@@ -397,6 +397,7 @@ class LocalEngine:
                 self._finish(request, "cancelled")
         if not self._running:
             return
+        self._compact_rows()
         rows = [r.row for r in self._running]
         ids = torch.tensor([r.next_token for r in self._running], device=self.torch_device)
         if self._compiled is not None and self._compiled.ready and rows == list(range(len(rows))):
@@ -410,6 +411,22 @@ class LocalEngine:
                 self._emit_token(request, row_logits)
             except Exception as err:  # noqa: BLE001 - e.g. a failing logits_processor ends only its request
                 self._fail(request, err)
+
+    def _compact_rows(self) -> None:
+        """Put the running requests on cache rows [0, n), in order, moving a row's state into a lower free row where
+        an earlier request has finished: then every decode step reads the cache in place (a slice of rows, where
+        a scattered selection copies each row's state, its global K/V included) and takes the compiled graph."""
+        n = len(self._running)
+        holes = sorted(row for row in self._free_rows if row < n)
+        for request in sorted(self._running, key=lambda r: r.row):
+            if request.row >= n:
+                hole = holes.pop(0)
+                self._cache.move_row(request.row, hole)
+                self._free_rows.remove(hole)
+                self._free_rows.append(request.row)
+                request.row = hole
+        self._free_rows.sort()
+        self._running.sort(key=lambda r: r.row)
 
     def _constrain(self, requests: list[_Request], logits: torch.Tensor) -> torch.Tensor:
         """Mask the rows of ``logits`` whose request has a grammar, all in one pass."""

@@ -66,6 +66,23 @@ def test_batch_and_threads_equal_one_at_a_time(engine: LocalEngine) -> None:
     assert [results[i] for i in range(4)] == [alone[0], alone[1], alone[1], alone[0]]
 
 
+def test_requests_that_end_early_leave_the_others_on_the_first_rows(engine: LocalEngine, monkeypatch) -> None:
+    """When a request ends, the ones still running move down to rows [0, n): every step reads a slice of the
+    cache (no copies) and can take the compiled graph; their tokens are those they get alone."""
+    lengths = (3, 24, 9, 16)
+    configs = [GenerationConfig(temperature=0, max_new_tokens=n) for n in lengths]
+    conversations = [HELLO, OTHER, HELLO, OTHER]
+    alone = [engine.generate(m, c).token_ids for m, c in zip(conversations, configs, strict=True)]
+    seen = []
+    original = engine.model.step
+    monkeypatch.setattr(engine.model, "step", lambda ids, cache, rows=None, **kw: seen.append(rows) or
+                        original(ids, cache, rows=rows, **kw))
+    batch = [c.token_ids for c in engine.generate_batch(conversations, configs)]
+    assert batch == alone
+    assert len({len(r) for r in seen if r is not None}) > 1  # the batch shrank on the way
+    assert all(rows is None or rows == list(range(len(rows))) for rows in seen)
+
+
 def test_stop_string_across_tokens_is_trimmed(engine: LocalEngine) -> None:
     ids = engine.generate(HELLO, GREEDY).token_ids
     pieces = [engine.tokenizer.decode([t]) for t in ids]
