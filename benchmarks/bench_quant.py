@@ -17,6 +17,10 @@ with the spread (worst / best) beside it. Per model:
   (a float32 sum over 1 GiB, measured in the same run);
 - prefill tokens/s of one prompt (in the engine's 512-token chunks, cross-decoder skipped).
 
+With ``--compile`` each format also decodes through the compiled static step (:class:`phi4flash.compiled.
+CompiledDecoder`, what ``phi4flash.load(..., compile=True)`` runs): rows "<format> compiled", same weights, so the
+same floor and prefill; the compile time of each is printed (bfloat16-torch, the baseline, is not compiled).
+
 With ``--memory DIR`` a real-size bfloat16 checkpoint is written to DIR once (7.7 GB), then loaded in a
 fresh process per format with ``load_model(DIR, quantize=...)``: peak and final resident memory.
 """
@@ -34,6 +38,7 @@ import torch
 from gpu_models import build_phi4flash  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 from phi4flash import Phi4FlashConfig, Phi4FlashForCausalLM
+from phi4flash.compiled import CompiledDecoder
 from phi4flash.engine import PREFILL_CHUNK
 from phi4flash.quant import QuantizedLinear, QuantSpec, model_weight_bytes, quantizable_linears, quantize_modules_
 
@@ -81,17 +86,19 @@ def plain_copy(source: Phi4FlashForCausalLM) -> Phi4FlashForCausalLM:
 
 
 @torch.no_grad()
-def decode_rate(model: Phi4FlashForCausalLM, context: int, tokens: int) -> float:
-    """Decode tokens/s after a random prompt of ``context`` tokens."""
+def decode_rate(model: Phi4FlashForCausalLM, context: int, tokens: int,
+                compiled: CompiledDecoder | None = None) -> float:
+    """Decode tokens/s after a random prompt of ``context`` tokens (through ``compiled`` when given)."""
     prompt = torch.randint(0, 199_000, (1, context))
     cache = model.new_cache(1, context + tokens + 1)
     for start in range(0, context, PREFILL_CHUNK):
         model(prompt[:, start:start + PREFILL_CHUNK], cache=cache, logits_to_keep=1)
+    step = compiled if compiled is not None else model.step
     token = torch.zeros(1, dtype=torch.long)
-    model.step(token, cache)  # warm
+    step(token, cache)  # warm
     start = time.perf_counter()
     for _ in range(tokens):
-        token = model.step(token, cache).argmax(-1)
+        token = step(token, cache).argmax(-1)
     return tokens / (time.perf_counter() - start)
 
 
@@ -154,6 +161,7 @@ def main() -> None:
                         help="bfloat16 (phi4flash's decode kernel), bfloat16-torch (PyTorch's F.linear) and "
                              "quantize= specs")
     parser.add_argument("--memory", type=Path, default=None, help="also report memory, loading from this folder")
+    parser.add_argument("--compile", action="store_true", help="also decode through the compiled step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = Phi4FlashConfig.from_json(REAL_CONFIG)
@@ -169,6 +177,16 @@ def main() -> None:
             models[name] = quantized_copy(base, QuantSpec.parse(name))
     print(f"# real config, random weights, {args.threads} threads, bfloat16 activations; built in "
           f"{time.perf_counter() - start:.0f} s; {args.rounds} rounds, models measured in turns", flush=True)
+    compiled: dict[str, tuple[str, CompiledDecoder]] = {}  # "<format> compiled" -> (format, its compiled step)
+    if args.compile:
+        for name, model in list(models.items()):
+            if name == "bfloat16-torch":  # the stock path stays as it is: the baseline
+                continue
+            decoder = CompiledDecoder(model)
+            if not decoder.compile(1, 64):
+                raise SystemExit(f"{name}: the decode step did not compile: {decoder.error}")
+            print(f"# {name}: decode step compiled in {decoder.seconds:.0f} s", flush=True)
+            compiled[f"{name} compiled"] = (name, decoder)
     contexts = [int(c) for c in args.contexts.split(",")]
     runs: dict[tuple[str, str], list[float]] = {}
 
@@ -183,6 +201,10 @@ def main() -> None:
                 note(name, f"decode@{context}", decode_rate(model, context, args.decode_tokens))
             if args.prefill:
                 note(name, "prefill", prefill_rate(model, args.prefill))
+            if f"{name} compiled" in compiled:
+                for context in contexts:
+                    note(f"{name} compiled", f"decode@{context}",
+                         decode_rate(model, context, args.decode_tokens, compiled[f"{name} compiled"][1]))
     best = {key: (min(v) if key[1] == "floor" else max(v)) for key, v in runs.items()}
     spread = {key: (max(v) / min(v)) for key, v in runs.items()}
     bandwidth = best[("machine", "bandwidth")]
@@ -194,9 +216,11 @@ def main() -> None:
     print("\n" + head)
     print("|" + "---|" * (head.count("|") - 1))
     summary = {}
-    for name, model in models.items():
-        nbytes = model_weight_bytes(model)  # the tied table once: the LM head reads all of it, the lookup a row
-        floor = best[(name, "floor")]
+    rows = [(name, name) for name in models] + [(name, base_name) for name, (base_name, _) in compiled.items()]
+    for name, base_name in rows:
+        # the tied table once: the LM head reads all of it, the lookup a row
+        nbytes = model_weight_bytes(models[base_name])
+        floor = best[(base_name, "floor")]
         row = f"| {name} | {nbytes / 1e9:.2f} | {floor * 1e3:.0f} | {nbytes / floor / 1e9:.1f} |"
         for context in contexts:
             rate = best[(name, f"decode@{context}")]
@@ -204,7 +228,8 @@ def main() -> None:
                     f"{nbytes * rate / 1e9:.1f} |")
             summary[(name, context)] = rate
         if args.prefill:
-            row += f" {best[(name, 'prefill')]:.1f} ({spread[(name, 'prefill')]:.2f}x) |"
+            row += (f" {best[(name, 'prefill')]:.1f} ({spread[(name, 'prefill')]:.2f}x) |" if name == base_name
+                    else " (as above) |")
         print(row)
     for ref in ("bfloat16-torch", "bfloat16"):
         if ref not in models:
@@ -212,15 +237,15 @@ def main() -> None:
         print("\n| weights | " + " | ".join(f"decode vs {ref} @{c}" for c in contexts)
               + (f" | prefill vs {ref}" if args.prefill else "") + " |")
         print("|---|" + "---|" * (len(contexts) + bool(args.prefill)))
-        for name in models:
+        for name, base_name in rows:
             if name == ref:
                 continue
             row = f"| {name} |" + "".join(f" {summary[(name, c)] / summary[(ref, c)]:.2f}x |" for c in contexts)
             if args.prefill:
-                row += f" {best[(name, 'prefill')] / best[(ref, 'prefill')]:.2f}x |"
+                row += f" {best[(base_name, 'prefill')] / best[(ref, 'prefill')]:.2f}x |"
             print(row)
     print("\n" + json.dumps({f"{k[0]} {k[1]}": [round(x, 4) for x in v] for k, v in runs.items()}))
-    del models, base
+    del models, base, compiled
     if args.memory is not None:
         memory_report(args.memory)
 
