@@ -8,12 +8,10 @@ Usage: python tests/_portable_kernels.py BUILD_DIR  (prints "PORTABLE OK <isa>" 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
-from torch.utils.cpp_extension import load
-
 from model_helpers import decode_attention_reference
+from torch.utils.cpp_extension import load
 
 from phi4flash import native, qkernels, quant
 

@@ -1,6 +1,6 @@
 """phi4flash's C++ CPU kernels against their definitions: the selective scan, the bfloat16 matrix-vector
-product and the decode attention (the quantized kernels are in test_quant.py; their portable C++ build is checked here), and the model
-with and without them."""
+product and the decode attention (the quantized kernels are in test_quant.py; their portable C++ build is
+checked here), and the model with and without them."""
 
 from __future__ import annotations
 
