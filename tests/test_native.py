@@ -121,7 +121,8 @@ def test_decode_linear_runs_the_kernel_for_decode_only(monkeypatch) -> None:
 @pytest.mark.parametrize("masked", [False, True])
 def test_decode_attention_equals_the_definition(batch: int, heads: int, kv_heads: int, head_dim: int, keys: int,
                                                 dtype: torch.dtype, masked: bool) -> None:
-    """The cache is read where it lies: a slice of a longer buffer, rows far apart."""
+    """The cache is read where it lies: a slice of a longer buffer, rows far apart; longer caches are cut into
+    blocks of 256 positions whose softmaxes are combined."""
     torch.manual_seed(0)
     q = torch.randn(batch, heads, head_dim).to(dtype)
     buffer = torch.randn(batch, keys + 5, kv_heads, head_dim).to(dtype)
@@ -129,6 +130,7 @@ def test_decode_attention_equals_the_definition(batch: int, heads: int, kv_heads
     valid = torch.rand(batch, keys) > 0.4 if masked else None
     if valid is not None:
         valid[:, 0] = True
+        valid[:, 256:512] = False  # with 700 keys: a whole block of positions has nothing to attend
     scale = head_dim**-0.5
     got = torch.ops.phi4flash.diff_attention_decode(q, k, v, valid, scale)
     expected = decode_attention_reference(q, k, v, valid, scale)

@@ -1,11 +1,16 @@
 // Differential attention for one new token per row (decode) on the CPU, reading the K/V cache where it lies.
 //
-// The cache keeps keys and values as (B, S, Hkv, Dh): kv heads 2p and 2p+1 (pair p) sit side by side, so one
-// position's pair is 2 Dh contiguous values. Query head h belongs to group h % 2 and pair-index j = h / 2, and
-// uses kv pair p = j / g (g = H / Hkv): its keys are kv head 2p + h % 2, its values the whole pair
-// [V_2p || V_2p+1] (2 Dh). One job is one (row, kv pair): the 2g query heads of the pair score every key, take
-// the softmax in float32 and sum the pair's values, so each key and value is read once per job and nothing is
-// copied (PyTorch's batched matmul copies a strided cache before it multiplies).
+// The cache keeps keys and values as (B, S, Hkv, Dh): one position's keys (or values) are Hkv Dh contiguous
+// values, and kv heads 2p and 2p+1 (pair p) sit side by side. Query head h belongs to group h % 2 and
+// pair-index j = h / 2, and uses kv pair p = j / g (g = H / Hkv): its keys are kv head 2p + h % 2, its values
+// the whole pair [V_2p || V_2p+1] (2 Dh).
+//
+// As flash-decoding does, the positions are cut into blocks, and one job is one (row, block): every query head
+// scores the block's keys, takes the block's softmax in float32 and sums the block's values; the blocks'
+// maxima, sums and partial outputs are then combined. A job walks its positions in order, reading each
+// position's keys and values whole, so the cache streams from memory sequentially (a job per kv pair read
+// 256 bytes out of every 2560 of the real model's cache, at a third of the speed), and nothing is copied
+// (PyTorch's batched matmul copies the strided cache before it multiplies).
 //
 // Output (B, 2, H / 2, 2 Dh): [group][pair-index], what both head groups' attention gives before the
 // differential combination (model code does the rest: O1 - lambda O2, the RMS norm, the scaling).
@@ -18,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace phi4flash {
@@ -33,6 +39,18 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// lane 4 i of the result = the sum of a_i's lanes (i = 0..3): four horizontal sums for the price of one
+inline __m512 sum_each(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 t01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 t23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
 }
 #endif
 
@@ -72,178 +90,183 @@ inline float exp_shifted(float* p, int64_t S, float max) {
   return sum;
 }
 
-// One (row, kv pair) job. q: the row's (H, Dh) queries; k, v: the pair's 2 Dh values at position 0, positions
-// ``stride`` elements apart; valid: (S,) or null (all valid); out: the row's (2, H / 2, 2 Dh).
+constexpr int64_t kPositions = 256;  // positions per job
+
+// the kv head whose keys query head h scores
+inline int64_t key_head(int64_t h, int64_t g) { return 2 * ((h / 2) / g) + h % 2; }
+
+// One (row, block) job: queries (H4, Dh) float, scaled, H4 = H rounded up to 4 (zero rows past H); raw_queries
+// the same unscaled in bfloat16 when the cache is bfloat16 (for AVX512-BF16's dot products), else null; k, v
+// at the block's first position, positions ``stride`` elements apart; valid: (len,) or null. Writes the
+// block's maximum score and sum of exp per head (H,) and its unnormalised output per head (H, 2 Dh).
 template <typename T>
-void attend_pair(const T* q, const T* k, const T* v, int64_t k_stride, int64_t v_stride, const bool* valid,
-                 T* out, int64_t S, int64_t p, int64_t g, int64_t H, int64_t Dh, float scale,
-                 std::vector<float>& scratch) {
-  const int64_t rows = 2 * g, width = 2 * Dh;
-  scratch.resize(rows * S + rows * Dh + rows * width + width);
-  float* scores = scratch.data();      // (rows, S)
-  float* queries = scores + rows * S;  // (rows, Dh), scaled
-  float* acc = queries + rows * Dh;    // (rows, 2 Dh)
-  float* buf = acc + rows * width;     // (2 Dh): one position's pair in float
-  // job row r: group r / g, pair-index j = p g + r % g, query head 2 j + group
-  for (int64_t r = 0; r < rows; ++r) {
-    load_floats(q + (2 * (p * g + r % g) + r / g) * Dh, queries + r * Dh, Dh);
-    for (int64_t d = 0; d < Dh; ++d) queries[r * Dh + d] *= scale;
-  }
+void attend_block(const float* queries, const at::BFloat16* raw_queries, float scale, const T* k, const T* v,
+                  int64_t k_stride, int64_t v_stride, const bool* valid, int64_t len, int64_t H, int64_t Dh,
+                  int64_t g, float* block_max, float* block_sum, float* acc, std::vector<float>& scratch) {
+  const int64_t H4 = (H + 3) / 4 * 4, width = 2 * Dh, pairs = H / (2 * g);
+  scratch.resize(H4 * len + width);
+  float* scores = scratch.data();   // (H4, len)
+  float* buf = scores + H4 * len;   // (2 Dh): one pair's keys or values in float
   const float none = -std::numeric_limits<float>::infinity();
-  std::vector<float> best(rows, none);
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = 0; s < len; ++s) {
     if (valid && !valid[s]) {
-      for (int64_t r = 0; r < rows; ++r) scores[r * S + s] = none;
-      continue;
-    }
-    load_floats(k + s * k_stride, buf, width);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float x = dot(queries + r * Dh, buf + (r / g) * Dh, Dh);
-      scores[r * S + s] = x;
-      best[r] = std::max(best[r], x);
-    }
-  }
-  std::vector<float> sums(rows);
-  for (int64_t r = 0; r < rows; ++r) sums[r] = best[r] == none ? 0.f : exp_shifted(scores + r * S, S, best[r]);
-  std::fill(acc, acc + rows * width, 0.f);
-  for (int64_t s = 0; s < S; ++s) {
-    if (valid && !valid[s]) continue;
-    load_floats(v + s * v_stride, buf, width);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float weight = scores[r * S + s];
-      float* a = acc + r * width;
-      for (int64_t d = 0; d < width; ++d) a[d] += weight * buf[d];
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float norm = sums[r] > 0.f ? 1.f / sums[r] : 0.f;
-    T* o = out + ((r / g) * (H / 2) + p * g + r % g) * width;
-    for (int64_t d = 0; d < width; ++d) o[d] = static_cast<T>(acc[r * width + d] * norm);
-  }
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-// lane 4 i of the result = the sum of a_i's lanes (i = 0..3)
-inline __m512 sum_each(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-  const __m512 t01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
-                                   _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 t23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(1, 0, 1, 0)),
-                                   _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(2, 0, 2, 0)),
-                                 _mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
-}
-
-// attend_pair vectorised, for a head width Dh = 16 QC (a multiple of 32, so that 2 Dh splits into 64-wide
-// chunks): the job's rows four at a time, one horizontal sum for the four scores of a position, and the value
-// accumulators (four rows by 64 outputs) in registers.
-template <typename T, int QC>
-void attend_pair_simd(const T* q, const T* k, const T* v, int64_t k_stride, int64_t v_stride, const bool* valid,
-                      T* out, int64_t S, int64_t p, int64_t g, int64_t H, float scale, std::vector<float>& scratch) {
-  constexpr int64_t Dh = 16 * QC, width = 2 * Dh;
-  const int64_t rows = 2 * g, padded = (rows + 3) / 4 * 4;
-  scratch.resize(padded * S + padded * Dh);
-  float* scores = scratch.data();          // (padded, S)
-  float* queries = scores + padded * S;    // (padded, Dh), scaled; rows past ``rows`` are zero
-  std::fill(queries, queries + padded * Dh, 0.f);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < Dh; ++d)
-      queries[r * Dh + d] = static_cast<float>(q[(2 * (p * g + r % g) + r / g) * Dh + d]) * scale;
-  const float none = -std::numeric_limits<float>::infinity();
-  std::vector<float> best(padded, none);
-  alignas(64) float lanes[16];
-  for (int64_t s = 0; s < S; ++s) {
-    if (valid && !valid[s]) {
-      for (int64_t r = 0; r < padded; ++r) scores[r * S + s] = none;
+      for (int64_t h = 0; h < H4; ++h) scores[h * len + s] = none;
       continue;
     }
     const T* key = k + s * k_stride;
-    for (int64_t r0 = 0; r0 < padded; r0 += 4) {
-      __m512 acc[4];
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (Dh % 16 == 0) {
+      // the values of this position, into L2 while the keys are scored: the value pass then reads them per kv
+      // pair from there, with its sums in registers
+      const char* value_row = reinterpret_cast<const char*>(v + s * v_stride);
+      for (int64_t byte = 0; byte < pairs * width * static_cast<int64_t>(sizeof(T)); byte += 64)
+        _mm_prefetch(value_row + byte, _MM_HINT_T1);
+      alignas(64) float lanes[16];
+#if defined(__AVX512BF16__)
+      if (raw_queries != nullptr && Dh % 32 == 0) {  // bfloat16 products summed in float32, 32 per instruction
+        const at::BFloat16* keys = reinterpret_cast<const at::BFloat16*>(key);
+        for (int64_t h0 = 0; h0 < H4; h0 += 4) {
+          __m512 sum[4];
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        // a padding row (past ``rows``) has zero queries; it reads group 1's keys, which exist
-        const T* kr = key + std::min<int64_t>((r0 + i) / g, 1) * Dh;
-        const float* qr = queries + (r0 + i) * Dh;
-        acc[i] = _mm512_mul_ps(_mm512_loadu_ps(qr), load16(kr));
-#pragma GCC unroll 4
-        for (int c = 1; c < QC; ++c) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * c), load16(kr + 16 * c), acc[i]);
+          for (int i = 0; i < 4; ++i) {
+            const at::BFloat16* kh = keys + key_head(std::min(h0 + i, H - 1), g) * Dh;
+            const at::BFloat16* qh = raw_queries + (h0 + i) * Dh;
+            sum[i] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < Dh; d += 32)
+              sum[i] = _mm512_dpbf16_ps(sum[i], (__m512bh)_mm512_loadu_si512(qh + d),
+                                        (__m512bh)_mm512_loadu_si512(kh + d));
+          }
+          _mm512_store_ps(lanes, _mm512_mul_ps(sum_each(sum[0], sum[1], sum[2], sum[3]), _mm512_set1_ps(scale)));
+          for (int i = 0; i < 4; ++i) scores[(h0 + i) * len + s] = lanes[4 * i];
+        }
+        continue;
       }
-      _mm512_store_ps(lanes, sum_each(acc[0], acc[1], acc[2], acc[3]));
-      for (int i = 0; i < 4; ++i) {
-        scores[(r0 + i) * S + s] = lanes[4 * i];
-        best[r0 + i] = std::max(best[r0 + i], lanes[4 * i]);
-      }
-    }
-  }
-  std::vector<float> norm(padded, 0.f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float sum = best[r] == none ? 0.f : exp_shifted(scores + r * S, S, best[r]);
-    norm[r] = sum > 0.f ? 1.f / sum : 0.f;
-  }
-  for (int64_t r0 = 0; r0 < padded; r0 += 4)
-    for (int64_t d0 = 0; d0 < width; d0 += 64) {
-      __m512 acc[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
-      for (int64_t s = 0; s < S; ++s) {
-        if (valid && !valid[s]) continue;
-        const T* value = v + s * v_stride + d0;
-        __m512 x[4];
-#pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) x[c] = load16(value + 16 * c);
+#endif
+      for (int64_t h0 = 0; h0 < H4; h0 += 4) {
+        __m512 sum[4];
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) {
-          const __m512 w = _mm512_set1_ps(scores[(r0 + i) * S + s]);
-#pragma GCC unroll 4
-          for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_fmadd_ps(w, x[c], acc[i][c]);
+          const T* kh = key + key_head(std::min(h0 + i, H - 1), g) * Dh;  // a padding row reads real keys
+          const float* qh = queries + (h0 + i) * Dh;
+          sum[i] = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(kh));
+          for (int64_t d = 16; d < Dh; d += 16) sum[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(kh + d), sum[i]);
         }
+        _mm512_store_ps(lanes, sum_each(sum[0], sum[1], sum[2], sum[3]));
+        for (int i = 0; i < 4; ++i) scores[(h0 + i) * len + s] = lanes[4 * i];
       }
-      for (int64_t i = 0; i < 4 && r0 + i < rows; ++i) {
-        const int64_t r = r0 + i;
-        T* o = out + ((r / g) * (H / 2) + p * g + r % g) * width + d0;
-        for (int c = 0; c < 4; ++c) {
-          alignas(64) float tmp[16];
-          _mm512_store_ps(tmp, _mm512_mul_ps(acc[i][c], _mm512_set1_ps(norm[r])));
-          for (int l = 0; l < 16; ++l) o[16 * c + l] = static_cast<T>(tmp[l]);
+      continue;
+    }
+#endif
+    for (int64_t h = 0; h < H; ++h) {
+      load_floats(key + key_head(h, g) * Dh, buf, Dh);
+      scores[h * len + s] = dot(queries + h * Dh, buf, Dh);
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    float* row = scores + h * len;
+    float best = none;
+    for (int64_t s = 0; s < len; ++s) best = std::max(best, row[s]);
+    block_max[h] = best;
+    block_sum[h] = best == none ? 0.f : exp_shifted(row, len, best);
+  }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (width % 64 == 0) {
+    // per kv pair, four of its heads by 64 outputs at a time: 16 sums in registers over the block's positions
+    for (int64_t p = 0; p < pairs; ++p)
+      for (int64_t r0 = 0; r0 < 2 * g; r0 += 4)
+        for (int64_t d0 = 0; d0 < width; d0 += 64) {
+          const int64_t first = 2 * p * g + r0, heads = std::min<int64_t>(4, 2 * g - r0);
+          __m512 sum[4][4];
+          for (int i = 0; i < 4; ++i)
+            for (int c = 0; c < 4; ++c) sum[i][c] = _mm512_setzero_ps();
+          for (int64_t s = 0; s < len; ++s) {
+            if (valid && !valid[s]) continue;
+            const T* vp = v + s * v_stride + 2 * p * Dh + d0;
+            __m512 x[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) x[c] = load16(vp + 16 * c);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) {
+              const __m512 w = _mm512_set1_ps(i < heads ? scores[(first + i) * len + s] : 0.f);
+#pragma GCC unroll 4
+              for (int c = 0; c < 4; ++c) sum[i][c] = _mm512_fmadd_ps(w, x[c], sum[i][c]);
+            }
+          }
+          for (int64_t i = 0; i < heads; ++i)
+            for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + (first + i) * width + d0 + 16 * c, sum[i][c]);
         }
+    return;
+  }
+#endif
+  std::fill(acc, acc + H * width, 0.f);
+  for (int64_t s = 0; s < len; ++s) {
+    if (valid && !valid[s]) continue;
+    const T* value = v + s * v_stride;
+    for (int64_t p = 0; p < pairs; ++p) {
+      load_floats(value + 2 * p * Dh, buf, width);
+      for (int64_t h = 2 * p * g; h < 2 * (p + 1) * g; ++h) {  // pair p's query heads
+        const float w = scores[h * len + s];
+        float* a = acc + h * width;
+        for (int64_t d = 0; d < width; ++d) a[d] += w * buf[d];
       }
     }
+  }
 }
-#endif
 
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* valid, at::Tensor& out,
             float scale) {
   const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), S = k.size(1), Hkv = k.size(2);
-  const int64_t pairs = Hkv / 2, g = H / Hkv;
+  const int64_t g = H / Hkv, H4 = (H + 3) / 4 * 4, width = 2 * Dh;
+  const int64_t blocks = std::max<int64_t>(1, (S + kPositions - 1) / kPositions);
+  std::vector<float> queries(B * H4 * Dh, 0.f);
+  std::vector<at::BFloat16> raw(std::is_same<T, at::BFloat16>::value ? B * H4 * Dh : 0, at::BFloat16(0.f));
   const T* qp = q.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < H * Dh; ++i) {
+      queries[b * H4 * Dh + i] = static_cast<float>(qp[b * H * Dh + i]) * scale;
+      if (!raw.empty()) raw[b * H4 * Dh + i] = static_cast<at::BFloat16>(static_cast<float>(qp[b * H * Dh + i]));
+    }
+  std::vector<float> maxima(B * blocks * H), sums(B * blocks * H), partial(B * blocks * H * width);
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  at::parallel_for(0, B * pairs, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t b = job / pairs, p = job % pairs;
-      const T* qb = qp + b * H * Dh;
-      const T* kb = kp + b * k.stride(0) + 2 * p * Dh;
-      const T* vb = vp + b * v.stride(0) + 2 * p * Dh;
-      const bool* vb_valid = valid ? valid + b * S : nullptr;
-      T* ob = op + b * H * Dh * 2;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-      if (Dh == 64) {
-        attend_pair_simd<T, 4>(qb, kb, vb, k.stride(1), v.stride(1), vb_valid, ob, S, p, g, H, scale, scratch);
+      const int64_t b = job / blocks, s0 = (job % blocks) * kPositions, len = std::min(kPositions, S - s0);
+      if (len <= 0) {  // S = 0: nothing to attend
+        std::fill(maxima.begin() + job * H, maxima.begin() + (job + 1) * H, -std::numeric_limits<float>::infinity());
+        std::fill(sums.begin() + job * H, sums.begin() + (job + 1) * H, 0.f);
         continue;
       }
-      if (Dh == 32) {
-        attend_pair_simd<T, 2>(qb, kb, vb, k.stride(1), v.stride(1), vb_valid, ob, S, p, g, H, scale, scratch);
-        continue;
-      }
-#endif
-      attend_pair<T>(qb, kb, vb, k.stride(1), v.stride(1), vb_valid, ob, S, p, g, H, Dh, scale, scratch);
+      attend_block<T>(queries.data() + b * H4 * Dh, raw.empty() ? nullptr : raw.data() + b * H4 * Dh, scale,
+                      kp + b * k.stride(0) + s0 * k.stride(1),
+                      vp + b * v.stride(0) + s0 * v.stride(1), k.stride(1), v.stride(1),
+                      valid ? valid + b * S + s0 : nullptr, len, H, Dh, g, maxima.data() + job * H,
+                      sums.data() + job * H, partial.data() + job * H * width, scratch);
     }
   });
+  // combine the blocks: softmax over all positions = each block's rescaled by exp(its max - the overall max)
+  T* op = out.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      float best = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < blocks; ++j) best = std::max(best, maxima[(b * blocks + j) * H + h]);
+      std::vector<float> o(width, 0.f);
+      float total = 0.f;
+      if (best != -std::numeric_limits<float>::infinity())
+        for (int64_t j = 0; j < blocks; ++j) {
+          const int64_t at = (b * blocks + j) * H + h;
+          if (sums[at] == 0.f) continue;
+          const float factor = std::exp(maxima[at] - best);
+          total += sums[at] * factor;
+          const float* a = partial.data() + at * width;
+          for (int64_t d = 0; d < width; ++d) o[d] += a[d] * factor;
+        }
+      const float norm = total > 0.f ? 1.f / total : 0.f;
+      T* dst = op + ((b * 2 + h % 2) * (H / 2) + h / 2) * width;  // out (B, 2, H / 2, 2 Dh)
+      for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<T>(o[d] * norm);
+    }
 }
 
 }  // namespace
