@@ -250,3 +250,22 @@ def test_min_new_tokens_keeps_the_stop_tokens_away(engine: LocalEngine) -> None:
     assert done.token_ids == [7] * 5 and done.finish_reason == "stop"
     with pytest.raises(ValueError, match="min_new_tokens"):
         GenerationConfig(min_new_tokens=-1).validate()
+
+
+def test_metrics_snapshots_do_not_change_as_recording_goes_on() -> None:
+    """Each streamed event carries a snapshot: later tokens change neither its counts nor its rate history."""
+    from phi4flash.metrics import RECENT_WINDOW, MetricsRecorder
+
+    ticks = iter(range(1000))
+    recorder = MetricsRecorder(prompt_tokens=5, clock=lambda: float(next(ticks)))
+    recorder.prefill_done()
+    for _ in range(RECENT_WINDOW + 1):
+        recorder.token("reasoning")
+    early = recorder.snapshot()
+    history = list(early.decode_tokens_per_s_history)
+    assert history and early.reasoning_tokens == RECENT_WINDOW + 1
+    for _ in range(2 * RECENT_WINDOW):
+        recorder.token("answer")
+    assert early.answer_tokens == 0 and early.decode_tokens_per_s_history == history
+    assert recorder.snapshot().answer_tokens == 2 * RECENT_WINDOW
+    assert len(recorder.snapshot().decode_tokens_per_s_history) > len(history)
