@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .cli import HelpFormatter, configure_logging
+from .cli import COMPILE_HELP, HelpFormatter, configure_logging
 
 DIM, BOLD, RESET = "\033[2m", "\033[1m", "\033[0m"
 
@@ -49,6 +49,8 @@ def build_parser(prog: str = "phi4flash chat") -> argparse.ArgumentParser:
     parser.add_argument("--quantize", default=None,
                         help="weight-only quantization: int8, int4 or int4-g<32|64|128|256> "
                              "(default: none; int4 = int4-g128)")
+    parser.add_argument("--compile", action="store_true",
+                        help=COMPILE_HELP)
     parser.add_argument("--system", default=None, help="system prompt (none when not given)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="sampling temperature, 0 = greedy (unset: the checkpoint's generation_config)")
@@ -68,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import phi4flash
 
     try:
-        engine = phi4flash.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        engine = phi4flash.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                                compile=True if args.compile else "auto")
         overrides: dict[str, object] = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}
         if args.temperature is not None:
             overrides["temperature"] = args.temperature

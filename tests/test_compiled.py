@@ -87,3 +87,27 @@ def test_a_step_that_cannot_compile_leaves_the_eager_step(monkeypatch) -> None:
         assert "843" in answer
     finally:
         engine.close()
+
+
+def test_chat_demo_and_serve_pass_the_compile_flag_to_load(monkeypatch) -> None:
+    """--compile reaches ``phi4flash.load`` as compile=True on every face; without it, "auto" (the environment)."""
+    from phi4flash import chat
+    from phi4flash.server.cli import build_parser
+    from phi4flash.server.cli import load_engine as serve_load
+    from phi4flash_demo.cli import load_engine as demo_load
+    from phi4flash_demo.cli import parse_args
+
+    seen = []
+
+    def load(source: str, **kwargs: object) -> None:
+        seen.append(kwargs.get("compile"))
+        raise RuntimeError("loading stops here")
+
+    monkeypatch.setattr(phi4flash, "load", load)
+    for flags in (["--compile"], []):
+        assert chat.main(flags) == 1  # the load error ends the command
+        assert isinstance(demo_load(parse_args(flags)), RuntimeError)
+        args = build_parser().parse_args(flags)
+        with pytest.raises(RuntimeError, match="loading stops here"):
+            serve_load(args.model, max_batch=1, compile=True if args.compile else "auto")
+    assert seen == [True, True, True, "auto", "auto", "auto"]

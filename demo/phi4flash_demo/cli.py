@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from phi4flash.cli import HelpFormatter, configure_logging
+from phi4flash.cli import COMPILE_HELP, HelpFormatter, configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ def build_parser(prog: str = "phi4flash demo") -> argparse.ArgumentParser:
     parser.add_argument("--quantize", default=None,
                         help="weight-only quantization: int8, int4 or int4-g<32|64|128|256> "
                              "(default: none; int4 = int4-g128)")
+    parser.add_argument("--compile", action="store_true",
+                        help=COMPILE_HELP)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
@@ -77,7 +79,7 @@ def load_engine(args: argparse.Namespace) -> Any:
             engine.check()
             return engine
         return phi4flash.load(args.model or "embedded", device=args.device, dtype=args.dtype,
-                              quantize=args.quantize)
+                              quantize=args.quantize, compile=True if args.compile else "auto")
     except Exception as exc:  # shown on the page with hints on how to fix it
         logger.error("could not load %s: %s: %s%s", args.remote or args.model or "embedded", type(exc).__name__, exc,
                      "" if args.debug else " (--debug shows the traceback)")

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..cli import HelpFormatter
+from ..cli import COMPILE_HELP, HelpFormatter
 from ._defaults import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ def build_parser(prog: str = "phi4flash serve") -> argparse.ArgumentParser:
     p.add_argument("--quantize", default=None,
                         help="weight-only quantization: int8, int4 or int4-g<32|64|128|256> "
                              "(default: none; int4 = int4-g128)")
+    p.add_argument("--compile", action="store_true",
+                   help=COMPILE_HELP)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server and phi4flash log level (debug adds tracebacks to errors)")
     p.add_argument("--load-in-background", action="store_true",
@@ -58,7 +60,7 @@ def build_parser(prog: str = "phi4flash serve") -> argparse.ArgumentParser:
 
 
 def load_engine(model: str, *, max_batch: int, device: str = "auto", dtype: str = "auto",
-                quantize: str | None = None) -> Any:
+                quantize: str | None = None, compile: bool | str = "auto") -> Any:
     """Load an engine with ``phi4flash.load``, passing device and dtype only when they are not "auto".
 
     Args:
@@ -67,13 +69,14 @@ def load_engine(model: str, *, max_batch: int, device: str = "auto", dtype: str 
         device: Device name or "auto".
         dtype: Dtype name or "auto".
         quantize: "int8", "int4", "int4-g<group size>" or None.
+        compile: compile the decode step while loading (True/False), or "auto" (``PHI4FLASH_COMPILE``).
 
     Returns:
         The loaded engine.
     """
     import phi4flash  # noqa: PLC0415  (torch loads here, after argument parsing)
 
-    kwargs: dict[str, Any] = {"max_batch": max_batch}
+    kwargs: dict[str, Any] = {"max_batch": max_batch, "compile": compile}
     if device != "auto":
         kwargs["device"] = device
     if dtype != "auto":
@@ -95,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning("binding %s: the server is reachable from other machines%s", args.host,
                        "" if args.api_key else " and has no --api-key")
     if args.ray:
+        if args.compile:  # the replicas load in processes of their own, which inherit this environment
+            os.environ["PHI4FLASH_COMPILE"] = "1"
         try:
             from .ray_app import serve_with_ray  # noqa: PLC0415
         except ImportError as exc:
@@ -113,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"phi4flash serve needs the 'serve' extra: pip install 'phi4flash[serve]' ({exc})")
 
     loader = functools.partial(load_engine, args.model, max_batch=args.max_batch, device=args.device,
-                               dtype=args.dtype, quantize=args.quantize)
+                               dtype=args.dtype, quantize=args.quantize, compile=True if args.compile else "auto")
     failures: list[BaseException] = []
     server: Any = None
 
