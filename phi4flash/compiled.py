@@ -2,13 +2,15 @@
 
 The step is :meth:`Phi4FlashForCausalLM.step` with ``static=True``: shapes depend on the number of rows and the
 cache's size only, nothing reads a tensor in Python, and the global K/V is attended whole under a mask. So one
-graph, dynamic in those sizes, serves every step of rows ``[0, n)`` of a cache. The engine uses it when its
-running requests hold exactly those rows, and the eager step otherwise.
+graph, dynamic in those sizes, serves every step of rows ``[0, n)`` of a cache. The engine keeps its running
+requests on exactly those rows (it moves a later row down when an earlier request ends) and uses the eager step
+only where the graph is not ready.
 
-Compiling takes a while (about a minute on a small CPU, once per process; inductor caches its code on disk), so it
-is asked for (``phi4flash.load(..., compile=True)`` or ``PHI4FLASH_COMPILE=1``) and done while loading, on a scratch
-cache, with a log line for its time, or for why it could not be done (the eager step then runs). It is not done on
-a background thread while the engine serves: a process that quits during a compile aborts in C++.
+Compiling takes a while (about a minute on a small CPU, once per process; inductor caches its code on disk), so
+it is asked for (``phi4flash.load(..., compile=True)``, ``--compile`` on chat, demo and serve, or
+``PHI4FLASH_COMPILE=1``) and done while loading, on a scratch cache, with a log line for its time, or for why it
+could not be done (the eager step then runs). It is not done on a background thread while the engine serves: a
+process that quits during a compile aborts in C++.
 """
 
 from __future__ import annotations
