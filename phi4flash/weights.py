@@ -228,7 +228,7 @@ def load_model(source: str | os.PathLike[str], *, dtype: str | torch.dtype | Non
     if config.tie_word_embeddings and spec is None:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
-    _log_kernel_path(device, spec)
+    _log_kernel_path(device, spec, target)
     model.checkpoint_path = path  # type: ignore[assignment]
     return model
 
@@ -295,7 +295,18 @@ def _check_tensors(path: Path, config: Phi4FlashConfig, files: dict[str, Path],
         raise CheckpointError(f"checkpoint {path}: tie_word_embeddings is false but lm_head.weight is missing")
 
 
-def _log_kernel_path(device: torch.device, spec: QuantSpec | None) -> None:
+def _log_kernel_path(device: torch.device, spec: QuantSpec | None, dtype: torch.dtype) -> None:
+    if device.type == "cpu":
+        from . import native
+
+        weights = f"{spec.label if spec is not None else str(dtype).replace('torch.', '')} weights"
+        if native.ready():  # builds them on first use (one log line of its own), as the first forward would
+            logger.info("phi4flash on cpu: %s; phi4flash's C++ kernels for the selective scan, decode attention and "
+                        "bfloat16 / int8 / int4 matrix-vector products", weights)
+        else:
+            logger.info("phi4flash on cpu: %s; pure PyTorch path%s", weights,
+                        " (PyTorch's quantized kernels)" if spec is not None else "")
+        return
     if spec is not None:
         logger.info("phi4flash on %s: %s weights through PyTorch's quantized kernels", device.type, spec.label)
     if device.type == "cuda":

@@ -188,3 +188,13 @@ def test_portable_kernels_for_cpus_without_avx512(tmp_path) -> None:
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PORTABLE OK portable C++" in result.stdout
+
+
+def test_loading_says_that_the_native_kernels_run(caplog) -> None:
+    import logging
+
+    from phi4flash import load_model
+
+    with caplog.at_level(logging.INFO, logger="phi4flash.weights"):
+        load_model("embedded")
+    assert "phi4flash on cpu: float32 weights; phi4flash's C++ kernels" in caplog.text
