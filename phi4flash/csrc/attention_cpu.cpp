@@ -36,10 +36,7 @@ inline void load_floats(const T* src, float* dst, int64_t n) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+inline __m512 load16(const at::BFloat16* p) { return load_bf16x16(p); }
 
 // lane 4 i of the result = the sum of a_i's lanes (i = 0..3): four horizontal sums for the price of one
 inline __m512 sum_each(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
@@ -248,11 +245,12 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   });
   // combine the blocks: softmax over all positions = each block's rescaled by exp(its max - the overall max)
   T* op = out.data_ptr<T>();
+  std::vector<float> o(width);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       float best = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < blocks; ++j) best = std::max(best, maxima[(b * blocks + j) * H + h]);
-      std::vector<float> o(width, 0.f);
+      std::fill(o.begin(), o.end(), 0.f);
       float total = 0.f;
       if (best != -std::numeric_limits<float>::infinity())
         for (int64_t j = 0; j < blocks; ++j) {

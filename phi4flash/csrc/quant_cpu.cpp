@@ -16,6 +16,7 @@
 // Without AVX512-VNNI the same arithmetic runs as plain C++ loops.
 
 #include "kernels.h"
+#include "simd.h"
 
 #include <ATen/Parallel.h>
 
@@ -49,13 +50,6 @@ constexpr int64_t kTile = 16;    // rows per tile
 
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-// 16 bfloat16 -> 16 floats
-inline __m512 load_bf16x16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-#endif
 
 // x (M, K) quantized per block of 128 inputs; ``seg`` inputs per segment (min(group, 128); 128 for int8).
 struct Activations {

@@ -2,9 +2,16 @@
 #pragma once
 
 #if defined(__AVX512F__)
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
 namespace phi4flash {
+
+// 16 bfloat16 -> 16 floats (a bfloat16 is the top half of a float's bits)
+inline __m512 load_bf16x16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
 
 // exp(x) for x <= 0 (decays): 2^k p(r) with k = round(x log2 e), r = x - k ln 2, p a degree-6 Taylor
 // polynomial (|r| <= ln2/2: relative error below 2e-7); x below -87 gives 0, as expf underflows.
