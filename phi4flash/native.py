@@ -127,6 +127,12 @@ def _register_fakes() -> None:
     def _(u, delta, A, B, C, D, state):  # noqa: ANN001, ANN202
         return u.new_empty(u.shape), u.new_empty(u.shape[0], u.shape[2], A.shape[1])
 
+    @torch.library.register_fake("phi4flash::selective_scan_backward")
+    def _(u, delta, A, B, C, D, state, gy, g_last):  # noqa: ANN001, ANN202
+        rows, width = u.shape[0], u.shape[2]
+        return [torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B),
+                torch.empty_like(C), A.new_empty(width), A.new_empty(rows, width, A.shape[1])]
+
     @torch.library.register_fake("phi4flash::diff_attention_decode")
     def _(q, k, v, key_valid, scale):  # noqa: ANN001, ANN202
         return q.new_empty(q.shape[0], 2, q.shape[1] // 2, 2 * q.shape[2])

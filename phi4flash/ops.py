@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -351,10 +352,33 @@ def causal_conv1d_step_auto(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return kernel(x, state, weight[:, 0, :].to(x.dtype), None if bias is None else bias.to(x.dtype), "silu")
 
 
+class _NativeScan(torch.autograd.Function):
+    """The C++ scan with its C++ backward pass (which recomputes the states instead of storing them), for
+    training and fine-tuning on the CPU. Inputs in the kernel's layouts: u, delta (B, T, E); B, C (B, T, N)."""
+
+    @staticmethod
+    def forward(ctx: Any, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,  # type: ignore[override]
+                C: torch.Tensor, D: torch.Tensor | None, state: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(u, delta, A, B, C, D, state)
+        return torch.ops.phi4flash.selective_scan(u, delta, A, B, C, D, state)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor | None, g_last: torch.Tensor | None  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, ...]:
+        u, delta, A, B, C, D, state = ctx.saved_tensors
+        gy = torch.zeros_like(u) if gy is None else gy.float().contiguous()
+        g_last = None if g_last is None else g_last.float().contiguous()
+        gu, gdelta, gA, gB, gC, gD, g_state = torch.ops.phi4flash.selective_scan_backward(
+            u, delta, A, B, C, D, state, gy, g_last)
+        return gu, gdelta, gA, gB, gC, None if D is None else gD, None if state is None else g_state
+
+
 def native_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: torch.Tensor | None, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`selective_scan` through phi4flash's C++ kernel (:mod:`phi4flash.native`) on the CPU in float32,
-    or None where it does not apply (another device, float64, or no compiled kernels)."""
+    differentiable (a C++ backward pass), or None where it does not apply (another device, float64, or no
+    compiled kernels)."""
     if u.device.type != "cpu" or acc_dtype(u.dtype) != torch.float32:
         return None
     from . import native
@@ -362,10 +386,13 @@ def native_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.
     if not native.ready():
         return None
     f32 = torch.float32
-    y, last = torch.ops.phi4flash.selective_scan(
-        u.to(f32).transpose(1, 2).contiguous(), delta.to(f32).transpose(1, 2).contiguous(), A.to(f32).contiguous(),
-        B.to(f32).transpose(1, 2).contiguous(), C.to(f32).transpose(1, 2).contiguous(),
-        None if D is None else D.to(f32).contiguous(), None if state is None else state.to(f32).contiguous())
+    args = (u.to(f32).transpose(1, 2).contiguous(), delta.to(f32).transpose(1, 2).contiguous(),
+            A.to(f32).contiguous(), B.to(f32).transpose(1, 2).contiguous(), C.to(f32).transpose(1, 2).contiguous(),
+            None if D is None else D.to(f32).contiguous(), None if state is None else state.to(f32).contiguous())
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        y, last = _NativeScan.apply(*args)
+    else:
+        y, last = torch.ops.phi4flash.selective_scan(*args)
     return y.transpose(1, 2), last  # (B, E, T) as a view of the kernel's (B, T, E)
 
 
@@ -376,11 +403,15 @@ def selective_scan_auto(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
     of it), phi4flash's C++ scan on the CPU, else the chunked PyTorch scan."""
     kernel = _kernel("selective_scan_fn", u)
     if kernel is None or state is not None:
-        # The buffered scan writes into preallocated tensors and the C++ one has no backward: when a gradient
-        # must flow (fine-tuning, e.g. LoRA through transformers), take the step-by-step definition instead.
+        # The buffered scan writes into preallocated tensors: when a gradient must flow (training, fine-tuning,
+        # e.g. LoRA through transformers) and the C++ scan (which has a backward pass) is not there, take the
+        # step-by-step definition instead.
+        native = native_scan(u, delta, A, B, C, D, state)
+        if native is not None:
+            return native
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D)):
             return selective_scan_reference(u, delta, A, B, C, D, state)
-        return native_scan(u, delta, A, B, C, D, state) or selective_scan(u, delta, A, B, C, D, state)
+        return selective_scan(u, delta, A, B, C, D, state)
     f32 = torch.float32
     y, last = kernel(u.to(f32).contiguous(), delta.to(f32).contiguous(), A.to(f32).contiguous(),
                      B.to(f32).contiguous(), C.to(f32).contiguous(), None if D is None else D.to(f32),

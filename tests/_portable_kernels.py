@@ -1,6 +1,6 @@
 """Run by tests/test_native.py in its own process: build phi4flash's C++ kernels for a CPU without AVX-512
 (``-march=x86-64-v2``, the portable C++ loops) and check them against the reference: the quantized kernels bit
-for bit, the decode attention within float32 rounding.
+for bit, the decode attention and the selective scan (forward and backward) within float32 rounding.
 
 Usage: python tests/_portable_kernels.py BUILD_DIR  (prints "PORTABLE OK <isa>" when every check holds)
 """
@@ -13,7 +13,7 @@ import torch
 from model_helpers import decode_attention_reference
 from torch.utils.cpp_extension import load
 
-from phi4flash import native, qkernels, quant
+from phi4flash import native, ops, qkernels, quant
 
 
 def main(build_dir: str) -> None:
@@ -51,6 +51,22 @@ def main(build_dir: str) -> None:
         got = torch.ops.phi4flash.diff_attention_decode(q, k, v, valid, head_dim**-0.5)
         expected = decode_attention_reference(q, k, v, valid, head_dim**-0.5)
         assert (got.double() - expected).abs().max().item() <= 1e-5, (heads, kv_heads, head_dim)
+    for width, length, state_size in [(40, 19, 8), (20, 7, 16)]:
+        u, delta = torch.randn(2, length, width), torch.rand(2, length, width) + 0.1
+        A, D = -torch.rand(width, state_size) - 0.1, torch.randn(width)
+        B, C, state = torch.randn(2, length, state_size), torch.randn(2, length, state_size), torch.randn(2, width,
+                                                                                                          state_size)
+        inputs = [t.double().requires_grad_() for t in (u, delta, A, B, C, D, state)]
+        y_ref, last_ref = ops.selective_scan_reference(*(t.transpose(1, 2) if t.dim() == 3 and t is not inputs[6]
+                                                         else t for t in inputs))
+        gy, g_last = torch.randn(y_ref.shape, dtype=torch.float64), torch.randn(last_ref.shape, dtype=torch.float64)
+        ((y_ref * gy).sum() + (last_ref * g_last).sum()).backward()
+        leaves = [t.detach().float().requires_grad_() for t in inputs]
+        y, last = ops._NativeScan.apply(*leaves)  # the kernel's layouts: y (B, T, E)
+        assert (y.double().transpose(1, 2) - y_ref).abs().max().item() <= 1e-4, (width, state_size)
+        ((y.transpose(1, 2) * gy.float()).sum() + (last * g_last.float()).sum()).backward()
+        for leaf, ref in zip(leaves, inputs, strict=True):
+            assert (leaf.grad.double() - ref.grad).abs().max().item() <= 1e-4 * (1 + ref.grad.abs().max().item())
     print("PORTABLE OK", module.isa())
 
 

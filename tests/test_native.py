@@ -49,6 +49,51 @@ def test_native_scan_equals_the_definition(batch: int, width: int, length: int, 
     assert torch.allclose(y_none + D[:, None] * u, y, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch, width, length, state_size", [
+    (2, 40, 33, 4),     # channels not a multiple of the 16 lanes
+    (3, 48, 70, 8),     # the embedded model's state
+    (1, 32, 9, 16),     # the real model's state
+    (2, 20, 6, 5),      # any other state size: the portable loop
+])
+@pytest.mark.parametrize("with_skip_and_state", [False, True])
+def test_native_scan_gradients_equal_the_definitions(batch: int, width: int, length: int, state_size: int,
+                                                     with_skip_and_state: bool) -> None:
+    inputs = _scan_inputs(batch, width, length, state_size)
+    if not with_skip_and_state:
+        inputs = (*inputs[:5], None, None)
+    gy, g_last = torch.randn(batch, width, length), torch.randn(batch, width, state_size)
+
+    def grads(scan, dtype: torch.dtype) -> list[torch.Tensor]:  # noqa: ANN001
+        leaves = [None if t is None else t.to(dtype).requires_grad_() for t in inputs]
+        y, last = scan(*leaves)
+        ((y * gy.to(dtype)).sum() + (last * g_last.to(dtype)).sum()).backward()
+        return [t.grad for t in leaves if t is not None]
+
+    expected = grads(ops.selective_scan_reference, torch.float64)
+    got = grads(ops.native_scan, torch.float32)
+    assert len(got) == len(expected) == (7 if with_skip_and_state else 5)
+    for name, g, ref in zip("u delta A B C D state".split(), got, expected, strict=False):
+        assert g.shape == ref.shape, name
+        assert (g.double() - ref).abs().max().item() <= 2e-5 * (1 + ref.abs().max().item()), name
+
+
+def test_model_trains_through_the_native_scan(monkeypatch) -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 100, (2, 24))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    fast = gradients()
+    monkeypatch.setattr(ops, "native_scan", lambda *args: None)
+    slow = gradients()
+    assert fast.keys() == slow.keys() and any("A_log" in name for name in fast)
+    for name in fast:
+        assert (fast[name] - slow[name]).abs().max().item() <= 1e-4 * (1 + slow[name].abs().max().item()), name
+
+
 def test_native_scan_underflowing_decays_are_zero() -> None:
     u, delta, A, B, C, D, _ = _scan_inputs(1, 16, 3, 16)
     A = A * 1e4  # exp(delta * A) underflows: the state forgets everything each step

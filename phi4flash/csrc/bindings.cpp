@@ -12,6 +12,8 @@ TORCH_LIBRARY(phi4flash, m) {
   m.def("dequantize_into(Tensor w, Tensor scales, Tensor? zeros, int group, int first_row, Tensor(a!) out) -> ()");
   m.def("selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? state) "
         "-> (Tensor, Tensor)");
+  m.def("selective_scan_backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? state, "
+        "Tensor gy, Tensor? g_last) -> Tensor[]");
   m.def("diff_attention_decode(Tensor q, Tensor k, Tensor v, Tensor? key_valid, float scale) -> Tensor");
 }
 
@@ -30,6 +32,7 @@ TORCH_LIBRARY_IMPL(phi4flash, CPU, m) {
   m.impl("dequantize", &phi4flash::dequantize);
   m.impl("dequantize_into", &phi4flash::dequantize_into);
   m.impl("selective_scan", &selective_scan_op);
+  m.impl("selective_scan_backward", &phi4flash::selective_scan_backward);
   m.impl("diff_attention_decode", &phi4flash::diff_attention_decode);
 }
 

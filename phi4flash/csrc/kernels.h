@@ -23,6 +23,12 @@ std::string isa();
 std::vector<at::Tensor> selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                        const at::Tensor& Bm, const at::Tensor& Cm, const c10::optional<at::Tensor>& D,
                                        const c10::optional<at::Tensor>& state);
+// its gradients (gu, gdelta, gA, gB, gC, gD, gstate) from gy (B, T, E) and g_last (B, E, N), for training
+std::vector<at::Tensor> selective_scan_backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                                const at::Tensor& Bm, const at::Tensor& Cm,
+                                                const c10::optional<at::Tensor>& D,
+                                                const c10::optional<at::Tensor>& state, const at::Tensor& gy,
+                                                const c10::optional<at::Tensor>& g_last);
 
 // attention_cpu.cpp: differential attention of one new token per row against the K/V cache, read in place
 at::Tensor diff_attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
