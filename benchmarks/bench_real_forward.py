@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_models import build_phi4flash  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
-from phi4flash import Phi4FlashConfig, Phi4FlashForCausalLM
+from phi4flash import Phi4FlashConfig
 
 REAL_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "checkpoint" / "config.json"
 
@@ -30,12 +31,8 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     config = Phi4FlashConfig.from_json(args.config)
-    with torch.device("meta"):
-        model = Phi4FlashForCausalLM(config)
-    model = model.to_empty(device=args.device).to_dtype(dtype)
-    model.lm_head.weight = model.model.embed_tokens.weight
     start = time.perf_counter()
-    model.init_weights()
+    model = build_phi4flash(config, args.device, dtype)
     print(f"materialised {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B parameters in {args.dtype} on "
           f"{args.device} in {time.perf_counter() - start:.1f} s; {torch.get_num_threads()} threads")
     ids = torch.randint(0, 200000, (1, args.tokens), device=args.device)

@@ -120,6 +120,19 @@ class Phi4FlashCache:
             for t in vars(state).values():
                 t[index] = 0
 
+    def move_row(self, source: int, target: int) -> None:
+        """Move row ``source``'s state and length to row ``target`` (whose state it replaces); ``source`` is then
+        free (its contents are left as they were: :meth:`reset` a row before reusing it)."""
+        length = int(self.lengths[source])
+        self.lengths[target] = length
+        for state in self.layers.values():
+            if isinstance(state, GlobalKV):
+                state.k[target, :length] = state.k[source, :length]
+                state.v[target, :length] = state.v[source, :length]
+            else:
+                for t in vars(state).values():
+                    t[target] = t[source]
+
     def extract(self, row: int) -> Phi4FlashCache:
         """A one-row copy of ``row``, with the global K/V trimmed to its length (for conversation reuse)."""
         length = int(self.lengths[row])

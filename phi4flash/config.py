@@ -74,6 +74,8 @@ class Phi4FlashConfig:
     hidden_act: str = "silu"
     mb_per_layer: int = 2
     model_type: str = MODEL_TYPE
+    # weight-only quantization of a checkpoint written by `phi4flash quantize` (checked by phi4flash.quant)
+    quantization: dict[str, Any] | None = None
     layer_kinds: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -124,6 +126,8 @@ class Phi4FlashConfig:
             )
         known = {f for f in cls.__dataclass_fields__ if f != "layer_kinds"}
         kwargs = {k: v for k, v in data.items() if k in known}
+        if "torch_dtype" not in data and isinstance(data.get("dtype"), str):
+            kwargs["torch_dtype"] = data["dtype"]  # transformers 5 writes the checkpoint dtype as "dtype"
         if "mb_per_layer" in data and data["mb_per_layer"] != 2:
             raise ConfigError(f"mb_per_layer={data['mb_per_layer']!r}: only 2 (Mamba on every even layer) is supported")
         return cls(**kwargs)
@@ -141,6 +145,8 @@ class Phi4FlashConfig:
         """A config.json dict that :meth:`from_dict` (and the official code) reads back."""
         data = asdict(self)
         data.pop("layer_kinds")
+        if data["quantization"] is None:
+            data.pop("quantization")
         data["architectures"] = ["Phi4FlashForCausalLM"]
         data["mamba_dt_rank"] = "auto"
         return data

@@ -25,6 +25,9 @@ from typing import Any
 import torch
 
 from .cache import Phi4FlashCache
+from .compiled import CompiledDecoder, wants_compile
+from .config import Phi4FlashConfig
+from .constrained import mask_logits
 from .metrics import LatencyMetrics, MetricsRecorder
 from .model import Phi4FlashForCausalLM
 from .protocol import (
@@ -34,7 +37,9 @@ from .protocol import (
     PromptTooLongError,
     StreamEvent,
     Usage,
+    check_messages,
 )
+from .quant import QuantSpec, weights_label
 from .reasoning import ReasoningSplitter
 from .sampling import Sampler, generation_config_defaults
 from .tokenizer import ChatTokenizer, IncrementalDetokenizer
@@ -85,20 +90,24 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def load(source: str = "embedded", *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-         revision: str | None = None, token: str | bool | None = None, **engine_options: Any) -> LocalEngine:
+         revision: str | None = None, token: str | bool | None = None, quantize: str | QuantSpec | None = None,
+         **engine_options: Any) -> LocalEngine:
     """Load a checkpoint (hub id, local folder or "embedded") and return a ready :class:`LocalEngine`.
 
     Args:
         source: "microsoft/Phi-4-mini-flash-reasoning", a checkpoint folder, or "embedded".
         device: "auto" (cuda > mps > cpu) or a torch device.
-        dtype: "auto" (bfloat16 on CUDA, float32 elsewhere) or a dtype name.
+        dtype: "auto" (bfloat16 on CUDA and for quantized weights, float32 elsewhere) or a dtype name.
         revision, token: for hub downloads.
+        quantize: "int8", "int4" or "int4-g<group size>": weight-only quantization while loading (see
+            :mod:`phi4flash.quant`); a checkpoint written by ``phi4flash quantize`` is quantized already.
         **engine_options: passed to :class:`LocalEngine` (max_batch, prefill_chunk, kept_state_bytes, ...).
     """
     path = resolve_checkpoint(source, revision=revision, token=token)
     torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
-    model = load_model(path, dtype=torch_dtype, device=torch_device)
+    quantized = quantize not in (None, "none") or Phi4FlashConfig.from_json(path).quantization is not None
+    torch_dtype = torch.bfloat16 if quantized and str(dtype) == "auto" else pick_dtype(dtype, torch_device)
+    model = load_model(path, dtype=torch_dtype, device=torch_device, quantize=quantize)
     tokenizer = ChatTokenizer.from_pretrained(path)
     name = "embedded" if str(source) == "embedded" else str(source)
     return LocalEngine(model, tokenizer, model_name=name, checkpoint_dir=path, **engine_options)
@@ -133,7 +142,7 @@ class LocalEngine:
     def __init__(self, model: Phi4FlashForCausalLM, tokenizer: ChatTokenizer, *, model_name: str = "phi4flash",
                  checkpoint_dir: str | Path | None = None, max_batch: int = 8, prefill_chunk: int = PREFILL_CHUNK,
                  kept_state_bytes: int = 256 * 2**20, skip_cross_decoder: bool = True,
-                 reasoning_first: bool = False) -> None:
+                 reasoning_first: bool = False, compile: bool | str = "auto") -> None:
         """Create an engine and start its scheduler thread.
 
         Args:
@@ -146,14 +155,16 @@ class LocalEngine:
             kept_state_bytes: memory budget for kept conversation states (0 disables reuse).
             skip_cross_decoder: the prefill skip (off only to measure what it buys).
             reasoning_first: treat text before any ``<think>`` tag as reasoning.
+            compile: compile the decode step (:mod:`phi4flash.compiled`) now, before serving (a minute or so,
+                logged); "auto": as ``PHI4FLASH_COMPILE`` says (off when unset).
         """
         self.model = model.eval().tune_weight_layout()
         self.tokenizer = tokenizer
         self.model_name = model_name
-        weight = model.model.embed_tokens.weight
-        self.torch_device = weight.device
-        self.device = str(weight.device)
-        self.dtype = str(weight.dtype).replace("torch.", "")
+        self.torch_device = model.device
+        self.device = str(model.device)
+        # what the weights are, for people (header, metrics): "bfloat16", or "int4 (g128)" when quantized
+        self.dtype = weights_label(model) or str(model.dtype).replace("torch.", "")
         self.context_length = model.config.context_length
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -168,6 +179,10 @@ class LocalEngine:
         self._cache = model.new_cache(max_batch, min(self.context_length, 1024))
         self._kept: OrderedDict[tuple[int, ...], Phi4FlashCache] = OrderedDict()
         self._kept_bytes = 0
+        self._compiled: CompiledDecoder | None = None
+        if wants_compile(compile, model):
+            self._compiled = CompiledDecoder(model)
+            self._compiled.compile(max_batch, self._cache.max_length)
         self._start_scheduler()
         _LIVE_ENGINES.add(self)
 
@@ -197,8 +212,9 @@ class LocalEngine:
 
         Raises:
             PromptTooLongError: the prompt leaves no room for a new token in the context.
-            ValueError: invalid sampling values (naming the field).
+            ValueError: an empty conversation, or invalid sampling values (naming the field).
         """
+        check_messages(messages)
         return self.stream_ids(self.tokenizer.encode_chat(messages), config, cancel=cancel)
 
     def stream_ids(self, prompt_ids: Sequence[int], config: GenerationConfig | None = None, *,
@@ -223,9 +239,15 @@ class LocalEngine:
         return collect(self.stream(messages, config, cancel=cancel))
 
     def generate_batch(self, conversations: Sequence[Sequence[Message]],
-                       config: GenerationConfig | None = None) -> list[Completion]:
-        """Generate for several conversations at once (they share decode steps); results in order."""
-        streams = [self.stream(messages, config) for messages in conversations]
+                       config: GenerationConfig | Sequence[GenerationConfig] | None = None) -> list[Completion]:
+        """Generate for several conversations at once (they share decode steps); results in order.
+
+        ``config`` is one config for all, or one per conversation (a constraint follows one generation).
+        """
+        configs = list(config) if isinstance(config, Sequence) else [config] * len(conversations)
+        if len(configs) != len(conversations):
+            raise ValueError(f"{len(configs)} configs for {len(conversations)} conversations: give one or one each")
+        streams = [self.stream(messages, c) for messages, c in zip(conversations, configs, strict=True)]
         results: list[Completion | None] = [None] * len(streams)
         threads = [threading.Thread(target=lambda i=i, s=s: results.__setitem__(i, collect(s)))
                    for i, s in enumerate(streams)]
@@ -239,6 +261,13 @@ class LocalEngine:
         """Queue depth, running batch size and kept-state usage (for servers' /metrics)."""
         return {"queue_depth": self._incoming.qsize(), "running": len(self._running), "max_batch": self.max_batch,
                 "kept_states": len(self._kept), "kept_state_bytes": self._kept_bytes}
+
+    @property
+    def compiled_step(self) -> str:
+        """The decode step in use: "eager", "compiled", or "eager (why it could not be compiled)"."""
+        if self._compiled is None:
+            return "eager"
+        return "compiled" if self._compiled.ready else f"eager ({self._compiled.error})"
 
     def close(self) -> None:
         """Stop the scheduler thread; running streams end with finish_reason "cancelled"."""
@@ -334,7 +363,7 @@ class LocalEngine:
                             logits_to_keep=1)[:, -1]
         self._sync()
         request.recorder.prefill_done()
-        self._emit_token(request, logits[0])
+        self._emit_token(request, self._constrain([request], logits)[0])
 
     def _restore(self, row: int, prompt: list[int]) -> int:
         """Load the longest kept state whose tokens are a proper prefix of ``prompt``; return its length."""
@@ -368,15 +397,46 @@ class LocalEngine:
                 self._finish(request, "cancelled")
         if not self._running:
             return
+        self._compact_rows()
         rows = [r.row for r in self._running]
         ids = torch.tensor([r.next_token for r in self._running], device=self.torch_device)
-        logits = self.model.step(ids, self._cache, rows=None if rows == list(range(self.max_batch)) else rows)
+        if self._compiled is not None and self._compiled.ready and rows == list(range(len(rows))):
+            logits = self._compiled(ids, self._cache)  # rows [0, n): the one compiled graph
+        else:
+            logits = self.model.step(ids, self._cache, rows=None if rows == list(range(self.max_batch)) else rows)
         self._sync()
+        logits = self._constrain(self._running, logits)
         for request, row_logits in zip(list(self._running), logits, strict=True):
             try:
                 self._emit_token(request, row_logits)
             except Exception as err:  # noqa: BLE001 - e.g. a failing logits_processor ends only its request
                 self._fail(request, err)
+
+    def _compact_rows(self) -> None:
+        """Put the running requests on cache rows [0, n), in order, moving a row's state into a lower free row where
+        an earlier request has finished: then every decode step reads the cache in place (a slice of rows, where
+        a scattered selection copies each row's state, its global K/V included) and takes the compiled graph."""
+        n = len(self._running)
+        holes = sorted(row for row in self._free_rows if row < n)
+        for request in sorted(self._running, key=lambda r: r.row):
+            if request.row >= n:
+                hole = holes.pop(0)
+                self._cache.move_row(request.row, hole)
+                self._free_rows.remove(hole)
+                self._free_rows.append(request.row)
+                request.row = hole
+        self._free_rows.sort()
+        self._running.sort(key=lambda r: r.row)
+
+    def _constrain(self, requests: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+        """Mask the rows of ``logits`` whose request has a grammar, all in one pass."""
+        rows = [i for i, r in enumerate(requests) if r.config.constraint is not None]
+        if not rows:
+            return logits
+        index = torch.tensor(rows, device=logits.device)
+        masked = mask_logits(logits.index_select(0, index).float(), [requests[i].config.constraint for i in rows],
+                             [requests[i].generated for i in rows])
+        return logits.float().index_copy(0, index, masked)
 
     def _emit_token(self, request: _Request, logits: torch.Tensor) -> None:
         """Sample the next token of ``request`` from its (V,) logits and stream what it completes."""

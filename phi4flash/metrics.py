@@ -13,7 +13,7 @@ Definitions (the same ones the web chat, the LangChain model and the server repo
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 RECENT_WINDOW = 16
@@ -139,6 +139,6 @@ class MetricsRecorder:
     def snapshot(self) -> LatencyMetrics:
         """A copy that later recording does not change."""
         m = self.metrics
-        copy = LatencyMetrics(**{k: v for k, v in asdict(m).items()})
-        copy.decode_tokens_per_s_history = list(m.decode_tokens_per_s_history)
-        return copy
+        # every field but the history is immutable: a shallow copy (asdict's deep copy cost a fifth of a decode
+        # step of the embedded model in batches, taken once per token per request)
+        return replace(m, decode_tokens_per_s_history=list(m.decode_tokens_per_s_history))

@@ -46,6 +46,7 @@ from .ops import (
     selective_scan_auto,
     selective_scan_step_auto,
 )
+from .qkernels import decode_linear, use_decode_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class _Context:
     # cache rows of this batch: None means all rows in order; a slice a run of consecutive rows (selected
     # as views, so decode reads the cache in place); else a (b,) index tensor (selected as copies)
     rows: torch.Tensor | slice | None
+    # static: shapes depend on nothing but the batch (the whole global cache is attended with a mask), and
+    # nothing reads a tensor's value in Python, so that the step can be compiled or captured as one graph
+    static: bool = False
 
 
 def _take(t: torch.Tensor, rows: torch.Tensor | slice | None) -> torch.Tensor:
@@ -109,8 +113,8 @@ class Phi4FlashForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                cache: Phi4FlashCache | None = None, rows: list[int] | torch.Tensor | None = None,
-                logits_to_keep: int = 0, skip_cross_decoder: bool = True) -> torch.Tensor:
+                cache: Phi4FlashCache | None = None, rows: list[int] | torch.Tensor | slice | None = None,
+                logits_to_keep: int = 0, skip_cross_decoder: bool = True, static: bool = False) -> torch.Tensor:
         """Logits for the new tokens.
 
         Args:
@@ -123,26 +127,40 @@ class Phi4FlashForCausalLM(nn.Module):
                 cross-decoder run on the last token only (the prefill skip) unless ``skip_cross_decoder``
                 is False.
             skip_cross_decoder: allow the prefill skip when ``logits_to_keep == 1``.
+            static: one-token decode whose shapes depend on the batch only, for compiled or captured graphs:
+                the caller makes sure the cache holds one more token (``cache.grow``), ``rows`` is None or a
+                slice, and the global K/V is read whole under a mask.
 
         Returns:
             (B, T, V) float32 logits, or (B, 1, V) with ``logits_to_keep=1``.
         """
         last_only = logits_to_keep == 1 and skip_cross_decoder
-        hidden = self.model(input_ids, attention_mask, cache=cache, rows=rows, last_only=last_only)
+        hidden = self.model(input_ids, attention_mask, cache=cache, rows=rows, last_only=last_only, static=static)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden).float()
 
     @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, cache: Phi4FlashCache,
-             rows: list[int] | torch.Tensor | None = None) -> torch.Tensor:
-        """One decode step: (B,) next token ids -> (B, V) float32 logits; rows may be at different lengths."""
-        return self(input_ids[:, None], cache=cache, rows=rows)[:, -1]
+    def step(self, input_ids: torch.Tensor, cache: Phi4FlashCache, rows: list[int] | torch.Tensor | slice | None = None,
+             static: bool = False) -> torch.Tensor:
+        """One decode step: (B,) next token ids -> (B, V) float32 logits; rows may be at different lengths.
+
+        With ``static`` the shapes depend on the batch only (see :meth:`forward`)."""
+        return self(input_ids[:, None], cache=cache, rows=rows, static=static)[:, -1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model (activation) dtype; with quantized weights, the dtype their kernels compute in."""
+        return self.model.final_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs."""
+        return self.model.final_layernorm.weight.device
 
     def new_cache(self, batch_size: int, max_length: int) -> Phi4FlashCache:
         """Empty decode state for ``batch_size`` sequences of up to ``max_length`` tokens."""
-        weight = self.model.embed_tokens.weight
-        return Phi4FlashCache(self.config, batch_size, max_length, dtype=weight.dtype, device=weight.device)
+        return Phi4FlashCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
 
     def to_dtype(self, dtype: torch.dtype) -> Phi4FlashForCausalLM:
         """Cast to ``dtype``, keeping A_log and the lambdas in at least float32."""
@@ -159,8 +177,9 @@ class Phi4FlashForCausalLM(nn.Module):
         values, transposed strides): measured 1.4-2.2x faster matrix-vector products at this model's
         tall shapes (3072x384: 473 -> 224 us; the 200064-row LM head at width 384: 30 -> 14 ms), while
         wide weights and bfloat16 were as fast or faster row-major, and prefill runs at the same speed
-        either way. Everything else is stored row-major, as loaded. Values never change; call it again
-        after moving the model or changing its dtype.
+        either way. Everything else is stored row-major, as loaded; in bfloat16 on the CPU, decode's
+        products run phi4flash's own matrix-vector kernel (:class:`~phi4flash.qkernels.DecodeLinear`, when
+        built). Values never change; call it again after moving the model or changing its dtype.
         """
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -170,6 +189,7 @@ class Phi4FlashForCausalLM(nn.Module):
                 column_major = cpu_float32 and out_features > in_features
                 # a tied LM head is the embedding's own Parameter, so the embedding follows it
                 module.weight.data = weight.t().contiguous().t() if column_major else weight.contiguous()
+        use_decode_kernels(self)  # bfloat16 on the CPU: phi4flash's matrix-vector kernel for decode
         return self
 
     @torch.no_grad()
@@ -203,8 +223,8 @@ class Phi4FlashModel(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                cache: Phi4FlashCache | None = None, rows: list[int] | torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                cache: Phi4FlashCache | None = None, rows: list[int] | torch.Tensor | slice | None = None,
+                last_only: bool = False, static: bool = False) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) hidden states, or (B, 1, D) when ``last_only`` (cross-decoder skip)."""
         config = self.config
         batch, length = input_ids.shape
@@ -217,16 +237,21 @@ class Phi4FlashModel(nn.Module):
             if attention_mask is not None:
                 raise ValueError("attention_mask is for the stateless full forward; a cache keeps each row's "
                                  "own length, so pass unpadded rows instead")
-            row_index = None if rows is None else _as_rows(rows, device)
+            row_index = rows if rows is None or isinstance(rows, slice) else _as_rows(rows, device)
             start = _take(cache.lengths, row_index)
             if start.shape[0] != batch:
                 raise ValueError(f"input has {batch} rows but the cache selection has {start.shape[0]}")
-            if length > 1 and bool((start != start[0]).any()):
-                raise ValueError("multi-token continuation needs all selected cache rows at the same length")
-            cache.grow(int(start.max()) + length)
-            ctx = _Context(query_pos=start[:, None] + steps, key_valid=None, cache=cache, rows=row_index)
+            if static:
+                if length != 1 or isinstance(row_index, torch.Tensor):
+                    raise ValueError("a static step takes one token per row and rows as None or a slice")
+            else:
+                if length > 1 and bool((start != start[0]).any()):
+                    raise ValueError("multi-token continuation needs all selected cache rows at the same length")
+                cache.grow(int(start.max()) + length)
+            ctx = _Context(query_pos=start[:, None] + steps, key_valid=None, cache=cache, rows=row_index,
+                           static=static)
 
-        residual_dtype = acc_dtype(self.embed_tokens.weight.dtype)
+        residual_dtype = acc_dtype(self.final_layernorm.weight.dtype)
         x = self.embed_tokens(input_ids).to(residual_dtype)  # (B, T, D)
         memory: torch.Tensor | None = None  # (B, T, E) from the memory layer, read by the GMUs
         shared_kv: tuple[torch.Tensor, ...] | None = None  # from the full-attention layer, read by cross layers
@@ -315,22 +340,29 @@ class Mamba(nn.Module):
         self.reset_ssm_parameters()
 
     @torch.no_grad()
-    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+    def reset_ssm_parameters(self) -> None:
         """Mamba's initialisation of A_log, D and the dt projection."""
         if self.A_log.is_meta:
             return
+        for name, value in self.initial_ssm_parameters().items():
+            self.get_parameter(name).copy_(value)
+
+    def initial_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> dict[str, torch.Tensor]:
+        """Fresh values of A_log, D, dt_proj.weight and dt_proj.bias as Mamba initialises them (random dt)."""
         e, n = self.A_log.shape
-        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(e, n))
-        self.D.fill_(1.0)
-        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+        bound = self.dt_rank**-0.5
+        weight = torch.empty(e, self.dt_rank).uniform_(-bound, bound)  # drawn before dt, as always
         dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        return {"A_log": torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(e, n),
+                "D": torch.ones(e),
+                "dt_proj.weight": weight,
+                "dt_proj.bias": dt + torch.log(-torch.expm1(-dt))}  # inverse softplus
 
     def _delta_b_c(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(..., E) conv output -> delta (..., E) after softplus, B and C (..., N); float32."""
         acc = acc_dtype(x.dtype)
         dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
+        delta = F.softplus(decode_linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
         return delta, b.to(acc), c.to(acc)
 
     def _gate(self, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -474,8 +506,7 @@ class DiffAttention(nn.Module):
                     k, v, key_pos, key_valid = self._sliding_keys(state, k, v, ctx)
                 else:
                     assert isinstance(state, GlobalKV)
-                    k, v, key_pos = self._global_keys(state, k, v, ctx)
-                    key_valid = None
+                    k, v, key_pos, key_valid = self._global_keys(state, k, v, ctx)
         if key_valid is None and t == k.shape[1] and (self.window is None or t <= self.window):
             # the queries are the keys (from position 0), without padding, and the window cuts nothing
             y = self.inner_cross_attn(q, k, v, None, causal=True)
@@ -543,12 +574,13 @@ class DiffAttention(nn.Module):
 
     def _global_keys(self, state: GlobalKV, k: torch.Tensor, v: torch.Tensor, ctx: _Context
                      ) -> tuple[torch.Tensor, ...]:
-        """Write the new K/V at their positions; keys = every position up to the furthest query."""
+        """Write the new K/V at their positions; keys = every position up to the furthest query (static: every
+        slot of the cache, those past each row's query marked invalid)."""
         row = _row_index(ctx.rows, k.shape[0], k.device)[:, None].expand_as(ctx.query_pos)
         state.k[row, ctx.query_pos] = k.to(state.k.dtype)
         state.v[row, ctx.query_pos] = v.to(state.v.dtype)
-        length = int(ctx.query_pos.max()) + 1
+        length = state.k.shape[1] if ctx.static else int(ctx.query_pos.max()) + 1
         keys = _take(state.k[:, :length], ctx.rows)  # (b, S, Hkv, Dh)
         values = _take(state.v[:, :length], ctx.rows)
         key_pos = torch.arange(length, device=k.device).expand(k.shape[0], length)
-        return keys, values, key_pos
+        return keys, values, key_pos, (key_pos <= ctx.query_pos[:, -1:]) if ctx.static else None

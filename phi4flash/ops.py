@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +229,10 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         outs = [F.scaled_dot_product_attention(F.pad(qg, pad), F.pad(kg, pad), v12, attn_mask=bias, scale=scale,
                                                is_causal=causal, enable_gqa=h != hkv)
                 for qg, kg in zip(qs, ks, strict=True)]
+    elif t == 1 and _native_decode_attention(q, k, v):  # one query per row on the CPU: the cache read in place
+        valid = None if mask is None else mask[:, 0, 0].contiguous()  # (B, S)
+        o = torch.ops.phi4flash.diff_attention_decode(q[:, 0].contiguous(), k, v, valid, scale)  # (B, 2, H/2, 2Dh)
+        outs = [o[:, 0, :, None], o[:, 1, :, None]]  # (B, H/2, 1, 2Dh) each
     else:  # few queries (decode): both groups against the cached keys and values in one pass each
         if causal:
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)[None, None]
@@ -240,6 +245,21 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     y = (y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + eps)).to(y.dtype) * subln_weight.to(y.dtype)
     y = y * (1.0 - lambda_init)
     return y.transpose(1, 2).reshape(b, t, h * dh)
+
+
+def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether phi4flash's C++ decode attention takes these tensors: the CPU, float32 or bfloat16, each position's
+    heads contiguous, no gradient wanted, and the kernels built."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    dh = q.shape[-1]
+    if any(t.dtype != q.dtype or t.stride(3) != 1 or t.stride(2) != dh for t in (k, v)):
+        return False
+    from . import native
+
+    return native.ready()
 
 
 def _both_groups_probs(qs: list[torch.Tensor], k12: torch.Tensor, mask: torch.Tensor | None,
@@ -264,7 +284,9 @@ def _both_groups_probs(qs: list[torch.Tensor], k12: torch.Tensor, mask: torch.Te
     g = hq // hk
     padded = torch.cat([F.pad(qs[0].reshape(b, hk, g * t, d), (0, d)),
                         F.pad(qs[1].reshape(b, hk, g * t, d), (d, 0))], dim=2)  # (B, Hkv/2, 2gT, 2Dh)
-    scores = torch.matmul(padded, k12.transpose(-1, -2)) * scale  # (B, Hkv/2, 2gT, S)
+    # keys on the left: the cache's (S, 2Dh) rows are read in place (q @ K^T makes CPU matmul copy K^T first,
+    # measured 5.8x slower at a 512-key window in bfloat16)
+    scores = torch.matmul(k12, padded.transpose(-1, -2)).transpose(-1, -2) * scale  # (B, Hkv/2, 2gT, S)
     if mask is not None:
         m = mask[:, :, None].expand(b, 1, 2 * g, t, s).reshape(b, 1, 2 * g * t, s)
         scores = scores.masked_fill(~m, float("-inf"))
@@ -310,7 +332,7 @@ def cuda_kernels() -> dict[str, object]:
 
 def _kernel(name: str, x: torch.Tensor) -> object | None:
     """The optional CUDA kernel ``name`` when ``x`` is a CUDA tensor it can take, else None."""
-    if not x.is_cuda or x.dtype == torch.float64:
+    if not x.is_cuda or x.dtype == torch.float64 or torch.compiler.is_compiling():  # compiled: inductor's own
         return None
     return cuda_kernels().get(name)
 
@@ -336,12 +358,65 @@ def causal_conv1d_step_auto(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return kernel(x, state, weight[:, 0, :].to(x.dtype), None if bias is None else bias.to(x.dtype), "silu")
 
 
+class _NativeScan(torch.autograd.Function):
+    """The C++ scan with its C++ backward pass (which recomputes the states instead of storing them), for
+    training and fine-tuning on the CPU. Inputs in the kernel's layouts: u, delta (B, T, E); B, C (B, T, N)."""
+
+    @staticmethod
+    def forward(ctx: Any, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,  # type: ignore[override]
+                C: torch.Tensor, D: torch.Tensor | None, state: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(u, delta, A, B, C, D, state)
+        return torch.ops.phi4flash.selective_scan(u, delta, A, B, C, D, state)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor | None, g_last: torch.Tensor | None  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, ...]:
+        u, delta, A, B, C, D, state = ctx.saved_tensors
+        gy = torch.zeros_like(u) if gy is None else gy.float().contiguous()
+        g_last = None if g_last is None else g_last.float().contiguous()
+        gu, gdelta, gA, gB, gC, gD, g_state = torch.ops.phi4flash.selective_scan_backward(
+            u, delta, A, B, C, D, state, gy, g_last)
+        return gu, gdelta, gA, gB, gC, None if D is None else gD, None if state is None else g_state
+
+
+def native_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: torch.Tensor | None, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`selective_scan` through phi4flash's C++ kernel (:mod:`phi4flash.native`) on the CPU in float32,
+    differentiable (a C++ backward pass), or None where it does not apply (another device, float64, or no
+    compiled kernels)."""
+    if u.device.type != "cpu" or acc_dtype(u.dtype) != torch.float32:
+        return None
+    from . import native
+
+    if not native.ready():
+        return None
+    f32 = torch.float32
+    args = (u.to(f32).transpose(1, 2).contiguous(), delta.to(f32).transpose(1, 2).contiguous(),
+            A.to(f32).contiguous(), B.to(f32).transpose(1, 2).contiguous(), C.to(f32).transpose(1, 2).contiguous(),
+            None if D is None else D.to(f32).contiguous(), None if state is None else state.to(f32).contiguous())
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        y, last = _NativeScan.apply(*args)
+    else:
+        y, last = torch.ops.phi4flash.selective_scan(*args)
+    return y.transpose(1, 2), last  # (B, E, T) as a view of the kernel's (B, T, E)
+
+
 def selective_scan_auto(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                         D: torch.Tensor | None, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`selective_scan`, through mamba-ssm's kernel for a fresh sequence on CUDA when installed
-    (the kernel cannot start from a state; delta arrives with softplus applied, so none is asked of it)."""
+    """:func:`selective_scan`, through the fastest kernel that takes it: mamba-ssm's for a fresh sequence on
+    CUDA when installed (it cannot start from a state; delta arrives with softplus applied, so none is asked
+    of it), phi4flash's C++ scan on the CPU, else the chunked PyTorch scan."""
     kernel = _kernel("selective_scan_fn", u)
     if kernel is None or state is not None:
+        # The buffered scan writes into preallocated tensors: when a gradient must flow (training, fine-tuning,
+        # e.g. LoRA through transformers) and the C++ scan (which has a backward pass) is not there, take the
+        # step-by-step definition instead.
+        native = native_scan(u, delta, A, B, C, D, state)
+        if native is not None:
+            return native
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D)):
+            return selective_scan_reference(u, delta, A, B, C, D, state)
         return selective_scan(u, delta, A, B, C, D, state)
     f32 = torch.float32
     y, last = kernel(u.to(f32).contiguous(), delta.to(f32).contiguous(), A.to(f32).contiguous(),
@@ -352,10 +427,15 @@ def selective_scan_auto(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
 
 def selective_scan_step_auto(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                              C: torch.Tensor, D: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
-    """:func:`selective_scan_step`, through mamba-ssm's state-update kernel on CUDA when installed."""
+    """:func:`selective_scan_step`, through mamba-ssm's state-update kernel on CUDA when installed, or
+    phi4flash's C++ scan (one token) on the CPU."""
     kernel = _kernel("selective_state_update", u)
     if kernel is None or state.dtype != torch.float32:
-        return selective_scan_step(u, delta, A, B, C, D, state)
+        scanned = native_scan(u[..., None], delta[..., None], A, B[..., None], C[..., None], D, state)
+        if scanned is None or state.dtype != torch.float32:
+            return selective_scan_step(u, delta, A, B, C, D, state)
+        state.copy_(scanned[1])
+        return scanned[0][..., 0]
     f32 = torch.float32
     return kernel(state, u.to(f32), delta.to(f32), A.to(f32), B.to(f32), C.to(f32),
                   None if D is None else D.to(f32))

@@ -10,9 +10,12 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from .metrics import LatencyMetrics
+
+if TYPE_CHECKING:
+    from .constrained import Constraint
 
 Channel = Literal["reasoning", "answer"]
 Message = dict[str, Any]  # {"role": "system"|"user"|"assistant"|"tool", "content": str, ...}
@@ -28,7 +31,9 @@ class GenerationConfig:
 
     ``temperature == 0`` means greedy decoding. ``stop`` strings may span tokens and are trimmed from
     the output. ``min_new_tokens`` keeps the stop tokens away until that many tokens are generated (like
-    vLLM's ``min_tokens``). ``logits_processor`` lets adapters constrain decoding (tool calls, JSON schemas).
+    vLLM's ``min_tokens``). ``constraint`` (a :class:`phi4flash.constrained.Constraint`) keeps the output inside a
+    grammar (a JSON schema, a forced tool call); the engine masks every constrained row of a step in one pass.
+    ``logits_processor`` runs after it, per row, for anything else.
     """
 
     max_new_tokens: int = 4096
@@ -41,6 +46,7 @@ class GenerationConfig:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logits_processor: LogitsProcessor | None = None
+    constraint: Constraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -119,6 +125,22 @@ class Completion:
 
 class PromptTooLongError(ValueError):
     """The prompt (plus at least one new token) does not fit in the model's context."""
+
+
+def check_messages(messages: Any) -> None:
+    """Raise ``ValueError`` unless ``messages`` is a non-empty list of message dicts with a ``role``.
+
+    Engines call it before tokenising, so a mistake gets a message naming it instead of a prompt made of
+    nothing (an empty list renders to a bare generation prompt) or of the characters of a string.
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, not "
+                         f"{type(messages).__name__}; e.g. [{{'role': 'user', 'content': 'Hi'}}]")
+    if not messages:
+        raise ValueError("empty conversation: give at least one message, e.g. [{'role': 'user', 'content': 'Hi'}]")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', not {message!r:.80}")
 
 
 @runtime_checkable

@@ -16,11 +16,18 @@ except in the cases the chosen mode guesses wrong: with ``assume_reasoning_first
 followed by a bare ``</think>`` (``a</think>b`` streams as answer "ab"); with ``True``, text without any
 closing tag or with an opening tag after other text. :attr:`ReasoningSplitter.closed` lets the caller
 re-split the whole text at the end when it matters.
+
+On the token side, :class:`ReasoningBudget` follows a generation's ``<think>`` block token by token and says
+when to force its end; :class:`AnswerGuard` uses it as a ``logits_processor`` for free generation (constrained
+generation uses it through :class:`phi4flash.constrained.Constraint`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
 
 Channel = Literal["reasoning", "answer"]
 Piece = tuple[Channel, str]
@@ -195,3 +202,110 @@ def _merge(pieces: list[Piece]) -> list[Piece]:
         else:
             merged.append((channel, text))
     return merged
+
+
+THINK_OPEN, THINK_CLOSE = b"<think>", b"</think>"
+LINE_GRACE = 24  # reasoning tokens a capped line may run on before ``</think>`` is forced anyway
+CLOSE_AT = ("token", "line")
+
+
+class ReasoningBudget:
+    """Follows the ``<think>`` block at the start of one generation by its token bytes and says when to force
+    the rest of ``</think>``: once ``budget`` reasoning tokens are spent, or when the tokens left only hold it."""
+
+    def __init__(self, tokenizer: Any, budget: int | None, close_at: str = "token") -> None:
+        """Follow one generation.
+
+        Args:
+            tokenizer: a :class:`phi4flash.ChatTokenizer` (``token_bytes``, ``encode``).
+            budget: reasoning tokens allowed before ``</think>`` is forced (None: no cap).
+            close_at: where a capped reasoning is closed: "token" (at the cap) or "line" (at the end of the line
+                the cap falls in, at most :data:`LINE_GRACE` tokens later, so that the last step is finished).
+        """
+        if close_at not in CLOSE_AT:
+            raise ValueError(f"close_at must be one of {CLOSE_AT}, got {close_at!r}")
+        self.close_at = close_at
+        self.tokenizer = tokenizer
+        self.bytes_of = tokenizer.token_bytes()
+        self.budget = budget
+        self.thinking: bool | None = None  # None: the output has not shown yet whether it opens with <think>
+        self.tokens = 0  # reasoning tokens so far
+        self._text = b""  # the head while undecided, then the last bytes of the reasoning
+
+    def feed(self, token_id: int) -> bytes:
+        """Take one generated token; return the bytes it adds after the reasoning (the answer's)."""
+        data = self.bytes_of[token_id] if 0 <= token_id < len(self.bytes_of) else None
+        if self.thinking is None:
+            self._text += data or b"\xff"  # a token that is not text settles it: no reasoning
+            head = self._text.lstrip()
+            if head.startswith(THINK_OPEN):
+                self.thinking, self._text, data = True, head[len(THINK_OPEN):], b""
+            elif THINK_OPEN.startswith(head):
+                return b""
+            else:
+                self.thinking, data = False, self._text.replace(b"\xff", b"")
+        elif self.thinking:
+            self.tokens += 1
+            self._text = (self._text + (data or b""))[-64:]
+        if self.thinking and THINK_CLOSE in self._text:
+            self.thinking, data = False, self._text[self._text.index(THINK_CLOSE) + len(THINK_CLOSE):]
+        return b"" if self.thinking else (data or b"")
+
+    def forced(self, tokens_left: int | None = None, reserve: int = 0) -> int | None:
+        """The next token of ``</think>`` when it must come now, else None.
+
+        Args:
+            tokens_left: the generation's remaining token budget, if it has one.
+            reserve: tokens to keep free after the tag (for the answer).
+        """
+        if not self.thinking:
+            return None
+        rest = next(THINK_CLOSE[n:] for n in range(len(THINK_CLOSE) - 1, -1, -1)
+                    if self._text.endswith(THINK_CLOSE[:n]))
+        ids = self.tokenizer.encode(rest.decode())
+        over = self.budget is not None and self.tokens >= self.budget
+        if over and self.close_at == "line" and rest == THINK_CLOSE:
+            # Let the model finish the line it is writing (its last step), within a few tokens.
+            over = self._text.endswith(b"\n") or self.tokens >= self.budget + LINE_GRACE
+        if over or (tokens_left is not None and tokens_left <= len(ids) + reserve):
+            return ids[0]
+        return None
+
+
+class AnswerGuard:
+    """A ``logits_processor`` for free generation: caps the reasoning (forcing ``</think>``) and, with
+    ``require_answer``, masks the stop tokens until the answer has some non-blank text. Costs next to nothing."""
+
+    def __init__(self, tokenizer: Any, *, max_new_tokens: int | None = None, max_reasoning_tokens: int | None = None,
+                 require_answer: bool = True, close_at: str = "token") -> None:
+        """Follow one generation.
+
+        Args:
+            tokenizer: the engine's :class:`phi4flash.ChatTokenizer`.
+            max_new_tokens: the budget; ``</think>`` is forced early enough to leave room for an answer.
+            max_reasoning_tokens: force ``</think>`` after this many reasoning tokens (None: no cap).
+            require_answer: mask stop tokens until the answer has non-blank text.
+            close_at: "token" closes a capped reasoning at the cap, "line" at the end of that line (see
+                :class:`ReasoningBudget`).
+        """
+        self.reasoning = ReasoningBudget(tokenizer, max_reasoning_tokens, close_at)
+        self.max_new_tokens = max_new_tokens
+        self.require_answer = require_answer
+        self.stop_ids = sorted(tokenizer.stop_token_ids)
+        self.answered = False
+        self._seen = 0
+
+    def __call__(self, generated_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        """Mask ``logits`` (shape [vocab]) as described in the class docstring."""
+        for token_id in generated_ids[self._seen:]:
+            self.answered = self.answered or bool(self.reasoning.feed(int(token_id)).strip())
+        self._seen = len(generated_ids)
+        left = None if self.max_new_tokens is None else self.max_new_tokens - self._seen
+        forced = self.reasoning.forced(left, reserve=4)  # leave a few tokens for the answer
+        if forced is not None:
+            out = torch.full_like(logits, float("-inf"))
+            out[forced] = 0.0
+            return out
+        if self.require_answer and not self.answered:
+            logits = logits.index_fill(0, torch.tensor(self.stop_ids, device=logits.device), float("-inf"))
+        return logits

@@ -14,6 +14,11 @@ Works against ``phi4flash serve`` and other OpenAI-compatible servers (vLLM, ...
   characters plus 4 per message, which can be off by tens of percent.
 - Cancel: closing the iterator or setting ``cancel`` closes the HTTP response, which the server sees as a
   disconnect and stops generating.
+- Tools and structured output: ``stream(..., tools=, tool_choice=, response_format=)`` sends them as the
+  OpenAI request fields (phi4flash serve forces calls and JSON by constrained decoding); the calls that
+  come back as ``delta.tool_calls`` are written into the answer text in the model's own
+  ``<|tool_call|>{"name": ..., "arguments": ...}<|/tool_call|>`` format, so callers parse local and remote
+  output alike.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .metrics import MetricsRecorder
-from .protocol import Completion, GenerationConfig, Message, PromptTooLongError, StreamEvent, Usage
+from .protocol import Completion, GenerationConfig, Message, PromptTooLongError, StreamEvent, Usage, check_messages
 from .reasoning import ReasoningSplitter
+from .tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +72,7 @@ class RemoteEngine:
 
     Args:
         base_url: The API root, e.g. ``http://127.0.0.1:8000/v1``.
-        model: The model id to request (see the server's ``/v1/models``).
+        model: The model id to request; None asks the server (``/v1/models``) and takes the first it lists.
         api_key: Sent as ``Authorization: Bearer``.
         timeout: Seconds to wait for the connection and for each read.
         context_length: Override; by default taken from ``/v1/models`` (``max_model_len``), else 65536.
@@ -74,33 +80,61 @@ class RemoteEngine:
 
     device = "remote"
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 600.0, *,
-                 context_length: int | None = None) -> None:
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout: float = 600.0,
+                 *, context_length: int | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self.model_name = model
         self.api_key = api_key
         self.timeout = timeout
         self._context_length = context_length
         self._card: dict[str, Any] | None = None
         self._tokenize_url: str | None | bool = None  # None: not probed yet; False: the server has none
         self._lock = threading.Lock()
+        if model is None:
+            cards = self._model_cards()
+            if not cards:
+                raise RemoteEngineError(f"{self.base_url}/models lists no model; pass the model id")
+            model = str(cards[0]["id"])
+        self.model_name = model
 
     def __repr__(self) -> str:
         return f"RemoteEngine({self.base_url!r}, model={self.model_name!r})"
 
     # -- server metadata -----------------------------------------------------------------------------------
 
+    def _model_cards(self) -> list[dict[str, Any]]:
+        """The server's ``/v1/models`` entries; raises :class:`RemoteEngineError` (unreachable, 401, ...)."""
+        try:
+            listing = self._request_json("GET", f"{self.base_url}/models")
+        except ValueError as exc:
+            raise RemoteEngineError(f"{self.base_url}/models did not answer JSON: {exc}") from None
+        return [c for c in listing.get("data", []) if isinstance(c, dict) and c.get("id")]
+
     def _model_card(self) -> dict[str, Any]:
         with self._lock:
             if self._card is None:
                 try:
-                    listing = self._request_json("GET", f"{self.base_url}/models")
-                    cards = [c for c in listing.get("data", []) if isinstance(c, dict)]
-                    self._card = next((c for c in cards if c.get("id") == self.model_name), {})
-                except (RemoteEngineError, ValueError) as exc:
+                    self._card = next((c for c in self._model_cards() if c.get("id") == self.model_name), {})
+                except RemoteEngineError as exc:
                     logger.warning("could not read %s/models: %s", self.base_url, exc)
                     self._card = {}
             return self._card
+
+    def check(self) -> dict[str, Any]:
+        """Ask the server for its models now and return this model's card.
+
+        Raises:
+            RemoteEngineError: The server cannot be reached, refuses the API key (``status`` 401), or does not
+                list this model (the message names the ones it serves).
+        """
+        cards = self._model_cards()
+        card = next((c for c in cards if c.get("id") == self.model_name), None)
+        if card is None:
+            served = ", ".join(repr(c["id"]) for c in cards) or "none"
+            raise RemoteEngineError(f"{self.base_url} does not serve the model {self.model_name!r} (it serves "
+                                    f"{served})", status=404)
+        with self._lock:
+            self._card = card
+        return card
 
     @property
     def context_length(self) -> int:
@@ -170,7 +204,8 @@ class RemoteEngine:
             return int(self._request_json("POST", str(self._tokenize_url), body)["count"])
         return sum(4 + len(str(m.get("content") or "")) // 4 for m in messages) + 2
 
-    def _payload(self, messages: Sequence[Message], config: GenerationConfig) -> dict[str, Any]:
+    def _payload(self, messages: Sequence[Message], config: GenerationConfig,
+                 options: dict[str, Any]) -> dict[str, Any]:
         if config.logits_processor is not None:
             raise ValueError("logits_processor cannot run on a remote server; use a LocalEngine")
         body: dict[str, Any] = {
@@ -193,19 +228,29 @@ class RemoteEngine:
             body["min_p"] = config.min_p
         if config.repetition_penalty != 1.0:
             body["repetition_penalty"] = config.repetition_penalty
+        body.update({k: v for k, v in options.items() if v is not None})
         return body
 
     def stream(self, messages: Sequence[Message], config: GenerationConfig | None = None, *,
-               cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
+               cancel: threading.Event | None = None, tools: Sequence[dict[str, Any]] | None = None,
+               tool_choice: str | dict[str, Any] | None = None,
+               response_format: dict[str, Any] | None = None) -> Iterator[StreamEvent]:
         """Stream a completion from the server (see :meth:`phi4flash.Engine.stream`).
+
+        ``tools`` (OpenAI function tools), ``tool_choice`` ("auto", "none", "required" or
+        ``{"type": "function", "function": {"name": ...}}``) and ``response_format`` go into the request as
+        they are; calls come back in the answer text as ``<|tool_call|>...<|/tool_call|>``.
 
         Raises:
             PromptTooLongError: The server reports the prompt plus ``max_new_tokens`` does not fit.
             RemoteEngineError: Any other error status, or the server cannot be reached.
-            ValueError: Invalid ``config`` (checked locally before sending).
+            ValueError: An empty conversation or an invalid ``config`` (checked locally before sending).
         """
+        check_messages(messages)
         config = (config or GenerationConfig()).validate()
-        payload = self._payload(messages, config)
+        payload = self._payload(messages, config, {"tools": list(tools) if tools else None,
+                                                   "tool_choice": tool_choice if tools else None,
+                                                   "response_format": response_format})
         recorder = MetricsRecorder(prompt_tokens=0, context_length=self.context_length, device=self.device,
                                    dtype=self.dtype)
         # Opening here (not lazily in the generator) raises errors before the first event, as LocalEngine does.
@@ -215,6 +260,7 @@ class RemoteEngine:
     def _events(self, response: Any, recorder: MetricsRecorder,
                 cancel: threading.Event | None) -> Iterator[StreamEvent]:
         splitter: ReasoningSplitter | None = None
+        calls = _ToolCallWriter()
         raw_think: bool | None = None
         usage: dict[str, Any] | None = None
         finish: str | None = None
@@ -251,6 +297,10 @@ class RemoteEngine:
                             raw_think = not reasoning and content.lstrip().startswith("<think>")
                             splitter = ReasoningSplitter(assume_reasoning_first=False) if raw_think else None
                         pieces.extend(splitter.push(content) if splitter else [("answer", content)])
+                    if delta.get("tool_calls") and (written := calls.write(delta["tool_calls"])):
+                        pieces.append(("answer", written))
+                    if choice.get("finish_reason") and calls.open:
+                        pieces.append(("answer", calls.close()))
                     for channel, text in pieces:
                         recorder.token(channel)
                         yield StreamEvent(channel=channel, text=text, metrics=recorder.snapshot())  # type: ignore[arg-type]
@@ -259,6 +309,8 @@ class RemoteEngine:
             if splitter is not None:
                 for channel, text in splitter.flush():
                     yield StreamEvent(channel=channel, text=text, metrics=recorder.snapshot())  # type: ignore[arg-type]
+            if calls.open:
+                yield StreamEvent(channel="answer", text=calls.close(), metrics=recorder.snapshot())
         except GeneratorExit:
             finish = "cancelled"
             raise
@@ -281,12 +333,12 @@ class RemoteEngine:
         yield StreamEvent(channel="answer", text="", metrics=final, done=True)
 
     def generate(self, messages: Sequence[Message], config: GenerationConfig | None = None, *,
-                 cancel: threading.Event | None = None) -> Completion:
-        """Run :meth:`stream` to the end and return the whole completion."""
+                 cancel: threading.Event | None = None, **request_fields: Any) -> Completion:
+        """Run :meth:`stream` (with its ``tools``, ``tool_choice``, ``response_format``) and return the completion."""
         reasoning: list[str] = []
         answer: list[str] = []
         final: StreamEvent | None = None
-        for event in self.stream(messages, config, cancel=cancel):
+        for event in self.stream(messages, config, cancel=cancel, **request_fields):
             if event.done:
                 final = event
             else:
@@ -297,6 +349,39 @@ class RemoteEngine:
                       reasoning_tokens=m.reasoning_tokens, total_tokens=m.prompt_tokens + m.completion_tokens)
         return Completion(reasoning="".join(reasoning), answer="".join(answer), finish_reason=str(m.finish_reason),
                           usage=usage, metrics=m)
+
+
+class _ToolCallWriter:
+    """Writes OpenAI ``delta.tool_calls`` chunks as the model's own call text, as they arrive.
+
+    A call's first chunk (with its name) opens ``<|tool_call|>{"name": ..., "arguments": ``; argument pieces
+    follow as they come; the next call, the finish reason or the end of the stream closes it with ``}<|/tool_call|>``.
+    """
+
+    def __init__(self) -> None:
+        self.open = False
+        self._index: int | None = None
+        self._arguments = ""
+
+    def write(self, chunks: Sequence[dict[str, Any]]) -> str:
+        """The text for one delta's ``tool_calls`` list."""
+        out = []
+        for chunk in chunks:
+            function = chunk.get("function") or {}
+            index = chunk.get("index", self._index)
+            if function.get("name") or index != self._index:
+                if self.open:
+                    out.append(self.close())
+                out.append(f'{TOOL_CALL_OPEN}{{"name": {json.dumps(function.get("name") or "")}, "arguments": ')
+                self.open, self._index, self._arguments = True, index, ""
+            self._arguments += function.get("arguments") or ""
+            out.append(function.get("arguments") or "")
+        return "".join(out)
+
+    def close(self) -> str:
+        """Close the open call (no argument text at all counts as ``{}``)."""
+        self.open = False
+        return ("{}" if not self._arguments.strip() else "") + f"}}{TOOL_CALL_CLOSE}"
 
 
 def _finish_reason(reason: str | None, ended: bool) -> str:

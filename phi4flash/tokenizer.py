@@ -193,6 +193,7 @@ class ChatTokenizer:
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         self._vocab_size = max(vocab.values()) + 1
         self._template = None
+        self._token_bytes: list[bytes | None] | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -263,7 +264,11 @@ class ChatTokenizer:
                 extra_stops.append(eos)
             elif isinstance(eos, list):
                 extra_stops.extend(int(i) for i in eos)
-        return cls(tokenizer, added, config.get("chat_template"), eos_token, extra_stops)
+        chat_template = config.get("chat_template")
+        if chat_template is None and (folder / "chat_template.jinja").is_file():
+            # transformers 5 saves the template in its own file beside tokenizer_config.json
+            chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(tokenizer, added, chat_template, eos_token, extra_stops)
 
     # ------------------------------------------------------------------ ids and text
 
@@ -301,6 +306,21 @@ class ChatTokenizer:
     def unused_ids(self) -> list[int]:
         """Ids below :attr:`vocab_size` that have no token (never worth sampling)."""
         return [i for i in range(self._vocab_size) if self._tok.id_to_token(i) is None]
+
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id writes into the text, by id (built once); None for ids that never stand for text:
+        added tokens (``<|end|>``, ``<|tool_call|>``) and ids without a token."""
+        if self._token_bytes is None:
+            symbols = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
+            table: list[bytes | None] = []
+            for i in range(self._vocab_size):
+                piece = None if i in self._added else self._tok.id_to_token(i)
+                if piece is not None and all(c in symbols for c in piece):
+                    table.append(bytes(symbols[c] for c in piece))
+                else:
+                    table.append(None if piece is None else piece.encode())
+            self._token_bytes = table
+        return self._token_bytes
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a token (byte-symbol form for BPE tokens), or None."""

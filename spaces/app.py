@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 MODEL_ID = os.environ.get("PHI4FLASH_MODEL", "microsoft/Phi-4-mini-flash-reasoning")
 MAX_NEW_TOKENS = int(os.environ.get("PHI4FLASH_MAX_NEW_TOKENS", "16384"))
+# Weight-only quantization ("int8", "int4", "int4-g64", ...): a CPU Space can run the real model with
+# PHI4FLASH_MODEL=microsoft/Phi-4-mini-flash-reasoning PHI4FLASH_QUANTIZE=int4.
+QUANTIZE = os.environ.get("PHI4FLASH_QUANTIZE") or None
 # A deliberately low decode rate for a shared GPU slice, so a long answer is not cut off by the
 # ZeroGPU time limit; only the time really used is charged.
 GPU_TOKENS_PER_S = 40.0
@@ -47,16 +50,17 @@ def has_gpu() -> bool:
 
 
 def load_engine() -> tuple[Any, str]:
-    """Load the full model on CUDA when there is a GPU, else the embedded model.
+    """Load the full model on CUDA when there is a GPU, or quantized on the CPU when PHI4FLASH_QUANTIZE
+    asks for it; else the embedded model.
 
     Returns:
         The engine (or the exception that stopped it loading) and the name of what was loaded.
     """
-    source = MODEL_ID if has_gpu() else "embedded"
+    source = MODEL_ID if has_gpu() or QUANTIZE else "embedded"
     try:
         if source == "embedded":
-            return phi4flash.load("embedded"), source
-        return phi4flash.load(source, device="cuda"), source
+            return phi4flash.load("embedded", quantize=QUANTIZE), source
+        return phi4flash.load(source, device="cuda" if has_gpu() else "cpu", quantize=QUANTIZE), source
     except Exception as exc:  # the page explains the failure instead of the Space crashing
         logger.exception("could not load %s", source)
         return exc, source
@@ -66,7 +70,7 @@ engine, MODEL_SOURCE = load_engine()
 zero_gpu = spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
 demo = build_demo(
     engine,
-    title="Phi-4-mini-flash-reasoning" if MODEL_SOURCE != "embedded" else "phi4flash (embedded demo model, no GPU)",
+    title="phi4flash (embedded demo model, no GPU)" if MODEL_SOURCE == "embedded" else "Phi-4-mini-flash-reasoning",
     max_new_tokens_limit=MAX_NEW_TOKENS,
     gpu_decorator=spaces.GPU(duration=_gpu_duration) if spaces is not None else None,
     # Each ZeroGPU call gets its own GPU slice; on one dedicated GPU concurrent calls share it.

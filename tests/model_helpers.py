@@ -36,3 +36,25 @@ def tiny_model(seed: int = 0, **overrides: object) -> Phi4FlashForCausalLM:
             if name.endswith(("layernorm.bias", "Wqkv.bias", "out_proj.bias")):
                 param.normal_(0, 0.1)
     return model.eval()
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                               scale: float) -> torch.Tensor:
+    """Both head groups' attention of one query per row, in float64, head by head from the definition.
+
+    q (B, H, Dh); k, v (B, S, Hkv, Dh); valid (B, S) or None -> (B, 2, H/2, 2Dh): query head h (group h % 2,
+    pair-index h // 2) scores kv head 2p + h % 2 with p = (h // 2) // (H / Hkv) and sums [V_2p || V_2p+1]."""
+    batch, heads, dh = q.shape
+    length, kv_heads = k.shape[1], k.shape[2]
+    per_kv = heads // kv_heads
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(batch, 2, heads // 2, 2 * dh, dtype=torch.float64)
+    for h in range(heads):
+        group, index = h % 2, h // 2
+        pair = index // per_kv
+        scores = torch.einsum("bd,bsd->bs", q[:, h], k[:, :, 2 * pair + group]) * scale
+        if valid is not None:
+            scores = scores.masked_fill(~valid, float("-inf"))
+        values = v[:, :, 2 * pair:2 * pair + 2].reshape(batch, length, 2 * dh)
+        out[:, group, index] = torch.einsum("bs,bsd->bd", scores.softmax(-1), values)
+    return out

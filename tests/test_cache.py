@@ -103,6 +103,22 @@ def test_rows_at_different_lengths_decode_together(rows: list[int]) -> None:
     assert cache.lengths.tolist() == lengths
 
 
+def test_a_moved_row_continues_where_it_was() -> None:
+    """move_row carries every layer's state and the length: the moved sequence decodes as if it had not moved."""
+    model = tiny_model()
+    a = torch.randint(0, 100, (1, 24))  # past the window of 8: the ring has wrapped
+    expected = _full(model, a)
+    cache = model.new_cache(3, 32)
+    with torch.no_grad():
+        model(a[:, :20], cache=cache, rows=[2])
+        model(torch.randint(0, 100, (1, 9)), cache=cache, rows=[0])  # something to overwrite
+        cache.move_row(2, 0)
+        for t in range(4):
+            logits = model.step(a[:, 20 + t], cache, rows=[0])
+            assert (logits[0] - expected[0, 20 + t]).abs().max() <= 2e-4
+    assert cache.lengths.tolist()[0] == 24
+
+
 def test_cache_state_sizes_and_reset() -> None:
     model = tiny_model()
     cache = model.new_cache(2, 16)

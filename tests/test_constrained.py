@@ -1,30 +1,34 @@
-"""Constrained decoding on a real byte-level BPE tokenizer: random logits, many seeds, every output must be
-a schema-valid document (or tool call) ending with a stop token, within the token budget."""
+"""Constrained decoding (phi4flash.constrained over llguidance) on a real byte-level BPE tokenizer: random
+logits, many seeds; every output must be a schema-valid document (or tool call) ending with a stop token
+within the token budget."""
 
 from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 import torch
 from _tiny_tokenizer import tiny_chat_tokenizer
 
-from phi4flash import constrained as C
+from phi4flash.constrained import Constraint, constraint_for, json_grammar, mask_logits
+from phi4flash.reasoning import LINE_GRACE, AnswerGuard
 
 JOKE = {"type": "object", "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}},
         "required": ["setup", "punchline"]}
 NESTED = {
     "type": "object",
     "properties": {
-        "n": {"type": "integer"},
+        "n": {"type": "integer", "minimum": -5, "maximum": 500},
         "x": {"type": "number"},
         "ok": {"type": "boolean"},
         "color": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
         "sub": {"$ref": "#/$defs/Sub"},
-        "maybe": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "maybe": {"anyOf": [{"type": "string", "pattern": "^[a-c]{2}$"}, {"type": "null"}]},
     },
     "required": ["n", "ok", "color", "sub"],
+    "additionalProperties": False,
     "$defs": {"Sub": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}},
 }
 TOOLS = [
@@ -35,35 +39,14 @@ TOOLS = [
 ]
 
 
-def _validate(value, schema, defs):  # a small validator for the keywords the tests use
-    if "$ref" in schema:
-        return _validate(value, defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
-    if "anyOf" in schema:
-        return any(_validate(value, s, defs) for s in schema["anyOf"])
-    if "enum" in schema:
-        return value in schema["enum"]
-    kind = schema.get("type")
-    if kind == "object":
-        props = schema.get("properties", {})
-        return (isinstance(value, dict) and all(k in value for k in schema.get("required", []))
-                and all(k in props and _validate(v, props[k], defs) for k, v in value.items()))
-    if kind == "array":
-        return isinstance(value, list) and len(value) <= schema.get("maxItems", 99) and all(
-            _validate(v, schema["items"], defs) for v in value)
-    types = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "null": type(None)}[kind]
-    return isinstance(value, types) and (kind in ("boolean", "null") or not isinstance(value, bool))
-
-
-def _sample(processor, seed, budget, greedy=False, scale=3.0):
+def _sample(constraint: Constraint, seed: int, budget: int, greedy: bool = False, scale: float = 3.0):
     tok = tiny_chat_tokenizer()
     g = torch.Generator().manual_seed(seed)
     ids: list[int] = []
     for _ in range(budget):
-        logits = processor(ids, torch.randn(tok.vocab_size, generator=g) * scale)
-        if greedy:
-            token = int(torch.argmax(logits))
-        else:
-            token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
+        logits = mask_logits(torch.randn(1, tok.vocab_size, generator=g) * scale, [constraint], [ids])[0]
+        token = int(torch.argmax(logits)) if greedy else int(torch.multinomial(torch.softmax(logits, -1), 1,
+                                                                               generator=g))
         ids.append(token)
         if token in tok.stop_token_ids:
             break
@@ -73,96 +56,104 @@ def _sample(processor, seed, budget, greedy=False, scale=3.0):
 @pytest.mark.parametrize("schema", [JOKE, NESTED], ids=["joke", "nested"])
 @pytest.mark.parametrize("seed", range(12))
 def test_schema_output_always_valid(schema, seed):
-    budget = [48, 80, 160][seed % 3]
-    processor = C.json_schema_processor(tiny_chat_tokenizer(), schema, max_new_tokens=budget, max_reasoning_tokens=8)
-    ids, text = _sample(processor, seed, budget, greedy=seed % 4 == 0)
+    budget = [64, 96, 160][seed % 3]
+    constraint = constraint_for(tiny_chat_tokenizer(), schema=schema, max_new_tokens=budget, max_reasoning_tokens=8)
+    ids, text = _sample(constraint, seed, budget, greedy=seed % 4 == 0)
     assert ids[-1] in tiny_chat_tokenizer().stop_token_ids, text
     assert len(ids) <= budget
-    answer = text.split("</think>")[-1].strip()
-    assert _validate(json.loads(answer), schema, schema.get("$defs", {})), answer
+    jsonschema.validate(json.loads(text.split("</think>")[-1]), schema)
 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_forced_tool_call_always_valid(seed):
-    budget = [48, 80, 160][seed % 3]
-    processor = C.tool_call_processor(tiny_chat_tokenizer(), TOOLS, max_new_tokens=budget, max_reasoning_tokens=8)
-    ids, text = _sample(processor, seed, budget)
+    budget = [64, 96, 160][seed % 3]
+    constraint = constraint_for(tiny_chat_tokenizer(), tools=TOOLS, max_new_tokens=budget, max_reasoning_tokens=8)
+    ids, text = _sample(constraint, seed, budget)
+    assert ids[-1] in tiny_chat_tokenizer().stop_token_ids and len(ids) <= budget
     answer = text.split("</think>")[-1].strip()
-    assert answer.startswith("<|tool_call|>") and answer.endswith("<|/tool_call|>"), answer
-    call = json.loads(answer[len("<|tool_call|>"):-len("<|/tool_call|>")])
+    assert answer.startswith("<|tool_call|>[") and answer.endswith("]<|/tool_call|>"), answer
+    (call,) = json.loads(answer[len("<|tool_call|>"):-len("<|/tool_call|>")])
     assert set(call) == {"name", "arguments"}
     params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-    assert _validate(call["arguments"], params[call["name"]], {}), call
+    jsonschema.validate(call["arguments"], {**params[call["name"]], "additionalProperties": False})
 
 
-def test_stop_only_when_complete_and_only_stop_after():
+def _allowed(constraint: Constraint, ids: list[int]) -> set[str]:
     tok = tiny_chat_tokenizer()
-    proc = C.json_schema_processor(tok, {"type": "integer"}, allow_reasoning=False)
-    logits = torch.zeros(tok.vocab_size)
-    first = proc([], logits)
-    assert all(first[i] == float("-inf") for i in tok.stop_token_ids)  # nothing written yet
-    seven = tok.encode("7")
-    after = proc(seven, logits)
-    assert any(after[i] == 0 for i in tok.stop_token_ids)  # "7" is a complete integer
-    assert after[tok.encode("1")[0]] == 0  # ... that may go on
-    assert after[tok.encode("a")[0]] == float("-inf")
+    row = mask_logits(torch.zeros(1, tok.vocab_size), [constraint], [ids])[0]
+    return {tok.decode([i]) for i in torch.nonzero(row == 0).flatten().tolist()}
+
+
+def test_stop_only_when_complete_and_only_stop_when_nothing_can_follow():
+    tok = tiny_chat_tokenizer()
+    stops = {tok.decode([i]) for i in tok.stop_token_ids}
+    integer = Constraint(tok, json_grammar({"type": "integer"}, reasoning=False))
+    assert not _allowed(integer, []) & stops  # nothing written yet
+    after = _allowed(integer, tok.encode("7"))
+    assert stops <= after and "1" in after and "a" not in after  # "7" is complete, and may go on
+    obj = Constraint(tok, json_grammar(JOKE, reasoning=False))
+    done = tok.encode(json.dumps({"setup": "a", "punchline": "b"}))
+    assert not _allowed(obj, done[:-1]) & stops
+    assert _allowed(obj, done) == stops
 
 
 def test_reasoning_is_free_then_capped():
     tok = tiny_chat_tokenizer()
-    proc = C.json_schema_processor(tok, JOKE, max_reasoning_tokens=3)
+    constraint = constraint_for(tok, schema=JOKE, max_new_tokens=200, max_reasoning_tokens=3)
     think = tok.encode("<think>")
-    free = proc(think, torch.zeros(tok.vocab_size))
-    assert int((free == 0).sum()) > tok.vocab_size // 2  # reasoning text is unconstrained
-    words = think + tok.encode(" a b c")
-    capped = proc(words, torch.zeros(tok.vocab_size))
-    allowed = {tok.decode([i]) for i in torch.nonzero(capped == 0).flatten().tolist()}
-    assert allowed and all("</think>".startswith(a) for a in allowed)
+    assert len(_allowed(constraint, think)) > tok.vocab_size // 2  # reasoning text is unconstrained
+    capped = _allowed(constraint, think + tok.encode(" a b c"))
+    assert len(capped) == 1 and "</think>".startswith(capped.pop())
+    assert not constraint.matcher.is_error()
 
 
-def test_enum_and_literal_keys_are_exact():
-    node = C.compile_schema({"type": "object", "properties": {"c": {"enum": ["red", "blue"]}}, "required": ["c"]})
-    states = C.Grammar(node, allow_reasoning=False).initial_states()
-    assert C.advance(states, b'{"c":"red"}')
-    assert C.is_complete(C.advance(states, b'{"c": "blue"}'))
-    assert not C.advance(states, b'{"c":"green"')
-    assert not C.advance(states, b'{"d"')
-    assert not C.advance(states, b'{}')  # "c" is required
-    assert C.close_bytes(C.advance(states, b'{"c":"bl')) == b'ue"}'
-
-
-def test_numbers_and_strings_grammar():
-    g = C.Grammar(C.compile_schema({"type": "array", "items": {"type": "number"}}), allow_reasoning=False)
-    s = g.initial_states()
-    assert C.is_complete(C.advance(s, b"[-0.5e+3, 12, 0]"))
-    assert not C.advance(s, b"[01")
-    assert not C.advance(s, b"[1.]")
-    gs = C.Grammar(C.compile_schema({"type": "string", "maxLength": 3}), allow_reasoning=False).initial_states()
-    assert C.is_complete(C.advance(gs, '"é\\n\\u00e9"'.encode()))
-    assert not C.advance(gs, b'"abcd')
-    assert not C.advance(gs, b'"\x01')
-
-
-def test_token_table_bytes_roundtrip():
+def test_low_budget_forces_the_shortest_completion():
     tok = tiny_chat_tokenizer()
-    table = C.token_table(tok)
-    assert C.token_table(tok) is table  # built once per tokenizer
-    text = '{"city": "Paris 中文"}'
-    ids = tok.encode(text)
-    assert b"".join(table.token_bytes[i] for i in ids).decode() == text
-    assert tok.token_to_id("<|tool_call|>") in table.control
-    assert all(table.token_bytes[i] is None for i in tok.stop_token_ids)
+    constraint = constraint_for(tok, schema=JOKE, max_new_tokens=40, max_reasoning_tokens=0)
+    rambling = torch.zeros(1, tok.vocab_size)
+    rambling[0, tok.encode("a")[0]] = 10.0  # a model that would never close a string
+    ids: list[int] = []
+    while not ids or ids[-1] not in tok.stop_token_ids:
+        assert len(ids) < 40, tok.decode(ids)
+        ids.append(int(torch.argmax(mask_logits(rambling, [constraint], [ids])[0])))
+    assert tok.decode(ids, skip_special_tokens=True).startswith('{"setup": "aaa')
+    jsonschema.validate(json.loads(tok.decode(ids, skip_special_tokens=True)), JOKE)
+
+
+def test_a_budget_too_small_for_the_document_stops_at_length_incomplete():
+    tok = tiny_chat_tokenizer()
+    constraint = constraint_for(tok, tools=TOOLS[:1], max_new_tokens=6, max_reasoning_tokens=0)
+    ids, text = _sample(constraint, 0, 6)
+    assert len(ids) == 6 and ids[-1] not in tok.stop_token_ids and text.lstrip().startswith("<|tool_call|>[")
+
+
+def test_a_row_batch_masks_each_row_by_its_own_grammar():
+    tok = tiny_chat_tokenizer()
+    rows = [constraint_for(tok, schema={"type": "boolean"}, max_new_tokens=50, max_reasoning_tokens=0),
+            constraint_for(tok, tools=TOOLS, max_new_tokens=50, max_reasoning_tokens=0), None]
+    logits = mask_logits(torch.zeros(2, tok.vocab_size), rows[:2], [[], []])
+    first = [{tok.decode([i]) for i in torch.nonzero(row == 0).flatten().tolist()} for row in logits]
+    assert first[0] and all("true".startswith(t.strip()) or "false".startswith(t.strip()) for t in first[0])
+    assert {t for t in first[1] if t.strip()} == {"<|tool_call|>"}
+
+
+@pytest.mark.parametrize(("schema", "needle"), [({"type": "frobnicate"}, "frobnicate"),
+                                                ({"type": "string", "format": "no-such-format"}, "format"),
+                                                ({"$ref": "#/$defs/Missing"}, "Missing")])
+def test_a_schema_the_engine_cannot_compile_is_a_clear_value_error(schema, needle):
+    with pytest.raises(ValueError, match=needle):
+        constraint_for(tiny_chat_tokenizer(), schema=schema, max_new_tokens=32)
 
 
 def test_answer_guard_masks_stop_until_answer_and_caps_reasoning():
     tok = tiny_chat_tokenizer()
-    guard = C.AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=100)
+    guard = AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=100)
     zeros = torch.zeros(tok.vocab_size)
     assert all(guard([], zeros)[i] == float("-inf") for i in tok.stop_token_ids)
     ids = tok.encode("<think>") + tok.encode(" x y")
     forced = guard(ids, zeros)
     allowed = {tok.decode([i]) for i in torch.nonzero(forced == 0).flatten().tolist()}
-    assert allowed and all("</think>".startswith(a) for a in allowed)
+    assert len(allowed) == 1 and "</think>".startswith(allowed.pop())
     ids += tok.encode("</think>Hi")
     assert all(guard(ids, zeros)[i] == 0 for i in tok.stop_token_ids)
 
@@ -174,11 +165,11 @@ def test_answer_guard_can_close_a_capped_reasoning_at_the_end_of_its_line():
     def closes(guard, text):  # whether an ordinary token is masked: only "</think>" may come next
         return bool(guard(tok.encode(text), zeros)[tok.encode(" q")[0]] == float("-inf"))
 
-    guard = C.AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200, close_at="line")
+    guard = AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200, close_at="line")
     assert not closes(guard, "<think> x y z")  # over the cap, but in the middle of a line
     assert closes(guard, "<think> x y z\n")  # the line is finished: now </think>
-    assert closes(C.AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200), "<think> x y z")  # at the cap
-    long_line = "<think>" + " x" * (C.LINE_GRACE + 4)
-    assert closes(C.AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200, close_at="line"), long_line)
+    assert closes(AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200), "<think> x y z")  # at the cap
+    long_line = "<think>" + " x" * (LINE_GRACE + 4)
+    assert closes(AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200, close_at="line"), long_line)
     with pytest.raises(ValueError, match="close_at"):
-        C.AnswerGuard(tok, close_at="word")
+        AnswerGuard(tok, close_at="word")

@@ -66,6 +66,23 @@ def test_batch_and_threads_equal_one_at_a_time(engine: LocalEngine) -> None:
     assert [results[i] for i in range(4)] == [alone[0], alone[1], alone[1], alone[0]]
 
 
+def test_requests_that_end_early_leave_the_others_on_the_first_rows(engine: LocalEngine, monkeypatch) -> None:
+    """When a request ends, the ones still running move down to rows [0, n): every step reads a slice of the
+    cache (no copies) and can take the compiled graph; their tokens are those they get alone."""
+    lengths = (3, 24, 9, 16)
+    configs = [GenerationConfig(temperature=0, max_new_tokens=n) for n in lengths]
+    conversations = [HELLO, OTHER, HELLO, OTHER]
+    alone = [engine.generate(m, c).token_ids for m, c in zip(conversations, configs, strict=True)]
+    seen = []
+    original = engine.model.step
+    monkeypatch.setattr(engine.model, "step", lambda ids, cache, rows=None, **kw: seen.append(rows) or
+                        original(ids, cache, rows=rows, **kw))
+    batch = [c.token_ids for c in engine.generate_batch(conversations, configs)]
+    assert batch == alone
+    assert len({len(r) for r in seen if r is not None}) > 1  # the batch shrank on the way
+    assert all(rows is None or rows == list(range(len(rows))) for rows in seen)
+
+
 def test_stop_string_across_tokens_is_trimmed(engine: LocalEngine) -> None:
     ids = engine.generate(HELLO, GREEDY).token_ids
     pieces = [engine.tokenizer.decode([t]) for t in ids]
@@ -148,6 +165,16 @@ def test_invalid_sampling_and_overlong_prompt(engine: LocalEngine) -> None:
     assert engine.generate(HELLO, GREEDY).finish_reason in ("length", "stop")
 
 
+def test_an_empty_or_malformed_conversation_is_a_value_error(engine: LocalEngine) -> None:
+    with pytest.raises(ValueError, match="empty conversation"):
+        engine.generate([], GREEDY)
+    with pytest.raises(ValueError, match="not str"):
+        engine.stream("Hello there", GREEDY)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"messages\[1\]"):
+        engine.stream([HELLO[0], "and more"], GREEDY)  # type: ignore[list-item]
+    assert engine.generate(HELLO, GREEDY).finish_reason in ("length", "stop")
+
+
 def test_generation_stops_at_the_context_length(engine: LocalEngine) -> None:
     completion = engine.generate(HELLO, GenerationConfig(temperature=0, max_new_tokens=1000))
     if completion.finish_reason == "length":
@@ -223,3 +250,22 @@ def test_min_new_tokens_keeps_the_stop_tokens_away(engine: LocalEngine) -> None:
     assert done.token_ids == [7] * 5 and done.finish_reason == "stop"
     with pytest.raises(ValueError, match="min_new_tokens"):
         GenerationConfig(min_new_tokens=-1).validate()
+
+
+def test_metrics_snapshots_do_not_change_as_recording_goes_on() -> None:
+    """Each streamed event carries a snapshot: later tokens change neither its counts nor its rate history."""
+    from phi4flash.metrics import RECENT_WINDOW, MetricsRecorder
+
+    ticks = iter(range(1000))
+    recorder = MetricsRecorder(prompt_tokens=5, clock=lambda: float(next(ticks)))
+    recorder.prefill_done()
+    for _ in range(RECENT_WINDOW + 1):
+        recorder.token("reasoning")
+    early = recorder.snapshot()
+    history = list(early.decode_tokens_per_s_history)
+    assert history and early.reasoning_tokens == RECENT_WINDOW + 1
+    for _ in range(2 * RECENT_WINDOW):
+        recorder.token("answer")
+    assert early.answer_tokens == 0 and early.decode_tokens_per_s_history == history
+    assert recorder.snapshot().answer_tokens == 2 * RECENT_WINDOW
+    assert len(recorder.snapshot().decode_tokens_per_s_history) > len(history)

@@ -206,6 +206,26 @@ def test_misshaped_tensor_is_named(tmp_path) -> None:
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.001, 0.0])
+def test_a_truncated_weights_file_is_named_as_damaged(tmp_path, keep: float) -> None:
+    _write_single(tmp_path, _tiny_tensors())
+    weights = tmp_path / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(int(weights.stat().st_size * keep))  # an interrupted download
+    with pytest.raises(CheckpointError, match="damaged or incomplete") as err:
+        load_model(tmp_path)
+    assert str(weights) in str(err.value) and "download it again" in str(err.value)
+
+
+def test_a_missing_shard_is_named(tmp_path) -> None:
+    save_checkpoint(tiny_model(), tmp_path, max_shard_bytes=20_000)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=f"{shards[-1].name} is missing"):
+        load_model(tmp_path)
+
+
 def test_unknown_model_type_and_bad_sources(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({**tiny_config().to_dict(), "model_type": "llama"}))
     with pytest.raises(ConfigError, match="model_type='llama'"):

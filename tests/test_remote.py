@@ -85,6 +85,41 @@ def test_prompt_too_long_and_bad_config(remote: RemoteEngine, engine: Any) -> No
         remote.generate(MESSAGES, GenerationConfig(max_new_tokens=engine.context_length))
     with pytest.raises(ValueError, match="top_p"):
         remote.generate(MESSAGES, GenerationConfig(top_p=2.0))
+    with pytest.raises(ValueError, match="empty conversation"):
+        remote.generate([])
+
+
+def test_without_a_model_id_the_servers_model_is_used_and_check_names_problems(server: str, engine: Any) -> None:
+    remote = RemoteEngine(f"{server}/v1", api_key=KEY)
+    assert remote.model_name == engine.model_name
+    assert remote.check()["dtype"] == engine.dtype and remote.dtype == engine.dtype
+    with pytest.raises(RemoteEngineError) as e:
+        RemoteEngine(f"{server}/v1", engine.model_name).check()  # no key
+    assert e.value.status == 401
+    with pytest.raises(RemoteEngineError, match=f"does not serve the model 'other'.*'{engine.model_name}'"):
+        RemoteEngine(f"{server}/v1", "other", api_key=KEY).check()
+    with pytest.raises(RemoteEngineError) as e:
+        RemoteEngine(f"{server}/v1", api_key="wrong")
+    assert e.value.status == 401
+
+
+ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+
+
+def test_tools_and_response_format_pass_through(remote: RemoteEngine) -> None:
+    from phi4flash.tools import parse_tool_calls
+
+    config = GenerationConfig(temperature=0.0, max_new_tokens=64)
+    question = [{"role": "user", "content": "What is 25 + 17?"}]
+    done = remote.generate(question, config, tools=[ADD], tool_choice="required")
+    text, calls, invalid = parse_tool_calls(done.answer)
+    assert [c.name for c in calls] == ["add"] and not invalid, done.answer
+    assert set(calls[0].arguments) == {"a", "b"} and all(isinstance(v, int) for v in calls[0].arguments.values())
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    done = remote.generate(question, config, response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": schema}})
+    assert isinstance(json.loads(done.answer)["x"], int)
 
 
 def test_server_errors_are_raised(server: str, engine: Any) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from phi4flash import ops
+from phi4flash import native, ops
 from phi4flash.config import Phi4FlashConfig
 from phi4flash.training import data
 from phi4flash.training.train import EMBEDDED_DIR, TrainConfig, lr_at, main, make_batches, train, training_scan
@@ -26,7 +26,13 @@ TINY = {
 
 
 @pytest.mark.parametrize("with_state", [False, True])
-def test_training_scan_matches_the_reference_values_and_gradients(with_state: bool) -> None:
+@pytest.mark.parametrize("native_kernels", [True, False])
+def test_training_scan_matches_the_reference_values_and_gradients(with_state: bool, native_kernels: bool,
+                                                                  monkeypatch) -> None:
+    if native_kernels and not native.ready():
+        pytest.skip("phi4flash's C++ kernels could not be built here")
+    if not native_kernels:  # the PyTorch chunked scan, which runs where there is no compiler
+        monkeypatch.setattr(ops, "native_scan", lambda *args: None)
     g = torch.Generator().manual_seed(0)
     b, e, t, n = 2, 6, 21, 3  # 21 tokens: several chunks of the training scan, the last one partial
     leaves = [

@@ -205,10 +205,16 @@ def render_stats(metrics: LatencyMetrics | None, phase: str, *, device: str = ""
     m = metrics or LatencyMetrics(device=device, dtype=dtype, context_length=context_length)
     ctx_total = m.context_length or context_length
     decode_live = m.decode_tokens_per_s_recent if m.finish_reason is None else m.decode_tokens_per_s
+    # The engine's prefill rate counts only the prompt tokens it computed (reused ones came from a kept
+    # state), so a continued conversation shows a rate over a few tokens: say how many.
+    prefilled = m.prompt_tokens - m.reused_prompt_tokens
+    prefill_label = "Prefill" if not m.prompt_tokens else (
+        f"Prefill ({prefilled:,} new token{'s' if prefilled != 1 else ''})" if m.reused_prompt_tokens
+        else f"Prefill ({prefilled:,} token{'s' if prefilled != 1 else ''})")
     rows = [
         ("ttft", "Time to first token", "–" if m.time_to_first_token_s is None
          else f"{m.time_to_first_token_s * 1000:,.0f} ms"),
-        ("prefill", "Prefill", f"{_num(m.prefill_tokens_per_s, ',.0f')} tok/s"),
+        ("prefill", prefill_label, f"{_num(m.prefill_tokens_per_s, ',.0f')} tok/s"),
         ("decode", "Decode (live)" if m.finish_reason is None else "Decode (avg)",
          f"{_num(decode_live, ',.1f')} tok/s"),
         ("prompt", "Prompt tokens", f"{m.prompt_tokens:,}"),
@@ -336,14 +342,17 @@ def build_turn(engine: Engine, runtime: DemoRuntime) -> Callable[[list[dict[str,
                                          "Raise **Max new tokens** in the settings and retry.", LENGTH_TITLE))
             yield out, stats()
         except PromptTooLongError as exc:
-            yield [error_message(f"This message is too long for the model's context "
-                                 f"({format_context(engine.context_length)} tokens): {exc}. "
-                                 "Shorten it, or start a new chat to drop the earlier turns.")], stats(error=True)
+            logger.info("prompt too long: %s", exc)  # the engine's wording repeats the advice below
+            yield [error_message(f"This conversation is too long for the model's context of "
+                                 f"{format_context(engine.context_length)} tokens (with room for the reply). "
+                                 "Shorten the message, or start a new chat to drop the earlier turns.")], stats(
+                error=True)
         except ValueError as exc:  # invalid sampling settings
             yield [error_message(f"Invalid settings: {exc}")], stats(error=True)
         except Exception as exc:  # the chat must show the failure, not a stack trace
             logger.exception("generation failed")
-            yield [*view(True), error_message(f"Generation failed: {type(exc).__name__}: {exc}")], stats(error=True)
+            partial = view(True) if reasoning or answer else []  # no empty "Thought · 0 tokens" above the error
+            yield [*partial, error_message(f"Generation failed: {type(exc).__name__}: {exc}")], stats(error=True)
         finally:
             # Reached on normal end, on error, and on GeneratorExit when the user presses Stop.
             cancel.set()
@@ -399,7 +408,17 @@ CSS = """
 .p4f-stats td { text-align: right; white-space: nowrap; }
 .p4f-phase { font-weight: 600; margin-bottom: 4px; }
 .p4f-chart-label { opacity: 0.75; margin-top: 6px; }
+/* The panel layout gives every message of a reply (thought, answer) its own copy/retry/undo row, all
+   acting on the whole reply: keep the last one. */
+#chatbot .message-buttons:not(:last-child) { display: none !important; }
+/* A long error message wraps instead of widening the page. */
+#load-error pre, #load-error code { white-space: pre-wrap !important; overflow-wrap: anywhere; }
 """
+
+
+def _validate_message(message: Any) -> dict[str, Any]:
+    """Refuse a blank message in the browser before it becomes an empty bubble (and a nameless saved chat)."""
+    return gr.validate(bool(content_text(message).strip()), "Type a question first: the message is empty.")
 
 
 def build_demo(engine: Engine | BaseException | str, *, title: str = "Phi-4-mini-flash-reasoning",
@@ -453,10 +472,10 @@ def build_demo(engine: Engine | BaseException | str, *, title: str = "Phi-4-mini
             seed=None if seed is None or int(seed) < 0 else int(seed))
         yield from turn(messages, config)
 
-    stats = gr.HTML(render_stats(None, "idle", device=engine.device, dtype=engine.dtype, context_length=context),
-                    elem_id="stats", render=False)
+    idle_stats = render_stats(None, "idle", device=engine.device, dtype=engine.dtype, context_length=context)
+    stats = gr.HTML(idle_stats, elem_id="stats", render=False)
     inputs = [
-        gr.Textbox(label="System prompt", placeholder="Optional, e.g. 'Answer in French.'", lines=2,
+        gr.Textbox(value="", label="System prompt", placeholder="Optional, e.g. 'Answer in French.'", lines=2,
                    render=False),
         gr.Slider(0.0, 1.5, value=0.6, step=0.05, label="Temperature (0 = greedy)", render=False),
         gr.Slider(0.05, 1.0, value=0.95, step=0.01, label="Top p", render=False),
@@ -469,7 +488,8 @@ def build_demo(engine: Engine | BaseException | str, *, title: str = "Phi-4-mini
         placeholder=f"**{html.escape(title)}**: ask a math question. The reasoning streams live above the answer.")
 
     with gr.Blocks(title=title, fill_height=True) as demo:
-        gr.Markdown(f"## {html.escape(title)}\n`{html.escape(engine.model_name)}` · {html.escape(engine.device)} · "
+        where = engine.device if not getattr(engine, "base_url", None) else f"{engine.device} {engine.base_url}"
+        gr.Markdown(f"## {html.escape(title)}\n`{html.escape(engine.model_name)}` · {html.escape(where)} · "
                     f"{html.escape(engine.dtype)} · context {format_context(context)} tokens", elem_id="header")
         with gr.Row(equal_height=False):
             with gr.Column(scale=4):
@@ -480,13 +500,16 @@ def build_demo(engine: Engine | BaseException | str, *, title: str = "Phi-4-mini
                     additional_inputs=inputs, additional_outputs=[stats],
                     additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
                     examples=[[q] for q in EXAMPLES], cache_examples=False, editable=True, save_history=True,
-                    show_progress="hidden", api_name="chat", fill_height=True)
+                    show_progress="hidden", api_name="chat", fill_height=True, validator=_validate_message)
             with gr.Column(scale=1, min_width=300):
                 gr.Markdown("### Latency")
                 stats.render()
         # Gradio closes the generator on Stop; this clears the leftover spinner and panel state.
         chat.textbox.stop(finalize_stopped, [chat.chatbot, stats], [chat.chatbot, stats],
                           api_visibility="private", queue=False)
+        # Another conversation (new, cleared or reopened from the list): the panel's numbers belong to none.
+        gr.on([chat.new_chat_button.click, chat.chatbot.clear, chat.chat_history_dataset.click], lambda: idle_stats,
+              None, stats, api_visibility="private", queue=False)
     demo.queue(max_size=max_queue, default_concurrency_limit=concurrency_limit)
     demo.phi4flash_runtime = runtime  # type: ignore[attr-defined]
     return demo
@@ -507,6 +530,8 @@ def build_error_demo(error: BaseException | str) -> gr.Blocks:
         "`microsoft/Phi-4-mini-flash-reasoning`, or a local checkpoint directory.",
         "For a hub model: check the network, and log in (`huggingface-cli login` or `HF_TOKEN`) if it is gated.",
         "Out of memory: the 3.8B model needs about 8 GB in bf16 on a GPU; try `--model embedded` to check the setup.",
+        "With `--remote`: check the URL (the API root, e.g. `http://127.0.0.1:8000/v1`) and the API key (`--api-key`, "
+        "or the `PHI4FLASH_API_KEY` / `OPENAI_API_KEY` environment variables).",
         "Missing packages: `pip install \"phi4flash[demo]\"`.",
     ]
     with gr.Blocks(title="phi4flash: model failed to load") as demo:

@@ -50,7 +50,7 @@ _DONE = object()
 
 
 def get_engine(model: str = "embedded", *, device: str = "auto", dtype: str = "auto", base_url: str | None = None,
-               api_key: str | None = None) -> Any:
+               api_key: str | None = None, quantize: str | None = None) -> Any:
     """The process-wide engine for a model, loaded on first use and then shared.
 
     Args:
@@ -59,11 +59,12 @@ def get_engine(model: str = "embedded", *, device: str = "auto", dtype: str = "a
         dtype: for local engines: "auto" or a dtype name.
         base_url: an OpenAI-compatible server's API root; then a ``phi4flash.RemoteEngine`` is used.
         api_key: for the server.
+        quantize: for local engines: "int8", "int4", "int4-g<group size>" or None (weight-only quantization).
 
     Returns:
         An object implementing ``phi4flash.Engine``.
     """
-    key = ("remote", base_url, model, api_key) if base_url else ("local", model, device, dtype)
+    key = ("remote", base_url, model, api_key) if base_url else ("local", model, device, dtype, quantize)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
@@ -74,7 +75,7 @@ def get_engine(model: str = "embedded", *, device: str = "auto", dtype: str = "a
             else:
                 import phi4flash
 
-                engine = phi4flash.load(model, device=device, dtype=dtype)
+                engine = phi4flash.load(model, device=device, dtype=dtype, quantize=quantize)
             _ENGINES[key] = engine
         return engine
 
@@ -170,7 +171,9 @@ class ChatPhi4Flash(BaseChatModel):
     device: str = "auto"
     """Local engines: "auto" (cuda > mps > cpu), "cpu", "cuda", ..."""
     dtype: str = "auto"
-    """Local engines: "auto" (bf16 on CUDA, fp32 elsewhere) or a dtype name."""
+    """Local engines: "auto" (bf16 on CUDA and for quantized weights, fp32 elsewhere) or a dtype name."""
+    quantize: str | None = None
+    """Local engines: weight-only quantization, "int8", "int4" or "int4-g<group size>" (None: as stored)."""
     temperature: float = 0.6
     """Sampling temperature; 0 means greedy."""
     max_tokens: int = Field(default=4096, alias="max_new_tokens")
@@ -203,6 +206,7 @@ class ChatPhi4Flash(BaseChatModel):
             "base_url": self.base_url,
             "device": self.device,
             "dtype": self.dtype,
+            "quantize": self.quantize,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
             "top_p": self.top_p,
@@ -237,7 +241,8 @@ class ChatPhi4Flash(BaseChatModel):
         if self.engine is not None:
             return self.engine
         key = self.api_key.get_secret_value() if self.api_key is not None else None
-        return get_engine(self.model_name, device=self.device, dtype=self.dtype, base_url=self.base_url, api_key=key)
+        return get_engine(self.model_name, device=self.device, dtype=self.dtype, base_url=self.base_url, api_key=key,
+                          quantize=self.quantize)
 
     def _tokenizer(self) -> Any:
         return getattr(self.get_engine(), "tokenizer", None)
@@ -319,16 +324,19 @@ class ChatPhi4Flash(BaseChatModel):
 
     # -- generation ------------------------------------------------------------------------------------
 
-    def _config(self, stop: list[str] | None, max_tokens: int, processor: Any) -> GenerationConfig:
+    def _config(self, stop: list[str] | None, max_tokens: int, processor: Any, constraint: Any) -> GenerationConfig:
         stops = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
         return GenerationConfig(max_new_tokens=max_tokens, temperature=float(self.temperature), top_p=self.top_p,
                                 top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                                seed=self.seed, stop=stops, logits_processor=processor)
+                                seed=self.seed, stop=stops, logits_processor=processor, constraint=constraint)
 
     def _plan(self, messages: list[BaseMessage], stop: list[str] | None,
-              kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], GenerationConfig, bool, bool]:
-        """Prompt, generation config, whether tool calls are parsed, whether a call is forced."""
-        from phi4flash import constrained
+              kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], GenerationConfig, bool, bool, dict[str, Any]]:
+        """Prompt, generation config, whether tool calls are parsed, whether a call is forced, and the request
+        fields a server gets (tools, tool_choice, response_format: a remote engine constrains on the server)."""
+        from phi4flash import RemoteEngine
+        from phi4flash.constrained import constraint_for
+        from phi4flash.reasoning import AnswerGuard
 
         tools = list(kwargs.get("tools") or [])
         tool_choice = kwargs.get("tool_choice")
@@ -338,33 +346,38 @@ class ChatPhi4Flash(BaseChatModel):
             tools_for_prompt = tools
         forced = phi_tools.forced_tools(tools, tool_choice)
         schema = _response_schema(kwargs.get("response_format")) if not forced else None
-        prompt = phi_tools.attach_tools(to_engine_messages(messages), tools_for_prompt)
         max_tokens = int(kwargs.get("max_tokens") or self.max_tokens)
         processor: Any = None
+        constraint: Any = None
         engine = self.get_engine()
+        if isinstance(engine, RemoteEngine):
+            request = {"tools": tools_for_prompt or None,
+                       "tool_choice": _openai_tool_choice(tools, tool_choice) if tools_for_prompt else None,
+                       "response_format": _openai_response_format(schema)}
+            return (to_engine_messages(messages), self._config(stop, max_tokens, None, None), bool(tools_for_prompt),
+                    bool(forced), request)
+        prompt = phi_tools.attach_tools(to_engine_messages(messages), tools_for_prompt)
         tokenizer = getattr(engine, "tokenizer", None)
         if (forced or schema is not None) and tokenizer is not None:
-            processor, max_tokens = constrained.constrained_processor(
-                tokenizer, tools=forced, schema=schema, max_new_tokens=max_tokens,
-                max_reasoning_tokens=self.reasoning_budget)
+            constraint = constraint_for(tokenizer, tools=forced, schema=schema, max_new_tokens=max_tokens,
+                                        max_reasoning_tokens=self.reasoning_budget)
         elif tokenizer is not None and (self.require_answer or self.reasoning_budget is not None):
-            processor = constrained.AnswerGuard(tokenizer, max_new_tokens=max_tokens,
-                                                max_reasoning_tokens=self.reasoning_budget,
-                                                require_answer=self.require_answer)
-        config = self._config(stop, max_tokens, processor)
-        return prompt, config, bool(tools_for_prompt), bool(forced)
+            processor = AnswerGuard(tokenizer, max_new_tokens=max_tokens, max_reasoning_tokens=self.reasoning_budget,
+                                    require_answer=self.require_answer)
+        config = self._config(stop, max_tokens, processor, constraint)
+        return prompt, config, bool(tools_for_prompt), bool(forced), {}
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        prompt, config, parse_tools, forced = self._plan(messages, stop, kwargs)
+        prompt, config, parse_tools, forced, request = self._plan(messages, stop, kwargs)
         engine = self.get_engine()
         cancel = threading.Event()
         parser = phi_tools.ToolCallStreamParser(allow_bare_json=not forced) if parse_tools else None
         model_name = getattr(engine, "model_name", None) or self.model_name
         reasoning_open = False
         last = None
-        events = engine.stream(prompt, config, cancel=cancel)
+        events = engine.stream(prompt, config, cancel=cancel, **request)
         try:
             for event in events:
                 if event.done:
@@ -478,6 +491,24 @@ def _json_schema_of(schema: dict | type) -> dict[str, Any]:
     if isinstance(schema, Mapping) and "function" in schema:
         return dict(schema["function"].get("parameters") or {})
     return convert_to_json_schema(schema)
+
+
+def _openai_tool_choice(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> str | dict[str, Any]:
+    """LangChain's ``tool_choice`` in OpenAI's request form ("auto", "required" or a named function)."""
+    forced = phi_tools.forced_tools(tools, tool_choice)
+    if forced is None:
+        return "auto"
+    if len(forced) == len(tools) and (tool_choice is True or tool_choice in ("required", "any")):
+        return "required"
+    return {"type": "function", "function": {"name": phi_tools.tool_definitions(forced)[0]["name"]}}
+
+
+def _openai_response_format(schema: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """An OpenAI ``response_format`` asking for a document of ``schema`` (None: free text)."""
+    if schema is None:
+        return None
+    name = str(schema.get("title") or "output")
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": dict(schema)}}
 
 
 def _answer_chunks(parser: phi_tools.ToolCallStreamParser | None, text: str) -> list[AIMessageChunk]:

@@ -22,246 +22,31 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phi4flash import Engine, GenerationConfig, PromptTooLongError, StreamEvent
 
 from ._defaults import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS
+from .api_models import APIError, ChatCompletionRequest, TokenizeRequest, validation_error
+from .runtime import END, Job, ServerState, wait_for_disconnect
 
 logger = logging.getLogger(__name__)
 
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
 _FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
-# Names of engine.stats() entries that mean "waiting for a batch slot" and "in the running batch".
-_QUEUE_KEYS = ("queue_depth", "waiting", "queued", "pending")
-_BATCH_KEYS = ("batch_size", "running", "active")
-
-
-class APIError(Exception):
-    """An error returned to the client as an OpenAI error object with an HTTP status."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",  # noqa: A002
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        """The ``{"error": {...}}`` JSON body."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def _error_response(err: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Request parsing: plain functions over the decoded JSON, so every bad field gets a 400 naming it.
-
-
-@dataclass
-class ChatRequest:
-    """A validated chat-completions request."""
-
-    model: str | None
-    messages: list[dict[str, Any]]
-    config: GenerationConfig
-    max_tokens_given: bool
-    stream: bool = False
-    include_usage: bool = False
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_schema: dict[str, Any] | bool | None = None  # the JSON schema of response_format, if any
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _expect(body: dict[str, Any], name: str, kinds: tuple[type, ...], label: str) -> Any:
-    """Return ``body[name]`` (None when absent or null) after checking its JSON type."""
-    value = body.get(name)
-    if value is None:
-        return None
-    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-    if not ok:
-        raise APIError(400, f"Invalid type for '{name}': expected {label}, but got {_type_name(value)}.", param=name,
-                       code="invalid_type")
-    return value
-
-
-def _message_content(message: dict[str, Any], index: int) -> str | None:
-    content = message.get("content")
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"messages[{index}].content: only text parts are supported "
-                                    "(objects {\"type\": \"text\", \"text\": ...}).",
-                               param=f"messages[{index}].content", code="invalid_value")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise APIError(400, f"Invalid type for 'messages[{index}].content': expected a string or an array of text "
-                        f"parts, but got {_type_name(content)}.", param=f"messages[{index}].content",
-                   code="invalid_type")
-
-
-def parse_messages(raw: Any) -> list[dict[str, Any]]:
-    """Validate OpenAI chat messages and return plain phi4flash message dicts.
-
-    Args:
-        raw: The ``messages`` field of the request body.
-
-    Returns:
-        Messages with a string ``content`` (text parts joined); ``developer`` becomes ``system``;
-        ``tool_calls``, ``tool_call_id`` and ``name`` are kept for the tool-calling template.
-
-    Raises:
-        APIError: 400 naming the bad message.
-    """
-    if raw is None:
-        raise APIError(400, "Missing required parameter: 'messages'.", param="messages",
-                       code="missing_required_parameter")
-    if not isinstance(raw, list):
-        raise APIError(400, f"Invalid type for 'messages': expected an array, but got {_type_name(raw)}.",
-                       param="messages", code="invalid_type")
-    if not raw:
-        raise APIError(400, "'messages' must contain at least one message.", param="messages", code="empty_array")
-    out: list[dict[str, Any]] = []
-    for i, message in enumerate(raw):
-        if not isinstance(message, dict):
-            raise APIError(400, f"Invalid type for 'messages[{i}]': expected an object, but got "
-                                f"{_type_name(message)}.", param=f"messages[{i}]", code="invalid_type")
-        role = message.get("role")
-        if role not in _ROLES:
-            raise APIError(400, f"Invalid value for 'messages[{i}].role': {role!r}; expected one of "
-                                f"{sorted(_ROLES)}.", param=f"messages[{i}].role", code="invalid_value")
-        content = _message_content(message, i)
-        if content is None and not (role == "assistant" and message.get("tool_calls")):
-            raise APIError(400, f"'messages[{i}].content' is required for role {role!r}.",
-                           param=f"messages[{i}].content", code="missing_required_parameter")
-        plain: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content or ""}
-        for key in ("name", "tool_calls", "tool_call_id"):
-            if message.get(key) is not None:
-                plain[key] = message[key]
-        out.append(plain)
-    return out
-
-
-def parse_chat_request(body: Any) -> ChatRequest:
-    """Validate a decoded chat-completions body.
-
-    Args:
-        body: The decoded JSON.
-
-    Returns:
-        The request with its :class:`~phi4flash.GenerationConfig` validated.
-
-    Raises:
-        APIError: 400 naming the first bad field.
-    """
-    if not isinstance(body, dict):
-        raise APIError(400, f"The request body must be a JSON object, not {_type_name(body)}.", code="invalid_type")
-    model = _expect(body, "model", (str,), "a string")
-    messages = parse_messages(body.get("messages"))
-    number = (int, float)
-    temperature = _expect(body, "temperature", number, "a number")
-    top_p = _expect(body, "top_p", number, "a number")
-    top_k = _expect(body, "top_k", (int,), "an integer")
-    min_p = _expect(body, "min_p", number, "a number")
-    repetition_penalty = _expect(body, "repetition_penalty", number, "a number")
-    max_tokens = _expect(body, "max_tokens", (int,), "an integer")
-    max_completion_tokens = _expect(body, "max_completion_tokens", (int,), "an integer")
-    seed = _expect(body, "seed", (int,), "an integer")
-    n = _expect(body, "n", (int,), "an integer")
-    stream = _expect(body, "stream", (bool,), "a boolean") or False
-    stream_options = _expect(body, "stream_options", (dict,), "an object") or {}
-    stop = _expect(body, "stop", (str, list), "a string or an array of strings")
-    tools = _expect(body, "tools", (list,), "an array")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = _expect(body, name, number, "a number")
-        if value:
-            raise APIError(400, f"'{name}' is not supported (only 0); use 'repetition_penalty'.", param=name,
-                           code="unsupported_parameter")
-    if _expect(body, "logprobs", (bool,), "a boolean"):
-        raise APIError(400, "'logprobs' is not supported.", param="logprobs", code="unsupported_parameter")
-    response_schema = _response_schema(_expect(body, "response_format", (dict,), "an object"))
-    if n is not None and n != 1:
-        raise APIError(400, f"Invalid value for 'n': {n}; only n=1 is supported.", param="n", code="unsupported_value")
-    include_usage = stream_options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise APIError(400, "Invalid type for 'stream_options.include_usage': expected a boolean.",
-                       param="stream_options.include_usage", code="invalid_type")
-    if stream_options and not stream:
-        raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options",
-                       code="invalid_value")
-    if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
-        raise APIError(400, "Invalid type for 'stop': expected a string or an array of strings.", param="stop",
-                       code="invalid_type")
-    if max_completion_tokens is not None:
-        max_tokens = max_completion_tokens
-        max_tokens_param = "max_completion_tokens"
-    else:
-        max_tokens_param = "max_tokens"
-    config = GenerationConfig()
-    if temperature is not None:
-        config.temperature = float(temperature)
-    if top_p is not None:
-        config.top_p = float(top_p)
-    if top_k is not None:
-        config.top_k = top_k
-    if min_p is not None:
-        config.min_p = float(min_p)
-    if repetition_penalty is not None:
-        config.repetition_penalty = float(repetition_penalty)
-    if max_tokens is not None:
-        config.max_new_tokens = max_tokens
-    config.seed = seed
-    config.stop = [stop] if isinstance(stop, str) else list(stop or [])
-    try:
-        config.validate()
-    except ValueError as exc:
-        param = str(exc).removeprefix("invalid ").split("=", 1)[0]
-        param = max_tokens_param if param == "max_new_tokens" else param
-        raise APIError(400, str(exc), param=param, code="invalid_value") from None
-    return ChatRequest(model=model, messages=messages, config=config, max_tokens_given=max_tokens is not None,
-                       stream=stream, include_usage=include_usage, tools=tools or None,
-                       tool_choice=body.get("tool_choice"), response_schema=response_schema)
-
-
-def _response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | bool | None:
-    """The JSON schema that ``response_format`` asks the answer to follow; None for plain text."""
-    kind = (response_format or {}).get("type", "text")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return {"type": "object"}
-    if kind == "json_schema":
-        spec = response_format.get("json_schema") if response_format else None
-        schema = spec.get("schema", {"type": "object"}) if isinstance(spec, dict) else None
-        if not isinstance(schema, (dict, bool)):
-            raise APIError(400, "response_format json_schema needs 'json_schema': {\"name\": ..., \"schema\": {...}}.",
-                           param="response_format.json_schema", code="invalid_value")
-        return schema
-    raise APIError(400, f"Invalid response_format type {kind!r}: use 'text', 'json_object' or 'json_schema'.",
-                   param="response_format.type", code="invalid_value")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,270 +74,32 @@ def _history_tool_calls(tools_mod: Any | None, messages: list[dict[str, Any]]) -
             if tools_mod is None:
                 raise APIError(400, "Tool calls in the history need tool calling, which this server lacks.",
                                param="messages", code="unsupported_parameter")
-            text = m.get("content") or ""
-            for call in calls:
-                fn = call.get("function", {}) if isinstance(call, dict) else {}
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                    raise APIError(400, "Each tool call needs function.name.", param="messages",
-                                   code="invalid_value")
-                text += tools_mod.format_tool_call(fn["name"], fn.get("arguments"))
+            text = (m.get("content") or "") + "".join(
+                tools_mod.format_tool_call(call["function"]["name"], call["function"].get("arguments"))
+                for call in calls)
             m = {k: v for k, v in m.items() if k != "tool_calls"} | {"content": text}
         out.append(m)
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Metrics
+@dataclass
+class PreparedChat:
+    """A validated chat request made ready for the engine: plain messages and a validated config."""
 
-
-class _EngineStatsCollector:
-    """Exposes ``engine.stats()`` (when the engine has it) as gauges at scrape time."""
-
-    def __init__(self, state: _State) -> None:
-        self._state = state
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        stats = self._state.engine_stats()
-        if stats is None:
-            return
-        queue = next((stats[k] for k in _QUEUE_KEYS if isinstance(stats.get(k), (int, float))), None)
-        batch = next((stats[k] for k in _BATCH_KEYS if isinstance(stats.get(k), (int, float))), None)
-        if queue is not None:
-            yield GaugeMetricFamily("phi4flash_queue_depth", "Requests waiting for a slot in the engine's batch.",
-                                    value=float(queue))
-        if batch is not None:
-            yield GaugeMetricFamily("phi4flash_batch_size", "Requests in the engine's running decode batch.",
-                                    value=float(batch))
-        for key, value in sorted(stats.items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key.isidentifier():
-                yield GaugeMetricFamily(f"phi4flash_engine_{key}", f"engine.stats()['{key}']", value=float(value))
-
-
-class _Metrics:
-    def __init__(self, state: _State) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("phi4flash_requests", "Chat-completion requests by HTTP status.", ["status"],
-                                registry=r)
-        self.finished = Counter("phi4flash_completions", "Completions by finish reason.", ["finish_reason"],
-                                registry=r)
-        self.prompt_tokens = Counter("phi4flash_prompt_tokens", "Prompt tokens processed.", registry=r)
-        self.completion_tokens = Counter("phi4flash_completion_tokens", "Tokens generated (reasoning + answer).",
-                                         registry=r)
-        self.reasoning_tokens = Counter("phi4flash_reasoning_tokens", "Reasoning tokens generated.", registry=r)
-        self.ttft = Histogram("phi4flash_time_to_first_token_seconds",
-                              "From the request's arrival to its first generated token (queueing included).",
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
-        self.decode_speed = Histogram("phi4flash_decode_tokens_per_second",
-                                      "Per-request decode speed (tokens after the first / seconds since it).",
-                                      buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000), registry=r)
-        self.duration = Histogram("phi4flash_request_duration_seconds", "Whole request time.",
-                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=r)
-        self.in_flight = Gauge("phi4flash_requests_in_flight",
-                               "Admitted chat requests not yet finished (running or waiting for a batch slot).",
-                               registry=r)
-        self.in_flight.set_function(lambda: state.in_flight)
-        self.max_queue = Gauge("phi4flash_max_queue", "Admission limit: more requests in flight get 429.", registry=r)
-        self.max_queue.set(state.max_queue)
-        r.register(_EngineStatsCollector(state))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Server state and the per-request job
-
-
-class _State:
-    def __init__(self, engine_or_loader: Engine | Callable[[], Engine], *, api_key: str | None,
-                 model_name: str | None, max_queue: int, default_max_tokens: int, max_body_bytes: int) -> None:
-        self.engine: Engine | None = None
-        self.loader: Callable[[], Engine] | None = None
-        if isinstance(engine_or_loader, Engine):
-            self.engine = engine_or_loader
-        elif callable(engine_or_loader):
-            self.loader = engine_or_loader
-        else:
-            raise TypeError("create_app needs an Engine or a callable that returns one")
-        self.load_error: str | None = None
-        self.api_key = api_key
-        self._model_name = model_name
-        self.max_queue = max_queue
-        self.default_max_tokens = default_max_tokens
-        self.max_body_bytes = max_body_bytes
-        self.in_flight = 0
-        self._lock = threading.Lock()
-        self.metrics = _Metrics(self)
-        self.created = int(time.time())
+    body: ChatCompletionRequest
+    messages: list[dict[str, Any]]
+    config: GenerationConfig
+    tools_mod: Any = None  # phi4flash.tools when the answer may hold tool calls
+    forced: list[dict[str, Any]] | None = None  # the tools one of which must be called
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def model_name(self) -> str:
-        if self._model_name:
-            return self._model_name
-        return self.engine.model_name if self.engine is not None else "phi4flash"
-
-    def model_names(self) -> set[str]:
-        names = {self.model_name}
-        if self.engine is not None:
-            names.add(self.engine.model_name)
-        return names
-
-    def load(self) -> None:
-        assert self.loader is not None
-        try:
-            engine = self.loader()
-        except Exception as exc:  # noqa: BLE001  (reported through /health and 503s, not a crash)
-            logger.exception("loading the model failed")
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            return
-        self.engine = engine
-        logger.info("model %s loaded (%s, %s)", engine.model_name, engine.device, engine.dtype)
-
-    def ready_engine(self) -> Engine:
-        if self.engine is not None:
-            return self.engine
-        if self.load_error is not None:
-            raise APIError(503, f"The model failed to load: {self.load_error}", type="server_error",
-                           code="model_load_failed")
-        raise APIError(503, "The model is loading; try again shortly.", type="server_error", code="model_loading")
-
-    def engine_stats(self) -> dict[str, Any] | None:
-        stats = getattr(self.engine, "stats", None)
-        if stats is None:
-            return None
-        try:
-            value = stats()
-        except Exception:  # noqa: BLE001  (a scrape must not fail because of the engine)
-            logger.exception("engine.stats() failed")
-            return None
-        if not isinstance(value, dict):
-            value = getattr(value, "__dict__", None)
-        return value if isinstance(value, dict) else None
-
-    def admit(self) -> _Slot:
-        with self._lock:
-            if self.in_flight >= self.max_queue:
-                raise APIError(429, f"The server is at capacity ({self.max_queue} requests in flight); retry later.",
-                               type="rate_limit_error", code="queue_full")
-            self.in_flight += 1
-        return _Slot(self)
-
-    def release(self) -> None:
-        with self._lock:
-            self.in_flight -= 1
+    def max_tokens_given(self) -> bool:
+        """Whether the client set the token budget."""
+        return self.body.max_tokens is not None or self.body.max_completion_tokens is not None
 
 
-class _Slot:
-    """One admitted request; ``release`` is idempotent and thread-safe."""
-
-    def __init__(self, state: _State) -> None:
-        self._state = state
-        self._released = False
-        self._lock = threading.Lock()
-
-    def release(self) -> None:
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-        self._state.release()
-
-
-_END = object()
-
-
-class _Job:
-    """Runs ``engine.stream`` on a thread of its own and hands its events to the event loop."""
-
-    def __init__(self, state: _State, engine: Engine, request: ChatRequest, slot: _Slot, started: float) -> None:
-        self.state = state
-        self.engine = engine
-        self.request = request
-        self.slot = slot
-        self.started = started
-        self.cancel = threading.Event()  # handed to the engine, which may also set it itself when a stream ends
-        self.aborted = False  # the server gave up on this request (client gone, error, shutdown)
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.loop = asyncio.get_running_loop()
-        self.thread = threading.Thread(target=self._run, name="phi4flash-request", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _put(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: the server is shutting down, nobody listens
-            self.abort()
-
-    def abort(self) -> None:
-        """Stop generating for this request now (the engine frees its batch slot within one step)."""
-        self.aborted = True
-        self.cancel.set()
-
-    def _run(self) -> None:
-        m = self.state.metrics
-        first_token = True
-        final: StreamEvent | None = None
-        error: BaseException | None = None
-        try:
-            iterator = self.engine.stream(self.request.messages, self.request.config, cancel=self.cancel)
-            try:
-                for event in iterator:
-                    if first_token and (event.text or event.token_ids):
-                        first_token = False
-                        m.ttft.observe(time.perf_counter() - self.started)
-                    if event.done:
-                        final = event
-                    self._put(event)
-                    if self.aborted:
-                        break
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()  # frees the engine slot at once when we stopped early
-        except BaseException as exc:  # noqa: BLE001  (handed to the request's coroutine to report)
-            error = exc
-        finally:
-            # Metrics first, then the slot, then the end marker: whoever sees _END sees them all.
-            if final is not None:
-                fm = final.metrics
-                m.finished.labels(str(fm.finish_reason)).inc()
-                m.prompt_tokens.inc(fm.prompt_tokens)
-                m.completion_tokens.inc(fm.completion_tokens)
-                m.reasoning_tokens.inc(fm.reasoning_tokens)
-                if fm.decode_tokens_per_s:
-                    m.decode_speed.observe(fm.decode_tokens_per_s)
-            elif self.aborted:
-                m.finished.labels("cancelled").inc()
-            elif error is not None and not isinstance(error, ValueError):
-                m.finished.labels("error").inc()
-            m.duration.observe(time.perf_counter() - self.started)
-            self.slot.release()
-            if error is not None:
-                self._put(error)
-            self._put(_END)
-
-    async def next(self, disconnected: asyncio.Future[Any] | None = None) -> Any:
-        """The next event, exception or ``_END``; ``_END`` (after cancelling) if the client went away first."""
-        if disconnected is None:
-            return await self.queue.get()
-        getter = asyncio.ensure_future(self.queue.get())
-        done, _ = await asyncio.wait({getter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        self.abort()
-        return _END
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    """Return when the client closes the connection (the body is already read)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def _map_engine_error(exc: BaseException, engine: Engine, req: ChatRequest) -> APIError:
+def _map_engine_error(exc: BaseException, engine: Engine, req: PreparedChat) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, PromptTooLongError):
@@ -624,33 +171,75 @@ def _stream_deltas(tools_mod: Any, items: list[Any]) -> Iterator[dict[str, Any]]
             yield {"content": tools_mod.TOOL_CALL_OPEN + item.text}
 
 
-def _constrain(engine: Engine, req: ChatRequest, forced: list[dict[str, Any]] | None, room: int) -> None:
+def _constrain(engine: Engine, req: PreparedChat) -> None:
     """Make the generation follow a forced tool call or the response_format schema (constrained decoding)."""
-    param = "tool_choice" if forced else "response_format"
+    param = "tool_choice" if req.forced else "response_format"
     tokenizer = getattr(engine, "tokenizer", None)
     if tokenizer is None:
         raise APIError(400, f"This server's engine cannot constrain its output, so '{param}' must be left out.",
                        param=param, code="unsupported_parameter")
-    from phi4flash import constrained  # noqa: PLC0415  (only requests that need it pay for the import)
+    from phi4flash.constrained import constraint_for  # noqa: PLC0415  (only requests that need it pay for it)
 
+    schema = None if req.forced or req.body.response_format is None else req.body.response_format.schema()
     try:
-        processor, max_new = constrained.constrained_processor(
-            tokenizer, tools=forced, schema=None if forced else req.response_schema,
-            max_new_tokens=req.config.max_new_tokens)
+        req.config.constraint = constraint_for(tokenizer, tools=req.forced, schema=schema,
+                                               max_new_tokens=req.config.max_new_tokens)
     except ValueError as exc:
         raise APIError(400, str(exc), param=param, code="invalid_value") from None
-    if max_new > room:
-        raise APIError(400, f"'{param}' needs room for {max_new} new tokens, but the prompt leaves {room} of this "
-                            f"model's {engine.context_length}-token context; shorten the messages.",
-                       param="messages", code="context_length_exceeded")
-    req.config.max_new_tokens = max_new
-    req.config.logits_processor = processor
+
+
+def _prepare(body: ChatCompletionRequest) -> PreparedChat:
+    """Plain messages with the tools attached and earlier calls written back, and the generation config."""
+    req = PreparedChat(body, [m.plain() for m in body.messages], body.generation_config())
+    if body.tools and body.tool_choice != "none":
+        req.tools_mod = _tools_module()
+        if req.tools_mod is None:
+            raise APIError(400, "Tool calling is not available on this server.", param="tools",
+                           code="unsupported_parameter")
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+        req.messages = req.tools_mod.attach_tools(req.messages, tools)
+        try:
+            req.forced = req.tools_mod.forced_tools(tools, body.tool_choice)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tool_choice", code="invalid_value") from None
+    if any(m.get("tool_calls") for m in req.messages):
+        req.messages = _history_tool_calls(_tools_module(), req.messages)
+    return req
 
 
 def _sse(data: dict[str, Any] | str) -> str:
     # ASCII-only JSON: clients that split lines with str.splitlines() would break on a raw U+2028 or U+0085.
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=True, separators=(",", ":"))
     return f"data: {payload}\n\n"
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body larger than ``limit`` bytes gets 413 (by its Content-Length at once, or
+    when a streamed body passes the limit), before anything parses it."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"The request body is larger than {self.limit} bytes."
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await _error_response(APIError(413, too_large, code="payload_too_large"))(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise StarletteHTTPException(413, too_large)
+            return message
+
+        await self.app(scope, limited, send)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -681,8 +270,8 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
     """
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-    state = _State(engine_or_loader, api_key=api_key, model_name=model_name, max_queue=max_queue,
-                   default_max_tokens=default_max_tokens, max_body_bytes=max_body_bytes)
+    state = ServerState(engine_or_loader, api_key=api_key, model_name=model_name, max_queue=max_queue,
+                        default_max_tokens=default_max_tokens, max_body_bytes=max_body_bytes)
 
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         loader_thread = None
@@ -692,18 +281,27 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
         yield
 
     app = FastAPI(title="phi4flash", description="OpenAI-compatible API for Phi-4-mini-flash-reasoning",
-                  lifespan=contextlib.asynccontextmanager(lifespan), docs_url=None, redoc_url=None)
+                  lifespan=contextlib.asynccontextmanager(lifespan), redoc_url=None)
     app.state.phi4flash = state
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+
+    def count_chat_error(request: Request, status: int) -> None:
+        if request.url.path.endswith("/chat/completions"):
+            state.metrics.requests.labels(str(status)).inc()
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        if request.url.path.endswith("/chat/completions"):
-            state.metrics.requests.labels(str(exc.status)).inc()
+        count_chat_error(request, exc.status)
         return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        count_chat_error(request, 400)
+        return _error_response(validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code)
         return _error_response(APIError(exc.status_code, str(exc.detail), code=code))
 
     @app.exception_handler(Exception)
@@ -721,22 +319,7 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
             raise APIError(401, "Incorrect API key provided." if header else "Missing API key: send "
                            "'Authorization: Bearer <key>'.", code="invalid_api_key")
 
-    async def read_json(request: Request) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > state.max_body_bytes:
-            raise APIError(413, f"The request body is larger than {state.max_body_bytes} bytes.",
-                           code="payload_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > state.max_body_bytes:
-                raise APIError(413, f"The request body is larger than {state.max_body_bytes} bytes.",
-                               code="payload_too_large")
-            chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    authorized = [Depends(check_key)]
 
     def check_model(model: str | None) -> None:
         if model is not None and model not in state.model_names():
@@ -762,60 +345,30 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> JSONResponse:
-        check_key(request)
+    @app.get("/v1/models", dependencies=authorized)
+    async def list_models() -> JSONResponse:
         return JSONResponse({"object": "list", "data": [model_card()]})
 
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str, request: Request) -> JSONResponse:
-        check_key(request)
+    @app.get("/v1/models/{model_id:path}", dependencies=authorized)
+    async def get_model(model_id: str) -> JSONResponse:
         check_model(model_id)
         return JSONResponse(model_card())
 
-    async def tokenize(request: Request) -> JSONResponse:
-        check_key(request)
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
         engine = state.ready_engine()
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object.", code="invalid_type")
-        check_model(_expect(body, "model", (str,), "a string"))
-        messages = parse_messages(body.get("messages"))
-        count = await anyio.to_thread.run_sync(engine.count_tokens, messages)
+        check_model(body.model)
+        count = await anyio.to_thread.run_sync(engine.count_tokens, [m.plain() for m in body.messages])
         return JSONResponse({"count": count, "max_model_len": engine.context_length})
 
-    app.add_api_route("/v1/tokenize", tokenize, methods=["POST"])
-    app.add_api_route("/tokenize", tokenize, methods=["POST"], include_in_schema=False)
+    app.add_api_route("/v1/tokenize", tokenize, methods=["POST"], dependencies=authorized)
+    app.add_api_route("/tokenize", tokenize, methods=["POST"], dependencies=authorized, include_in_schema=False)
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> Response:
+    @app.post("/v1/chat/completions", response_model=None, dependencies=authorized)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         started = time.perf_counter()
-        check_key(request)
         engine = state.ready_engine()
-        req = parse_chat_request(await read_json(request))
-        check_model(req.model)
-        tools_mod = None
-        forced: list[dict[str, Any]] | None = None  # the tools one of which must be called
-        if req.tools:
-            tools_mod = _tools_module()
-            if tools_mod is None:
-                raise APIError(400, "Tool calling is not available on this server.", param="tools",
-                               code="unsupported_parameter")
-            if req.tool_choice not in (None, "auto", "none", "required") and not isinstance(req.tool_choice, dict):
-                raise APIError(400, "Invalid value for 'tool_choice'.", param="tool_choice", code="invalid_value")
-            if req.tool_choice != "none":
-                try:
-                    req.messages = tools_mod.attach_tools(req.messages, req.tools)
-                except ValueError as exc:
-                    raise APIError(400, str(exc), param="tools", code="invalid_value") from None
-                try:  # the tools are valid by now, so an error here is the choice's
-                    forced = tools_mod.forced_tools(req.tools, req.tool_choice)
-                except ValueError as exc:
-                    raise APIError(400, str(exc), param="tool_choice", code="invalid_value") from None
-            else:
-                tools_mod = None
-        req.messages = _history_tool_calls(_tools_module(), req.messages) if any(
-            m.get("tool_calls") for m in req.messages) else req.messages
+        check_model(body.model)
+        req = _prepare(body)
         slot = state.admit()
         try:
             prompt_tokens = await anyio.to_thread.run_sync(engine.count_tokens, req.messages)
@@ -831,35 +384,35 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
                                code="context_length_exceeded")
             if not req.max_tokens_given:
                 req.config.max_new_tokens = max(1, min(state.default_max_tokens, room))
-            if forced or req.response_schema is not None:
-                _constrain(engine, req, forced, room)
-            job = _Job(state, engine, req, slot, started)
+            if req.forced or (body.response_format is not None and body.response_format.schema() is not None):
+                _constrain(engine, req)
+            job = Job(state, engine, req.messages, req.config, slot, started)
         except BaseException:
             slot.release()
             raise
         job.start()
-        disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+        disconnected = asyncio.ensure_future(wait_for_disconnect(request))
         handed_off = False  # True once the job ended on its own or belongs to a StreamingResponse
         try:
             # Wait for the first event before answering, so errors raised before generation starts
             # (prompt too long, bad sampling values) still get a proper status code.
             first = await job.next(disconnected)
-            if first is _END:
+            if first is END:
                 return Response(status_code=499)  # client gone; nothing is listening
             if isinstance(first, BaseException):
                 raise _map_engine_error(first, engine, req)
             cid = f"chatcmpl-{uuid.uuid4().hex}"
             created = int(time.time())
-            if req.stream:
+            if body.stream:
                 disconnected.cancel()  # from here StreamingResponse watches the connection
                 state.metrics.requests.labels("200").inc()
                 handed_off = True
-                return StreamingResponse(_stream_body(job, first, cid, created, state.model_name, req, tools_mod,
-                                                      engine), media_type="text/event-stream",
+                return StreamingResponse(_stream_body(job, first, cid, created, state.model_name, req, engine),
+                                         media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             collected = _Collected()
             item = first
-            while item is not _END:
+            while item is not END:
                 if isinstance(item, BaseException):
                     raise _map_engine_error(item, engine, req)
                 collected.add(item)
@@ -871,8 +424,8 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
             message: dict[str, Any] = {"role": "assistant", "content": answer,
                                        "reasoning_content": "".join(collected.reasoning) or None}
             finish = _finish_reason(collected.final)
-            if tools_mod is not None:
-                content, calls = _tool_calls(tools_mod, answer)
+            if req.tools_mod is not None:
+                content, calls = _tool_calls(req.tools_mod, answer)
                 if calls:
                     message["content"] = content
                     message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
@@ -891,18 +444,20 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
     return app
 
 
-async def _stream_body(job: _Job, first: Any, cid: str, created: int, model: str, req: ChatRequest,
-                       tools_mod: Any, engine: Engine) -> AsyncIterator[str]:
+async def _stream_body(job: Job, first: Any, cid: str, created: int, model: str, req: PreparedChat,
+                       engine: Engine) -> AsyncIterator[str]:
     """Server-sent events of one streamed completion; cancelling this generator cancels the job."""
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                                 "system_fingerprint": None,
                                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        if req.include_usage:
+        if include_usage:
             body["usage"] = None
         return body
 
+    include_usage = req.body.stream_options is not None and req.body.stream_options.include_usage
+    tools_mod = req.tools_mod
     # With tools, text streams as it comes and each call as soon as its name is known, then its arguments.
     parser = tools_mod.ToolCallStreamParser() if tools_mod is not None else None
     completed = False
@@ -910,7 +465,7 @@ async def _stream_body(job: _Job, first: Any, cid: str, created: int, model: str
         yield _sse(chunk({"role": "assistant", "content": ""}))
         collected = _Collected()
         item = first
-        while item is not _END:
+        while item is not END:
             if isinstance(item, BaseException):
                 err = _map_engine_error(item, engine, req)
                 yield _sse(err.body())
@@ -934,7 +489,7 @@ async def _stream_body(job: _Job, first: Any, cid: str, created: int, model: str
             if parser.calls:
                 finish = "tool_calls"
         yield _sse(chunk({}, finish))
-        if req.include_usage:
+        if include_usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                         "system_fingerprint": None, "choices": [], "usage": _usage(collected.final)})
         yield _sse("[DONE]")

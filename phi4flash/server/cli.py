@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..cli import COMPILE_HELP, HelpFormatter
 from ._defaults import DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -24,11 +25,14 @@ logger = logging.getLogger(__name__)
 
 def build_parser(prog: str = "phi4flash serve") -> argparse.ArgumentParser:
     """The ``serve`` argument parser (the lead's top-level CLI may reuse it as a sub-parser's parent)."""
-    p = argparse.ArgumentParser(prog=prog, description="Serve the model over an OpenAI-compatible HTTP API.")
+    p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
+                                description="Serve the model over an OpenAI-compatible HTTP API. The model loads "
+                                            "before the port opens, and a model that cannot load ends the command "
+                                            "with its error (--load-in-background binds first instead).")
     p.add_argument("--model", default="embedded", help="'embedded', a Hugging Face hub id, or a checkpoint folder")
     p.add_argument("--model-name", default=None, help="id served in /v1/models (default: the engine's model_name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--api-key", default=os.environ.get("PHI4FLASH_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $PHI4FLASH_API_KEY, else none)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one batch")
@@ -38,7 +42,16 @@ def build_parser(prog: str = "phi4flash serve") -> argparse.ArgumentParser:
                    help="completion budget when a request sets no max_tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--quantize", default=None,
+                        help="weight-only quantization: int8, int4 or int4-g<32|64|128|256> "
+                             "(default: none; int4 = int4-g128)")
+    p.add_argument("--compile", action="store_true",
+                   help=COMPILE_HELP)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server and phi4flash log level (debug adds tracebacks to errors)")
+    p.add_argument("--load-in-background", action="store_true",
+                   help="bind the port first and load the model on a thread: /health and the API answer 503 "
+                        "until it is ready (for probes); a failed load still ends the command")
     p.add_argument("--ray", action="store_true", help="run on Ray Serve (needs the 'ray' extra)")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with its own engine")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
@@ -46,7 +59,8 @@ def build_parser(prog: str = "phi4flash serve") -> argparse.ArgumentParser:
     return p
 
 
-def load_engine(model: str, *, max_batch: int, device: str = "auto", dtype: str = "auto") -> Any:
+def load_engine(model: str, *, max_batch: int, device: str = "auto", dtype: str = "auto",
+                quantize: str | None = None, compile: bool | str = "auto") -> Any:
     """Load an engine with ``phi4flash.load``, passing device and dtype only when they are not "auto".
 
     Args:
@@ -54,17 +68,21 @@ def load_engine(model: str, *, max_batch: int, device: str = "auto", dtype: str 
         max_batch: Requests the engine decodes together.
         device: Device name or "auto".
         dtype: Dtype name or "auto".
+        quantize: "int8", "int4", "int4-g<group size>" or None.
+        compile: compile the decode step while loading (True/False), or "auto" (``PHI4FLASH_COMPILE``).
 
     Returns:
         The loaded engine.
     """
     import phi4flash  # noqa: PLC0415  (torch loads here, after argument parsing)
 
-    kwargs: dict[str, Any] = {"max_batch": max_batch}
+    kwargs: dict[str, Any] = {"max_batch": max_batch, "compile": compile}
     if device != "auto":
         kwargs["device"] = device
     if dtype != "auto":
         kwargs["dtype"] = dtype
+    if quantize:
+        kwargs["quantize"] = quantize
     return phi4flash.load(model, **kwargs)
 
 
@@ -72,13 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``phi4flash serve`` with ``argv`` (the arguments after ``serve``); return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
     if args.max_batch < 1 or args.max_queue < 1 or args.replicas < 1:
         parser.error("--max-batch, --max-queue and --replicas must be >= 1")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the server is reachable from other machines%s", args.host,
                        "" if args.api_key else " and has no --api-key")
     if args.ray:
+        if args.compile:  # the replicas load in processes of their own, which inherit this environment
+            os.environ["PHI4FLASH_COMPILE"] = "1"
         try:
             from .ray_app import serve_with_ray  # noqa: PLC0415
         except ImportError as exc:
@@ -86,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_with_ray(model=args.model, replicas=args.replicas, host=args.host, port=args.port,
                               api_key=args.api_key, model_name=args.model_name, max_batch=args.max_batch,
                               max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
-                              device=args.device, dtype=args.dtype, replica_cpus=args.replica_cpus,
+                              device=args.device, dtype=args.dtype, quantize=args.quantize,
+                              replica_cpus=args.replica_cpus,
                               replica_gpus=args.replica_gpus)
     try:
         import uvicorn  # noqa: PLC0415
@@ -96,12 +118,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"phi4flash serve needs the 'serve' extra: pip install 'phi4flash[serve]' ({exc})")
 
     loader = functools.partial(load_engine, args.model, max_batch=args.max_batch, device=args.device,
-                               dtype=args.dtype)
-    # The model loads on a thread after the socket is bound, so /health answers (503) while it loads.
-    app = create_app(loader, api_key=args.api_key, model_name=args.model_name, max_queue=args.max_queue,
-                     default_max_tokens=args.default_max_tokens)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
+                               dtype=args.dtype, quantize=args.quantize, compile=True if args.compile else "auto")
+    failures: list[BaseException] = []
+    server: Any = None
+
+    def load() -> Any:
+        try:
+            return loader()
+        except Exception as exc:
+            failures.append(exc)
+            if server is not None:
+                server.should_exit = True  # a server that can never answer should not stay up
+            raise
+
+    if not args.load_in_background:
+        try:
+            engine: Any = load()
+        except Exception:  # reported below, like a failed background load
+            engine = None
+    if failures:
+        return _load_failed(args, failures[0])
+    app = create_app(load if args.load_in_background else engine, api_key=args.api_key, model_name=args.model_name,
+                     max_queue=args.max_queue, default_max_tokens=args.default_max_tokens)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    return _load_failed(args, failures[0]) if failures else 0
+
+
+def _load_failed(args: argparse.Namespace, exc: BaseException) -> int:
+    """Say why the model did not load (the traceback only at --log-level debug); return the exit status."""
+    logger.debug("loading %s failed", args.model, exc_info=exc)
+    hint = "" if args.log_level == "debug" else "\n(--log-level debug shows the traceback)"
+    print(f"phi4flash serve: cannot load the model {args.model!r}: {exc}{hint}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

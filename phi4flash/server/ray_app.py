@@ -37,8 +37,9 @@ class Phi4FlashServer:
 
     def __init__(self, model: str = "embedded", *, max_batch: int = 16, max_queue: int = DEFAULT_MAX_QUEUE,
                  api_key: str | None = None, model_name: str | None = None,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS, device: str = "auto", dtype: str = "auto") -> None:
-        self.engine = load_engine(model, max_batch=max_batch, device=device, dtype=dtype)
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, device: str = "auto", dtype: str = "auto",
+                 quantize: str | None = None) -> None:
+        self.engine = load_engine(model, max_batch=max_batch, device=device, dtype=dtype, quantize=quantize)
         self._app_kwargs = {"api_key": api_key, "model_name": model_name, "max_queue": max_queue,
                             "default_max_tokens": default_max_tokens}
 
@@ -52,8 +53,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
     Args:
         args: Optional settings: ``model`` ("embedded"), ``replicas`` (1), ``max_batch`` (16), ``max_queue``,
-            ``api_key``, ``model_name``, ``default_max_tokens``, ``device``, ``dtype``, ``replica_cpus`` (1),
-            ``replica_gpus`` (0). Values may be strings, as ``serve run`` passes them.
+            ``api_key``, ``model_name``, ``default_max_tokens``, ``device``, ``dtype``, ``quantize``,
+            ``replica_cpus`` (1), ``replica_gpus`` (0). Values may be strings, as ``serve run`` passes them.
 
     Returns:
         The bound Ray Serve application.
@@ -66,7 +67,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     max_queue = int(a.pop("max_queue", DEFAULT_MAX_QUEUE))
     default_max_tokens = int(a.pop("default_max_tokens", DEFAULT_MAX_TOKENS))
     model = str(a.pop("model", "embedded"))
-    kwargs = {k: a.pop(k) for k in ("api_key", "model_name", "device", "dtype") if a.get(k) is not None}
+    kwargs = {k: a.pop(k) for k in ("api_key", "model_name", "device", "dtype", "quantize") if a.get(k) is not None}
     if a:
         raise ValueError(f"unknown settings for the phi4flash Ray app: {sorted(a)}")
     deployment = serve.deployment(
@@ -84,7 +85,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 def _env_args() -> dict[str, Any]:
     names = ("model", "replicas", "max_batch", "max_queue", "api_key", "model_name", "default_max_tokens", "device",
-             "dtype", "replica_cpus", "replica_gpus")
+             "dtype", "quantize", "replica_cpus", "replica_gpus")
     return {n: os.environ[f"PHI4FLASH_{n.upper()}"] for n in names if os.environ.get(f"PHI4FLASH_{n.upper()}")}
 
 
@@ -96,8 +97,8 @@ app = build_app(_env_args())
 def serve_with_ray(*, model: str, replicas: int, host: str = "127.0.0.1", port: int = 8000,
                    api_key: str | None = None, model_name: str | None = None, max_batch: int = 16,
                    max_queue: int = DEFAULT_MAX_QUEUE, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                   device: str = "auto", dtype: str = "auto", replica_cpus: float = 1.0,
-                   replica_gpus: float = 0.0) -> int:
+                   device: str = "auto", dtype: str = "auto", quantize: str | None = None,
+                   replica_cpus: float = 1.0, replica_gpus: float = 0.0) -> int:
     """Start (or join, with ``RAY_ADDRESS``) a Ray cluster, deploy the app on ``host:port`` and block until Ctrl-C.
 
     Returns:
@@ -118,6 +119,8 @@ def serve_with_ray(*, model: str, replicas: int, host: str = "127.0.0.1", port: 
                                 "replica_cpus": replica_cpus, "replica_gpus": replica_gpus}
     if api_key:
         settings["api_key"] = api_key
+    if quantize:
+        settings["quantize"] = quantize
     if model_name:
         settings["model_name"] = model_name
     serve.run(build_app(settings), name="phi4flash", route_prefix="/")

@@ -71,7 +71,7 @@ def run_agent(engine: Any, question: str, tools: list[dict[str, Any]], execute: 
               max_new_tokens: int = 256) -> tuple[str, list[tuple[str, dict[str, Any], Any]]]:
     """Run a tool-calling loop as an agent framework does; returns (final answer, [(name, arguments, result)])."""
     from .. import GenerationConfig
-    from ..constrained import AnswerGuard
+    from ..reasoning import AnswerGuard
 
     messages: list[dict[str, Any]] = ([{"role": "system", "content": system}] if system else [])
     messages.append({"role": "user", "content": question})
@@ -151,7 +151,7 @@ def budget_check(engine: Any, budgets: Sequence[int] = (16, 64), n_per_family: i
                  modes: Sequence[str] = ("token", "line")) -> list[dict[str, Any]]:
     """Held-out math problems with the reasoning capped: clean answers and right answers, per budget and mode."""
     from .. import GenerationConfig
-    from ..constrained import AnswerGuard
+    from ..reasoning import AnswerGuard
 
     problems = data_mod.generate(n_per_family * len(data_mod.MATH_FAMILIES), seed=seed, split="heldout")
     rows = []

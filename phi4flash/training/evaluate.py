@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .. import tools as tool_format
+from ..cli import HelpFormatter
 from . import data as data_mod
 from . import offdomain, toolchat
 from .solver import canonical, solve
@@ -150,7 +151,7 @@ def _notool_problems(n: int, seed: int) -> list[data_mod.Example]:
 
 def evaluate(source: str = "embedded", n_per_family: int = 50, seed: int = 0, *, batch: int = 8,
              max_new_tokens: int = 768, families: Sequence[str] | None = None, engine: Any = None,
-             progress: bool = False) -> dict[str, Any]:
+             progress: bool = False, quantize: str | None = None) -> dict[str, Any]:
     """Generate greedily for the held-out chats and grade them.
 
     Args:
@@ -162,6 +163,7 @@ def evaluate(source: str = "embedded", n_per_family: int = 50, seed: int = 0, *,
         families: Families to evaluate (default: :data:`EVAL_FAMILIES`).
         engine: An already loaded engine to use.
         progress: Show a tqdm progress bar.
+        quantize: weight-only quantization of the loaded model ("int8", "int4", ...; ignored with ``engine``).
 
     Returns:
         ``{"families": {family: {"n", "correct", "accuracy"}}, "overall": {...}, "tokens_per_s": float,
@@ -174,7 +176,7 @@ def evaluate(source: str = "embedded", n_per_family: int = 50, seed: int = 0, *,
     if engine is None:
         from .. import load
 
-        engine = load(source, max_batch=batch)
+        engine = load(source, max_batch=batch, quantize=quantize)
     problems = heldout_problems(n_per_family, seed, families)
     config = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     results: list[Graded] = []
@@ -245,23 +247,33 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m phi4flash.training.evaluate [DIR] [--n N] [--seed S] [--extras]``."""
-    parser = argparse.ArgumentParser(prog="python -m phi4flash.training.evaluate", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "phi4flash eval") -> argparse.ArgumentParser:
+    """The ``phi4flash eval`` options (also ``python -m phi4flash.training.evaluate``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("source", nargs="?", default="embedded", help="checkpoint folder, hub id or 'embedded'")
-    parser.add_argument("--n", type=int, default=50, help="held-out chats per family (default 50)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=50, help="held-out chats per family")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
     parser.add_argument("--batch", type=int, default=8, help="chats decoded together")
-    parser.add_argument("--max-new-tokens", type=int, default=768)
-    parser.add_argument("--families", nargs="*", default=None, choices=EVAL_FAMILIES)
+    parser.add_argument("--max-new-tokens", type=int, default=768, help="most new tokens per answer")
+    parser.add_argument("--families", nargs="*", default=None, choices=EVAL_FAMILIES,
+                        help="families to evaluate (none given: all)")
     parser.add_argument("--errors", type=int, default=3, help="wrong answers to show per family")
     parser.add_argument("--extras", action="store_true",
                         help="also the article's problems, the agents and the reasoning budget")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``phi4flash eval [DIR] [--n N] [--seed S]``."""
+    parser = build_parser()
+    parser.add_argument("--quantize", default=None,
+                        help="weight-only quantization: int8, int4 or int4-g<group size> (default: none)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     from .. import load
 
-    engine = load(args.source, max_batch=args.batch)
+    engine = load(args.source, max_batch=args.batch, quantize=args.quantize)
     try:
         report = evaluate(args.source, args.n, args.seed, batch=args.batch, max_new_tokens=args.max_new_tokens,
                           families=args.families, engine=engine, progress=True)

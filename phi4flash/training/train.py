@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from ..cli import HelpFormatter
 from . import data as data_mod
 from .scan import training_scan
 from .tokenizer_train import generation_config, model_config, save_tokenizer_files, train_tokenizer, write_json
@@ -348,10 +349,11 @@ def plot_losses(losses: Sequence[float], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m phi4flash.training.train [--steps N] [--out DIR] [--seed S]``."""
+def build_parser(prog: str = "phi4flash train") -> argparse.ArgumentParser:
+    """The ``phi4flash train`` options (also ``python -m phi4flash.training.train``)."""
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m phi4flash.training.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=defaults.steps,
                         help="the most optimizer steps (0: random weights)")
     parser.add_argument("--minutes", type=float, default=defaults.minutes,
@@ -361,15 +363,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="checkpoint folder (default: a new phi4flash-embedded-DATE-TIME folder here)")
     parser.add_argument("--overwrite-embedded", action="store_true",
                         help="allow --out to be the shipped model's folder (phi4flash/embedded)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--threads", type=int, default=defaults.threads,
-                        help="torch threads (1 is fastest on a busy 2-core machine)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data, tokenizer and weights")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="most chats per optimizer step")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (warmup, then cosine)")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 autocast")
-    parser.add_argument("--hidden-size", type=int, default=DEFAULT_MODEL["hidden_size"])
-    parser.add_argument("--layers", type=int, default=DEFAULT_MODEL["num_hidden_layers"])
-    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
+    parser.add_argument("--hidden-size", type=int, default=DEFAULT_MODEL["hidden_size"],
+                        help="model width (the MLP is 4x)")
+    parser.add_argument("--layers", type=int, default=DEFAULT_MODEL["num_hidden_layers"], help="decoder layers")
+    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="tokenizer ids")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``phi4flash train [--minutes M] [--out DIR] [--seed S]``."""
+    parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     out = Path(args.out) if args.out else Path.cwd() / time.strftime("phi4flash-embedded-%Y%m%d-%H%M%S")
     if out.resolve() == EMBEDDED_DIR.resolve() and not args.overwrite_embedded:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,9 @@ from phi4flash_demo.app import EXAMPLES  # noqa: E402
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 NO_SPINNER = "document.querySelectorAll('#chatbot .loading-spinner').length === 0"
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshot.png"
+# Visible copy/retry/undo rows in each reply of the chat.
+BUTTON_ROWS = """() => Array.from(document.querySelectorAll('#chatbot .bot-row')).map(row =>
+    Array.from(row.querySelectorAll('.message-buttons')).filter(b => b.offsetParent !== null).length)"""
 
 
 @pytest.fixture
@@ -38,14 +39,26 @@ def long_page(long_url: str) -> Any:
     yield from _page(long_url)
 
 
-def _page(url: str) -> Any:
+@pytest.fixture(scope="module")
+def error_url() -> Any:
+    """The page of a model that failed to load, with a long unbroken message (a path, a traceback line)."""
+    from phi4flash_demo import CSS, build_error_demo
+
+    long_path = "/models/" + "a-very-long-folder-name/" * 12 + "model.safetensors"
+    app = build_error_demo(OSError(f"{long_path} ({4_449_396:,} bytes) is damaged or incomplete"))
+    app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, css=CSS)
+    yield app.local_url
+    app.close()
+
+
+def _page(url: str, ready: str = "#input textarea") -> Any:
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(60_000)
             page.goto(url)
-            page.wait_for_selector("#input textarea")
+            page.wait_for_selector(ready)
             yield page
         finally:
             browser.close()
@@ -101,13 +114,32 @@ def test_question_streams_thinking_then_answer_with_latency_panel(page: Any, eng
     assert page.locator("#chatbot .thought-group").first.inner_text().startswith("Thought")
     assert page.locator("#stats svg.p4f-spark").count() == 1
 
-    page.get_by_text("Settings", exact=True).first.click()  # fold the settings away for the picture
-    page.evaluate("window.scrollTo(0, 0)")
-    page.wait_for_timeout(300)
-    shot = tmp_path / "chat.png"
-    page.screenshot(path=str(shot))
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    shutil.copyfile(shot, SCREENSHOT)
+    assert page.evaluate(BUTTON_ROWS) == [1]  # one copy/retry/undo row for the reply, not one per message
+    page.screenshot(path=str(tmp_path / "chat.png"))  # docs/screenshot.png is made by scripts/screenshot.py
+
+    page.get_by_role("button", name="New chat").click()
+    page.wait_for_selector('#stats [data-phase="idle"]', timeout=10_000)
+    assert _stats(page)["finish"] == "–" and _stats(page)["reasoning"] == "0"
+
+
+def test_a_blank_message_is_refused_before_it_enters_the_chat(page: Any) -> None:
+    _ask(page, "   ")
+    page.get_by_text("Type a question first").first.wait_for(timeout=10_000)
+    assert page.locator("#chatbot .user-row").count() == 0  # no empty bubble
+    assert "__i18n__" not in page.inner_text("body")  # nor a nameless chat in the history list
+    _settings(page, temperature=0, max_new_tokens=64, seed=0)
+    _ask(page, "What is 2 + 3?")  # the next message goes through
+    page.wait_for_selector('#stats [data-phase^="done"]', timeout=60_000)
+    assert page.locator("#chatbot .user-row").count() == 1
+
+
+def test_the_load_error_page_wraps_a_long_message(error_url: str) -> None:
+    for page in _page(error_url, "#load-error"):
+        page.wait_for_selector("#load-error pre")
+        widths = page.evaluate("""() => ({page: document.documentElement.scrollWidth, view: window.innerWidth,
+            block: document.querySelector('#load-error pre').scrollWidth,
+            box: document.querySelector('#load-error pre').clientWidth})""")
+        assert widths["page"] <= widths["view"] and widths["block"] <= widths["box"], widths
 
 
 def test_stop_button_stops_the_generation(long_page: Any, long_demo: Any, tmp_path: Path) -> None:
@@ -122,7 +154,12 @@ def test_stop_button_stops_the_generation(long_page: Any, long_demo: Any, tmp_pa
         while not runtime.active and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.5)  # let it decode a little
-        page.locator("#input button.stop-button").click(timeout=5_000)
+        try:
+            page.locator("#input button.stop-button").click(timeout=5_000)
+        except sync_api.TimeoutError:  # the button went away: only right if the answer ended before the click
+            assert not runtime.active, "the Stop button could not be clicked while the engine was generating"
+            page.wait_for_function(NO_SPINNER, timeout=10_000)
+            continue
         deadline = time.monotonic() + 5
         while len(runtime.finished) == done_before and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -153,9 +153,38 @@ def test_bad_input_gets_a_clear_message(url: str, engine: Any) -> None:
         too_long = "hello " * (engine.context_length + 16)
         messages, _ = client.predict(too_long, *GREEDY_SHORT, api_name="/chat")
         assert title(messages[0]) == ERROR_TITLE
-        assert "too long" in messages[0]["content"] and "Traceback" not in messages[0]["content"]
+        text = messages[0]["content"]
+        assert "too long" in text and "Traceback" not in text
+        assert text.lower().count("shorten") == 1 and text.count("earlier turns") == 1, text  # the advice once
     finally:
         client.close()
+
+
+def test_the_chat_api_needs_only_the_message(url: str, engine: Any) -> None:
+    """Every setting has a default, the system prompt included."""
+    client = gradio_client.Client(url, verbose=False)
+    try:
+        messages, stats_html = client.predict("What is 2 + 3?", api_name="/chat")
+    finally:
+        client.close()
+    assert parse_stats(stats_html)["finish"] in ("stop", "length")
+    assert number(parse_stats(stats_html)["prompt"]) == engine.count_tokens([{"role": "user",
+                                                                              "content": "What is 2 + 3?"}])
+    assert messages and not any(title(m) == ERROR_TITLE for m in messages)
+
+
+def test_the_prefill_rate_of_a_continued_chat_names_the_tokens_it_counts(url: str) -> None:
+    client = gradio_client.Client(url, verbose=False)
+    try:
+        client.predict("What is 25 + 17?", *GREEDY_SHORT, api_name="/chat")
+        _, stats_html = client.predict("And 3 + 4?", *GREEDY_SHORT, api_name="/chat")  # the session's next turn
+    finally:
+        client.close()
+    stats = parse_stats(stats_html)
+    reused, prompt = number(stats["reused"]), number(stats["prompt"])
+    assert reused > 0, stats  # the second turn continued from the kept state
+    new = int(prompt - reused)
+    assert f"Prefill ({new:,} new token{'s' if new != 1 else ''})" in stats_html
 
 
 @pytest.mark.parametrize("index", range(len(EXAMPLES)))

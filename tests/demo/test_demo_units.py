@@ -81,7 +81,7 @@ def test_a_model_that_failed_to_load_gets_a_page_that_says_why() -> None:
 
 def test_cli_defaults_and_options() -> None:
     args = parse_args([])
-    assert (args.model, args.remote, args.host, args.port, args.share) == ("embedded", None, "127.0.0.1", None, False)
+    assert (args.model, args.remote, args.host, args.port, args.share) == (None, None, "127.0.0.1", None, False)
     args = parse_args(["--model", "microsoft/Phi-4-mini-flash-reasoning", "--remote", "http://h:8000", "--host",
                        "0.0.0.0", "--port", "7861", "--share"])
     assert (args.model, args.remote, args.host, args.port, args.share) == (
@@ -106,3 +106,53 @@ def test_every_example_card_is_a_problem_the_embedded_model_was_trained_on() -> 
     from phi4flash_demo.app import EXAMPLES
 
     assert set(EXAMPLES) <= {d.question for d in data.demo_examples()}
+
+
+def test_prefill_rate_says_over_how_many_tokens_it_was_measured() -> None:
+    fresh = parse_stats(render_stats(LatencyMetrics(prompt_tokens=27, prefill_tokens_per_s=1309.0), "done"))
+    assert number(fresh["prefill"]) == 1309
+    reused = render_stats(LatencyMetrics(prompt_tokens=27, reused_prompt_tokens=26, prefill_tokens_per_s=66.0), "done")
+    assert "Prefill (27 tokens)" in render_stats(LatencyMetrics(prompt_tokens=27), "done")
+    assert "Prefill (1 new token)" in reused and number(parse_stats(reused)["prefill"]) == 66
+
+
+def test_a_failed_turn_shows_the_error_without_an_empty_thought() -> None:
+    import phi4flash
+    from phi4flash import GenerationConfig
+    from phi4flash_demo.app import DemoRuntime, build_turn
+
+    dead = phi4flash.RemoteEngine("http://127.0.0.1:9/v1", "m", context_length=4096, timeout=5)
+    updates = list(build_turn(dead, DemoRuntime())([{"role": "user", "content": "hi"}], GenerationConfig()))
+    messages, stats_html = updates[-1]
+    assert [m.metadata["title"] for m in messages] == ["⚠️ Cannot answer"], messages
+    assert "cannot reach" in messages[0].content and parse_stats(stats_html)["phase"] == "error"
+
+
+def test_system_prompt_has_a_default_in_the_chat_api() -> None:
+    import phi4flash
+
+    demo = build_demo(phi4flash.load("embedded"))
+    info = demo.get_api_info()["named_endpoints"]["/chat"]["parameters"]
+    required = [p["parameter_name"] for p in info if not p["parameter_has_default"]]
+    assert required == ["message"], info
+
+
+def test_a_load_error_is_logged_as_one_clear_line(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """The page explains the failure; the terminal gets the message alone (the traceback only with --debug)."""
+    import logging
+    import shutil
+
+    from phi4flash.weights import EMBEDDED_DIR
+    from phi4flash_demo.cli import load_engine
+
+    shutil.copytree(EMBEDDED_DIR, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with caplog.at_level(logging.DEBUG):
+        error = load_engine(parse_args(["--model", str(tmp_path / "ckpt")]))
+    assert "damaged or incomplete" in str(error)
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("phi4flash_demo")]
+    assert len(shown) == 1 and not shown[0].exc_info and "--debug" in shown[0].getMessage()
+    assert "damaged or incomplete" in shown[0].getMessage()
+    assert any(r.exc_info for r in caplog.records if r.levelno == logging.DEBUG)  # there for --debug

@@ -37,7 +37,8 @@ def tiny_engine() -> Any:
 
 def model_params() -> dict[str, Any]:
     """Constructor arguments of ChatPhi4Flash for the CPU tests (small budgets keep the suites fast)."""
-    base: dict[str, Any] = {"temperature": 0, "max_tokens": 48, "reasoning_budget": 16}
+    # max_tokens is a hard cap (as in the OpenAI API): room for a forced call of the standard tools (~50 tokens).
+    base: dict[str, Any] = {"temperature": 0, "max_tokens": 96, "reasoning_budget": 16}
     if embedded_available():
         return {"model": "embedded", **base}
     return {"engine": tiny_engine(), **base}
@@ -88,3 +89,13 @@ class ScriptedEngine:
 
     def count_tokens(self, messages: Any) -> int:
         return self._engine.count_tokens(messages)
+
+
+def assert_streams_one_call(chunks: list[Any], name: str, args: set[str]) -> None:
+    """A streamed forced call: announced by name in a tool_call_chunk, and whole once the chunks are added up."""
+    with_calls = [c for c in chunks if c.tool_call_chunks]
+    assert with_calls and with_calls[0].tool_call_chunks[0]["name"] == name
+    full = chunks[0]
+    for c in chunks[1:]:
+        full = full + c
+    assert full.tool_calls[0]["name"] == name and set(full.tool_calls[0]["args"]) == args

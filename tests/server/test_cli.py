@@ -1,4 +1,4 @@
-"""`phi4flash serve` as a real process: binds loopback, answers 503 while loading, then serves."""
+"""`phi4flash serve` as a real process: loads, binds loopback and serves; a model that cannot load ends it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+from _process import stop
 
 from .server_helpers import MODEL_SOURCE
 
@@ -49,13 +50,20 @@ def test_serve_command_serves_the_embedded_model() -> None:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope", max_retries=0).models.list()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert proc.returncode is not None
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_model_that_cannot_load_ends_the_command_with_its_error(tmp_path, background: bool) -> None:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "phi4flash", "serve", "--model", str(tmp_path / "nonexistent"), "--port", str(port)]
+    result = subprocess.run(cmd + (["--load-in-background"] if background else []), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert f"cannot load the model '{tmp_path / 'nonexistent'}'" in result.stderr
+    assert "neither a checkpoint folder nor a hub id" in result.stderr
+    assert "Traceback" not in result.stderr.split("phi4flash serve: cannot load")[-1]
 
 
 def test_bad_arguments_exit_2() -> None:

@@ -117,3 +117,14 @@ def test_metrics_parse_and_count(client: Any, server: str, model_id: str) -> Non
     # engine.stats(): nothing queued or running once the request has finished
     assert after["phi4flash_queue_depth"] == 0
     assert after["phi4flash_batch_size"] == 0
+
+
+def test_openapi_lists_the_request_models(server: str) -> None:
+    spec = httpx.get(f"{server}/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for name in ("ChatCompletionRequest", "ChatMessage", "ToolDefinition", "ResponseFormat", "TokenizeRequest"):
+        assert name in schemas, sorted(schemas)
+    body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/ChatCompletionRequest")
+    assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant", "tool"]
+    assert httpx.get(f"{server}/docs").status_code == 200

@@ -1,0 +1,299 @@
+// Differential attention for one new token per row (decode) on the CPU, reading the K/V cache where it lies.
+//
+// The cache keeps keys and values as (B, S, Hkv, Dh): one position's keys (or values) are Hkv Dh contiguous
+// values, and kv heads 2p and 2p+1 (pair p) sit side by side. Query head h belongs to group h % 2 and
+// pair-index j = h / 2, and uses kv pair p = j / g (g = H / Hkv): its keys are kv head 2p + h % 2, its values
+// the whole pair [V_2p || V_2p+1] (2 Dh).
+//
+// As flash-decoding does, the positions are cut into blocks, and one job is one (row, block): every query head
+// scores the block's keys, takes the block's softmax in float32 and sums the block's values; the blocks'
+// maxima, sums and partial outputs are then combined. A job walks its positions in order, reading each
+// position's keys and values whole, so the cache streams from memory sequentially (a job per kv pair read
+// 256 bytes out of every 2560 of the real model's cache, at a third of the speed), and nothing is copied
+// (PyTorch's batched matmul copies the strided cache before it multiplies).
+//
+// Output (B, 2, H / 2, 2 Dh): [group][pair-index], what both head groups' attention gives before the
+// differential combination (model code does the rest: O1 - lambda O2, the RMS norm, the scaling).
+
+#include "kernels.h"
+#include "simd.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace phi4flash {
+namespace {
+
+template <typename T>
+inline void load_floats(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) { return load_bf16x16(p); }
+
+// lane 4 i of the result = the sum of a_i's lanes (i = 0..3): four horizontal sums for the price of one
+inline __m512 sum_each(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 t01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 t23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+}
+#endif
+
+// a . b in 16 independent lanes (so that the compiler vectorises without reassociating), then their sum
+inline float dot(const float* a, const float* b, int64_t n) {
+  float lanes[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += a[i + l] * b[i + l];
+  float total = 0.f;
+  for (; i < n; ++i) total += a[i] * b[i];
+  for (int l = 0; l < 16; ++l) total += lanes[l];
+  return total;
+}
+
+// p[s] = exp(p[s] - max) over the valid keys (p[s] = -inf marks an invalid one, which gets 0); returns the sum
+inline float exp_shifted(float* p, int64_t S, float max) {
+  int64_t s = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 total = _mm512_setzero_ps();
+  const __m512 shift = _mm512_set1_ps(max);
+  for (; s + 16 <= S; s += 16) {
+    const __m512 x = _mm512_loadu_ps(p + s);
+    const __mmask16 valid = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                                               _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(x, shift)));
+    _mm512_storeu_ps(p + s, e);
+    total = _mm512_add_ps(total, e);
+  }
+  sum = _mm512_reduce_add_ps(total);
+#endif
+  for (; s < S; ++s) {
+    p[s] = std::isinf(p[s]) ? 0.f : std::exp(p[s] - max);
+    sum += p[s];
+  }
+  return sum;
+}
+
+constexpr int64_t kPositions = 256;  // positions per job
+
+// the kv head whose keys query head h scores
+inline int64_t key_head(int64_t h, int64_t g) { return 2 * ((h / 2) / g) + h % 2; }
+
+// One (row, block) job: queries (H4, Dh) float, scaled, H4 = H rounded up to 4 (zero rows past H); raw_queries
+// the same unscaled in bfloat16 when the cache is bfloat16 (for AVX512-BF16's dot products), else null; k, v
+// at the block's first position, positions ``stride`` elements apart; valid: (len,) or null. Writes the
+// block's maximum score and sum of exp per head (H,) and its unnormalised output per head (H, 2 Dh).
+template <typename T>
+void attend_block(const float* queries, const at::BFloat16* raw_queries, float scale, const T* k, const T* v,
+                  int64_t k_stride, int64_t v_stride, const bool* valid, int64_t len, int64_t H, int64_t Dh,
+                  int64_t g, float* block_max, float* block_sum, float* acc, std::vector<float>& scratch) {
+  const int64_t H4 = (H + 3) / 4 * 4, width = 2 * Dh, pairs = H / (2 * g);
+  scratch.resize(H4 * len + width);
+  float* scores = scratch.data();   // (H4, len)
+  float* buf = scores + H4 * len;   // (2 Dh): one pair's keys or values in float
+  const float none = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < len; ++s) {
+    if (valid && !valid[s]) {
+      for (int64_t h = 0; h < H4; ++h) scores[h * len + s] = none;
+      continue;
+    }
+    const T* key = k + s * k_stride;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (Dh % 16 == 0) {
+      // the values of this position, into L2 while the keys are scored: the value pass then reads them per kv
+      // pair from there, with its sums in registers
+      const char* value_row = reinterpret_cast<const char*>(v + s * v_stride);
+      for (int64_t byte = 0; byte < pairs * width * static_cast<int64_t>(sizeof(T)); byte += 64)
+        _mm_prefetch(value_row + byte, _MM_HINT_T1);
+      alignas(64) float lanes[16];
+#if defined(__AVX512BF16__)
+      if (raw_queries != nullptr && Dh % 32 == 0) {  // bfloat16 products summed in float32, 32 per instruction
+        const at::BFloat16* keys = reinterpret_cast<const at::BFloat16*>(key);
+        for (int64_t h0 = 0; h0 < H4; h0 += 4) {
+          __m512 sum[4];
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) {
+            const at::BFloat16* kh = keys + key_head(std::min(h0 + i, H - 1), g) * Dh;
+            const at::BFloat16* qh = raw_queries + (h0 + i) * Dh;
+            sum[i] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < Dh; d += 32)
+              sum[i] = _mm512_dpbf16_ps(sum[i], (__m512bh)_mm512_loadu_si512(qh + d),
+                                        (__m512bh)_mm512_loadu_si512(kh + d));
+          }
+          _mm512_store_ps(lanes, _mm512_mul_ps(sum_each(sum[0], sum[1], sum[2], sum[3]), _mm512_set1_ps(scale)));
+          for (int i = 0; i < 4; ++i) scores[(h0 + i) * len + s] = lanes[4 * i];
+        }
+        continue;
+      }
+#endif
+      for (int64_t h0 = 0; h0 < H4; h0 += 4) {
+        __m512 sum[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const T* kh = key + key_head(std::min(h0 + i, H - 1), g) * Dh;  // a padding row reads real keys
+          const float* qh = queries + (h0 + i) * Dh;
+          sum[i] = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(kh));
+          for (int64_t d = 16; d < Dh; d += 16) sum[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(kh + d), sum[i]);
+        }
+        _mm512_store_ps(lanes, sum_each(sum[0], sum[1], sum[2], sum[3]));
+        for (int i = 0; i < 4; ++i) scores[(h0 + i) * len + s] = lanes[4 * i];
+      }
+      continue;
+    }
+#endif
+    for (int64_t h = 0; h < H; ++h) {
+      load_floats(key + key_head(h, g) * Dh, buf, Dh);
+      scores[h * len + s] = dot(queries + h * Dh, buf, Dh);
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    float* row = scores + h * len;
+    float best = none;
+    for (int64_t s = 0; s < len; ++s) best = std::max(best, row[s]);
+    block_max[h] = best;
+    block_sum[h] = best == none ? 0.f : exp_shifted(row, len, best);
+  }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (width % 64 == 0) {
+    // per kv pair, four of its heads by 64 outputs at a time: 16 sums in registers over the block's positions
+    for (int64_t p = 0; p < pairs; ++p)
+      for (int64_t r0 = 0; r0 < 2 * g; r0 += 4)
+        for (int64_t d0 = 0; d0 < width; d0 += 64) {
+          const int64_t first = 2 * p * g + r0, heads = std::min<int64_t>(4, 2 * g - r0);
+          __m512 sum[4][4];
+          for (int i = 0; i < 4; ++i)
+            for (int c = 0; c < 4; ++c) sum[i][c] = _mm512_setzero_ps();
+          for (int64_t s = 0; s < len; ++s) {
+            if (valid && !valid[s]) continue;
+            const T* vp = v + s * v_stride + 2 * p * Dh + d0;
+            __m512 x[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) x[c] = load16(vp + 16 * c);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) {
+              const __m512 w = _mm512_set1_ps(i < heads ? scores[(first + i) * len + s] : 0.f);
+#pragma GCC unroll 4
+              for (int c = 0; c < 4; ++c) sum[i][c] = _mm512_fmadd_ps(w, x[c], sum[i][c]);
+            }
+          }
+          for (int64_t i = 0; i < heads; ++i)
+            for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + (first + i) * width + d0 + 16 * c, sum[i][c]);
+        }
+    return;
+  }
+#endif
+  std::fill(acc, acc + H * width, 0.f);
+  for (int64_t s = 0; s < len; ++s) {
+    if (valid && !valid[s]) continue;
+    const T* value = v + s * v_stride;
+    for (int64_t p = 0; p < pairs; ++p) {
+      load_floats(value + 2 * p * Dh, buf, width);
+      for (int64_t h = 2 * p * g; h < 2 * (p + 1) * g; ++h) {  // pair p's query heads
+        const float w = scores[h * len + s];
+        float* a = acc + h * width;
+        for (int64_t d = 0; d < width; ++d) a[d] += w * buf[d];
+      }
+    }
+  }
+}
+
+template <typename T>
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* valid, at::Tensor& out,
+            float scale) {
+  const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), S = k.size(1), Hkv = k.size(2);
+  const int64_t g = H / Hkv, H4 = (H + 3) / 4 * 4, width = 2 * Dh;
+  const int64_t blocks = std::max<int64_t>(1, (S + kPositions - 1) / kPositions);
+  std::vector<float> queries(B * H4 * Dh, 0.f);
+  std::vector<at::BFloat16> raw(std::is_same<T, at::BFloat16>::value ? B * H4 * Dh : 0, at::BFloat16(0.f));
+  const T* qp = q.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < H * Dh; ++i) {
+      queries[b * H4 * Dh + i] = static_cast<float>(qp[b * H * Dh + i]) * scale;
+      if (!raw.empty()) raw[b * H4 * Dh + i] = static_cast<at::BFloat16>(static_cast<float>(qp[b * H * Dh + i]));
+    }
+  std::vector<float> maxima(B * blocks * H), sums(B * blocks * H), partial(B * blocks * H * width);
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t b = job / blocks, s0 = (job % blocks) * kPositions, len = std::min(kPositions, S - s0);
+      if (len <= 0) {  // S = 0: nothing to attend
+        std::fill(maxima.begin() + job * H, maxima.begin() + (job + 1) * H, -std::numeric_limits<float>::infinity());
+        std::fill(sums.begin() + job * H, sums.begin() + (job + 1) * H, 0.f);
+        continue;
+      }
+      attend_block<T>(queries.data() + b * H4 * Dh, raw.empty() ? nullptr : raw.data() + b * H4 * Dh, scale,
+                      kp + b * k.stride(0) + s0 * k.stride(1),
+                      vp + b * v.stride(0) + s0 * v.stride(1), k.stride(1), v.stride(1),
+                      valid ? valid + b * S + s0 : nullptr, len, H, Dh, g, maxima.data() + job * H,
+                      sums.data() + job * H, partial.data() + job * H * width, scratch);
+    }
+  });
+  // combine the blocks: softmax over all positions = each block's rescaled by exp(its max - the overall max)
+  T* op = out.data_ptr<T>();
+  std::vector<float> o(width);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      float best = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < blocks; ++j) best = std::max(best, maxima[(b * blocks + j) * H + h]);
+      std::fill(o.begin(), o.end(), 0.f);
+      float total = 0.f;
+      if (best != -std::numeric_limits<float>::infinity())
+        for (int64_t j = 0; j < blocks; ++j) {
+          const int64_t at = (b * blocks + j) * H + h;
+          if (sums[at] == 0.f) continue;
+          const float factor = std::exp(maxima[at] - best);
+          total += sums[at] * factor;
+          const float* a = partial.data() + at * width;
+          for (int64_t d = 0; d < width; ++d) o[d] += a[d] * factor;
+        }
+      const float norm = total > 0.f ? 1.f / total : 0.f;
+      T* dst = op + ((b * 2 + h % 2) * (H / 2) + h / 2) * width;  // out (B, 2, H / 2, 2 Dh)
+      for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<T>(o[d] * norm);
+    }
+}
+
+}  // namespace
+
+at::Tensor diff_attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const c10::optional<at::Tensor>& key_valid, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: contiguous (B, H, Dh)");
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k, v: (B, S, Hkv, Dh), the same shape");
+  const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), S = k.size(1), Hkv = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == Dh && Hkv % 2 == 0 && H % Hkv == 0,
+              "shapes: q (B, H, Dh), k/v (B, S, Hkv, Dh) with Hkv even and dividing H");
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->stride(3) == 1 && t->stride(2) == Dh && t->scalar_type() == q.scalar_type(),
+                "k, v: q's dtype, each position's heads contiguous");
+  const bool* valid = nullptr;
+  if (key_valid.has_value()) {
+    TORCH_CHECK(key_valid->scalar_type() == at::kBool && key_valid->is_contiguous() && key_valid->size(0) == B &&
+                    key_valid->size(1) == S,
+                "key_valid: contiguous bool (B, S)");
+    valid = key_valid->data_ptr<bool>();
+  }
+  auto out = at::empty({B, 2, H / 2, 2 * Dh}, q.options());
+  if (q.scalar_type() == at::kFloat)
+    attend<float>(q, k, v, valid, out, static_cast<float>(scale));
+  else if (q.scalar_type() == at::kBFloat16)
+    attend<at::BFloat16>(q, k, v, valid, out, static_cast<float>(scale));
+  else
+    TORCH_CHECK(false, "diff_attention_decode: float32 or bfloat16, got ", q.scalar_type());
+  return out;
+}
+
+}  // namespace phi4flash

@@ -1,0 +1,148 @@
+"""phi4flash's optional C++ kernels for the CPU, compiled once on this machine.
+
+The sources in ``phi4flash/csrc`` are built with PyTorch's own ``cpp_extension`` (g++ and ninja, tuned to this
+CPU with ``-march=native``) the first time they are needed, or ahead of time by ``scripts/setup.sh``
+(``python -m phi4flash.native``), and cached by PyTorch under ``~/.cache/torch_extensions``. When there is no
+compiler, or ``PHI4FLASH_NATIVE=0`` is set, everything runs on the pure PyTorch path; one log line says which.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "quant_cpu.cpp", "scan_cpu.cpp",
+                                                                   "attention_cpu.cpp")]
+
+
+def build_name() -> str:
+    """The extension's name: a digest of this CPU's model and flags (the build is tuned to it, so a cache shared
+    between machines must tell them apart) and of the sources (two versions of phi4flash never share a build)."""
+    digest = hashlib.sha1(_cpu_signature().encode())
+    for source in sorted(Path(__file__).parent.joinpath("csrc").iterdir()):
+        digest.update(source.name.encode() + source.read_bytes())
+    return f"phi4flash_cpu_{digest.hexdigest()[:12]}"
+
+
+def _cpu_signature() -> str:
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    text += line
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        pass
+    return text
+
+
+def _put_ninja_on_path() -> None:
+    # cpp_extension runs `ninja` from PATH; the ninja wheel's binary is not there when the venv is not activated.
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # type: ignore[import-untyped]
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+_READY: bool | None = None
+
+
+def ready() -> bool:
+    """Whether the kernels are there, loading them on the first call; afterwards a plain read of a flag (no
+    file access), so that torch.compile traces through callers without a graph break."""
+    global _READY
+    if _READY is None:
+        _READY = load() is not None
+    return _READY
+
+
+def disabled() -> bool:
+    """Whether the user turned the native kernels off (``PHI4FLASH_NATIVE=0``)."""
+    return os.environ.get("PHI4FLASH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled kernels, building them on first use; None (with one log line why) when they cannot be."""
+    if disabled():
+        logger.info("phi4flash native CPU kernels off (PHI4FLASH_NATIVE=0): pure PyTorch path")
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        _put_ninja_on_path()
+        start = time.perf_counter()
+        module = cpp_extension.load(
+            name=build_name(), sources=[str(s) for s in SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back, say why
+        reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        logger.info("phi4flash native CPU kernels unavailable (%s): pure PyTorch path; install g++ and ninja "
+                    "(scripts/setup.sh does) for the fast path", reason)
+        return None
+    _register_fakes()
+    logger.info("phi4flash native CPU kernels ready in %.1f s (%s)", time.perf_counter() - start, module.isa())
+    return module
+
+
+def _register_fakes() -> None:
+    """Shapes of the operators' outputs, so that torch.compile can trace through them without running them."""
+    import torch
+
+    @torch.library.register_fake("phi4flash::int4_linear")
+    def _(x, w, scales, zeros, group):  # noqa: ANN001, ANN202
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("phi4flash::int8_linear")
+    def _(x, w, scales):  # noqa: ANN001, ANN202
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("phi4flash::bf16_linear")
+    def _(x, w):  # noqa: ANN001, ANN202
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("phi4flash::dequantize")
+    def _(w, scales, zeros, group, rows):  # noqa: ANN001, ANN202
+        count = w.shape[0] if rows is None else rows.numel()
+        return w.new_empty(count, w.shape[1] * (2 if zeros is not None else 1), dtype=torch.bfloat16)
+
+    @torch.library.register_fake("phi4flash::dequantize_into")
+    def _(w, scales, zeros, group, first_row, out):  # noqa: ANN001, ANN202
+        return None
+
+    @torch.library.register_fake("phi4flash::selective_scan")
+    def _(u, delta, A, B, C, D, state):  # noqa: ANN001, ANN202
+        return u.new_empty(u.shape), u.new_empty(u.shape[0], u.shape[2], A.shape[1])
+
+    @torch.library.register_fake("phi4flash::selective_scan_backward")
+    def _(u, delta, A, B, C, D, state, gy, g_last):  # noqa: ANN001, ANN202
+        rows, width = u.shape[0], u.shape[2]
+        return [torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B),
+                torch.empty_like(C), A.new_empty(width), A.new_empty(rows, width, A.shape[1])]
+
+    @torch.library.register_fake("phi4flash::diff_attention_decode")
+    def _(q, k, v, key_valid, scale):  # noqa: ANN001, ANN202
+        return q.new_empty(q.shape[0], 2, q.shape[1] // 2, 2 * q.shape[2])
+
+
+def main() -> int:
+    """``python -m phi4flash.native``: build (or find) the kernels now and say which path runs."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return 0 if load() is not None else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

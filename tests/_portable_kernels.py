@@ -1,0 +1,74 @@
+"""Run by tests/test_native.py in its own process: build phi4flash's C++ kernels for a CPU without AVX-512
+(``-march=x86-64-v2``, the portable C++ loops) and check them against the reference: the quantized kernels bit
+for bit, the decode attention and the selective scan (forward and backward) within float32 rounding.
+
+Usage: python tests/_portable_kernels.py BUILD_DIR  (prints "PORTABLE OK <isa>" when every check holds)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from model_helpers import decode_attention_reference
+from torch.utils.cpp_extension import load
+
+from phi4flash import native, ops, qkernels, quant
+
+
+def main(build_dir: str) -> None:
+    module = load(name="phi4flash_portable_check", sources=[str(source) for source in native.SOURCES],
+                  extra_cflags=["-O2", "-march=x86-64-v2", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                  build_directory=build_dir, verbose=False)
+    torch.manual_seed(0)
+    for bits, group in [(8, 0), (4, 128), (4, 64), (4, 32)]:
+        for rows, n, k in [(1, 32, 256), (5, 48, 384)]:
+            port = quant.quantize_weight(torch.randn(n, k) * 0.05, bits, group)
+            x = torch.randn(rows, k).to(torch.bfloat16)
+            q, scale = qkernels.quantize_activations(x)
+            seen = (q.view(rows, -1, 128) * scale[..., None]).view(rows, k)
+            w = quant.dequantize(**port)
+            if bits == 8:
+                scales = port["scales"].to(torch.bfloat16).contiguous()
+                tiles, extra = qkernels.int8_tiles((port["qweight"].to(torch.int16) + 128).to(torch.uint8)), None
+                y = torch.ops.phi4flash.int8_linear(x, tiles, scales)
+            else:
+                values = torch.stack([port["qweight"] & 15, port["qweight"] >> 4], -1).view(n, k)
+                tiles = qkernels.int4_tiles(values)
+                scales = qkernels.tile_columns(port["scales"].to(torch.bfloat16))
+                extra = qkernels.tile_columns(port["zeros"].to(torch.bfloat16))
+                y = torch.ops.phi4flash.int4_linear(x, tiles, scales, extra, group)
+            expected = (seen.double() @ w.double().t()).float().to(torch.bfloat16)
+            assert torch.equal(y, expected), (bits, group, rows, (y.float() - expected.float()).abs().max())
+            whole = torch.ops.phi4flash.dequantize(tiles, scales, extra, group, None)
+            assert torch.equal(whole, w.to(torch.bfloat16)), (bits, group)
+            picked = torch.ops.phi4flash.dequantize(tiles, scales, extra, group, torch.tensor([n - 1, 0]))
+            assert torch.equal(picked, w[[n - 1, 0]].to(torch.bfloat16)), (bits, group)
+    for heads, kv_heads, head_dim in [(40, 20, 64), (4, 2, 32), (12, 4, 24)]:
+        q, k, v = torch.randn(2, heads, head_dim), torch.randn(2, 50, kv_heads, head_dim), torch.randn(2, 50, kv_heads,
+                                                                                                        head_dim)
+        valid = torch.rand(2, 50) > 0.3
+        got = torch.ops.phi4flash.diff_attention_decode(q, k, v, valid, head_dim**-0.5)
+        expected = decode_attention_reference(q, k, v, valid, head_dim**-0.5)
+        assert (got.double() - expected).abs().max().item() <= 1e-5, (heads, kv_heads, head_dim)
+    for width, length, state_size in [(40, 19, 8), (20, 7, 16)]:
+        u, delta = torch.randn(2, length, width), torch.rand(2, length, width) + 0.1
+        A, D = -torch.rand(width, state_size) - 0.1, torch.randn(width)
+        B, C, state = torch.randn(2, length, state_size), torch.randn(2, length, state_size), torch.randn(2, width,
+                                                                                                          state_size)
+        inputs = [t.double().requires_grad_() for t in (u, delta, A, B, C, D, state)]
+        y_ref, last_ref = ops.selective_scan_reference(*(t.transpose(1, 2) if t.dim() == 3 and t is not inputs[6]
+                                                         else t for t in inputs))
+        gy, g_last = torch.randn(y_ref.shape, dtype=torch.float64), torch.randn(last_ref.shape, dtype=torch.float64)
+        ((y_ref * gy).sum() + (last_ref * g_last).sum()).backward()
+        leaves = [t.detach().float().requires_grad_() for t in inputs]
+        y, last = ops._NativeScan.apply(*leaves)  # the kernel's layouts: y (B, T, E)
+        assert (y.double().transpose(1, 2) - y_ref).abs().max().item() <= 1e-4, (width, state_size)
+        ((y.transpose(1, 2) * gy.float()).sum() + (last * g_last.float()).sum()).backward()
+        for leaf, ref in zip(leaves, inputs, strict=True):
+            assert (leaf.grad.double() - ref.grad).abs().max().item() <= 1e-4 * (1 + ref.grad.abs().max().item())
+    print("PORTABLE OK", module.isa())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,113 @@
+"""The compiled decode step: the static step equals the eager one, the engine switches to the compiled graph when
+it is ready and gives the same tokens, and a step that cannot compile leaves the engine on the eager step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import phi4flash
+from phi4flash import GenerationConfig, load_model
+from phi4flash import compiled as compiled_module
+from phi4flash.compiled import CompiledDecoder, compile_pays, wants_compile
+
+PROMPTS = ["What is 487 + 356?", "Solve 4x - 7 = 21", "What is 25% of 80?"]
+
+
+def test_static_step_equals_the_eager_step_past_a_cache_growth() -> None:
+    model = load_model("embedded")
+    ids = torch.randint(0, 500, (3, 30))
+    eager, static = model.new_cache(3, 32), model.new_cache(3, 32)
+    with torch.no_grad():
+        model(ids, cache=eager, logits_to_keep=1)
+        model(ids, cache=static, logits_to_keep=1)
+        token = torch.tensor([5, 6, 7])
+        for _ in range(6):  # 30 + 6 > 32: the caches grow on the way
+            expected = model.step(token, eager)
+            static.grow(int(static.lengths.max()) + 1)
+            got = model.step(token, static, rows=slice(0, 3), static=True)
+            assert (got - expected).abs().max().item() <= 1e-5
+            token = expected.argmax(-1)
+    assert torch.equal(eager.lengths, static.lengths)
+    with pytest.raises(ValueError, match="one token per row"):
+        model(ids[:, :2], cache=static, static=True)
+
+
+def test_compiling_is_asked_for_and_pays_for_small_cpu_models(monkeypatch) -> None:
+    model = load_model("embedded")
+    monkeypatch.delenv("PHI4FLASH_COMPILE", raising=False)
+    assert compile_pays(model) and not wants_compile("auto", model) and wants_compile("auto", model, default=True)
+    monkeypatch.setattr(compiled_module, "SMALL_MODEL_PARAMETERS", 1000)  # as if it were the real model's size
+    assert not compile_pays(model) and not wants_compile("auto", model, default=True)
+    monkeypatch.setenv("PHI4FLASH_COMPILE", "1")
+    assert wants_compile("auto", model) and not wants_compile(False, model)
+    monkeypatch.setenv("PHI4FLASH_COMPILE", "0")
+    assert not wants_compile("auto", model, default=True) and wants_compile(True, model)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    compiled = phi4flash.load("embedded", compile=True)  # compiles while loading
+    eager = phi4flash.load("embedded", compile=False)
+    assert compiled.compiled_step == "compiled", compiled.compiled_step
+    yield compiled, eager
+    compiled.close()
+    eager.close()
+
+
+def test_engine_decodes_through_the_compiled_graph_with_the_same_tokens(engines) -> None:
+    compiled, eager = engines
+    assert eager.compiled_step == "eager"
+    calls = []
+    original = compiled._compiled._step
+    compiled._compiled._step = lambda *args: calls.append(args[0].shape[0]) or original(*args)
+    try:
+        config = GenerationConfig(temperature=0, max_new_tokens=120)
+        conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+        got = compiled.generate_batch(conversations, config)
+        expected = eager.generate_batch(conversations, config)
+        alone = compiled.generate(conversations[1], config)
+    finally:
+        compiled._compiled._step = original
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert alone.token_ids == expected[1].token_ids
+    assert calls and max(calls) >= 2 and 1 in calls  # the graph ran for a batch and for one row
+
+
+def test_a_step_that_cannot_compile_leaves_the_eager_step(monkeypatch) -> None:
+    def broken(self, ids, cache):  # noqa: ANN001, ANN202
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(CompiledDecoder, "_static_step", broken)
+    engine = phi4flash.load("embedded", compile=True)
+    try:
+        assert engine.compiled_step == "eager (RuntimeError: no compiler here)"
+        answer = engine.generate([{"role": "user", "content": PROMPTS[0]}],
+                                 GenerationConfig(temperature=0, max_new_tokens=120)).answer
+        assert "843" in answer
+    finally:
+        engine.close()
+
+
+def test_chat_demo_and_serve_pass_the_compile_flag_to_load(monkeypatch) -> None:
+    """--compile reaches ``phi4flash.load`` as compile=True on every face; without it, "auto" (the environment)."""
+    from phi4flash import chat
+    from phi4flash.server.cli import build_parser
+    from phi4flash.server.cli import load_engine as serve_load
+    from phi4flash_demo.cli import load_engine as demo_load
+    from phi4flash_demo.cli import parse_args
+
+    seen = []
+
+    def load(source: str, **kwargs: object) -> None:
+        seen.append(kwargs.get("compile"))
+        raise RuntimeError("loading stops here")
+
+    monkeypatch.setattr(phi4flash, "load", load)
+    for flags in (["--compile"], []):
+        assert chat.main(flags) == 1  # the load error ends the command
+        assert isinstance(demo_load(parse_args(flags)), RuntimeError)
+        args = build_parser().parse_args(flags)
+        with pytest.raises(RuntimeError, match="loading stops here"):
+            serve_load(args.model, max_batch=1, compile=True if args.compile else "auto")
+    assert seen == [True, True, True, "auto", "auto", "auto"]

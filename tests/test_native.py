@@ -1,0 +1,245 @@
+"""phi4flash's C++ CPU kernels against their definitions: the selective scan, the bfloat16 matrix-vector
+product and the decode attention (the quantized kernels are in test_quant.py; their portable C++ build is
+checked here), and the model with and without them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from model_helpers import decode_attention_reference, tiny_model
+
+from phi4flash import native, ops, qkernels
+
+kernels = native.load()
+pytestmark = pytest.mark.skipif(kernels is None, reason="phi4flash's C++ kernels could not be built here (no g++?)")
+
+
+def _scan_inputs(batch: int, width: int, length: int, state_size: int) -> tuple[torch.Tensor, ...]:
+    u = torch.randn(batch, width, length)
+    delta = torch.nn.functional.softplus(torch.randn(batch, width, length))
+    A = -torch.exp(torch.randn(width, state_size))
+    B, C = torch.randn(batch, state_size, length), torch.randn(batch, state_size, length)
+    return u, delta, A, B, C, torch.randn(width), torch.randn(batch, width, state_size)
+
+
+@pytest.mark.parametrize("batch, width, length, state_size", [
+    (2, 40, 33, 4),     # channels not a multiple of the 16 lanes
+    (1, 128, 100, 8),   # the embedded model's state
+    (3, 256, 17, 16),   # the real model's state
+    (1, 20, 5, 5),      # any other state size: the portable loop
+])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_native_scan_equals_the_definition(batch: int, width: int, length: int, state_size: int,
+                                           with_state: bool) -> None:
+    u, delta, A, B, C, D, state = _scan_inputs(batch, width, length, state_size)
+    start = state if with_state else None
+    y_ref, s_ref = ops.selective_scan_reference(u.double(), delta.double(), A.double(), B.double(), C.double(),
+                                                D.double(), None if start is None else start.double())
+    y, s = ops.native_scan(u, delta, A, B, C, D, start)
+    assert y.shape == u.shape and s.shape == (batch, width, state_size)
+    assert (y.double() - y_ref).abs().max().item() <= 1e-6 * (1 + y_ref.abs().max().item())
+    assert (s.double() - s_ref).abs().max().item() <= 1e-6 * (1 + s_ref.abs().max().item())
+    y_none, _ = ops.native_scan(u, delta, A, B, C, None, start)  # no D skip
+    assert torch.allclose(y_none + D[:, None] * u, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch, width, length, state_size", [
+    (2, 40, 33, 4),     # channels not a multiple of the 16 lanes
+    (3, 48, 70, 8),     # the embedded model's state
+    (1, 32, 9, 16),     # the real model's state
+    (2, 20, 6, 5),      # any other state size: the portable loop
+])
+@pytest.mark.parametrize("with_skip_and_state", [False, True])
+def test_native_scan_gradients_equal_the_definitions(batch: int, width: int, length: int, state_size: int,
+                                                     with_skip_and_state: bool) -> None:
+    inputs = _scan_inputs(batch, width, length, state_size)
+    if not with_skip_and_state:
+        inputs = (*inputs[:5], None, None)
+    gy, g_last = torch.randn(batch, width, length), torch.randn(batch, width, state_size)
+
+    def grads(scan, dtype: torch.dtype) -> list[torch.Tensor]:  # noqa: ANN001
+        leaves = [None if t is None else t.to(dtype).requires_grad_() for t in inputs]
+        y, last = scan(*leaves)
+        ((y * gy.to(dtype)).sum() + (last * g_last.to(dtype)).sum()).backward()
+        return [t.grad for t in leaves if t is not None]
+
+    expected = grads(ops.selective_scan_reference, torch.float64)
+    got = grads(ops.native_scan, torch.float32)
+    assert len(got) == len(expected) == (7 if with_skip_and_state else 5)
+    for name, g, ref in zip("u delta A B C D state".split(), got, expected, strict=False):
+        assert g.shape == ref.shape, name
+        assert (g.double() - ref).abs().max().item() <= 2e-5 * (1 + ref.abs().max().item()), name
+
+
+def test_model_trains_through_the_native_scan(monkeypatch) -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 100, (2, 24))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    fast = gradients()
+    monkeypatch.setattr(ops, "native_scan", lambda *args: None)
+    slow = gradients()
+    assert fast.keys() == slow.keys() and any("A_log" in name for name in fast)
+    for name in fast:
+        assert (fast[name] - slow[name]).abs().max().item() <= 1e-4 * (1 + slow[name].abs().max().item()), name
+
+
+def test_native_scan_underflowing_decays_are_zero() -> None:
+    u, delta, A, B, C, D, _ = _scan_inputs(1, 16, 3, 16)
+    A = A * 1e4  # exp(delta * A) underflows: the state forgets everything each step
+    y, s = ops.native_scan(u, delta, A, B, C, D, None)
+    y_ref, s_ref = ops.selective_scan_reference(u, delta, A, B, C, D)
+    assert torch.isfinite(y).all() and torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(s, s_ref, atol=1e-5)
+
+
+def test_model_with_and_without_the_native_scan(monkeypatch) -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 100, (2, 40))
+    with torch.no_grad():
+        fast = model(ids)
+        cache = model.new_cache(2, 48)
+        model(ids[:, :25], cache=cache, logits_to_keep=1)
+        steps = torch.stack([model.step(ids[:, t], cache) for t in range(25, 40)], dim=1)
+        monkeypatch.setattr(ops, "native_scan", lambda *args: None)
+        slow = model(ids)
+    assert (fast - slow).abs().max().item() <= 1e-4
+    assert (steps - slow[:, 25:]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("rows, out_features, in_features", [(1, 64, 128), (3, 80, 256), (5, 7, 96), (2, 12, 40)])
+def test_bf16_matrix_vector_product(rows: int, out_features: int, in_features: int) -> None:
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    w = torch.randn(out_features, in_features).to(torch.bfloat16)
+    expected = x.float() @ w.float().t()
+    got = torch.ops.phi4flash.bf16_linear(x, w)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - expected).abs() / (expected.abs() + 1e-2 * expected.abs().max())).max().item() <= 5e-3
+
+
+def test_kernels_refuse_bad_inputs_with_a_message() -> None:
+    with pytest.raises(RuntimeError, match="contiguous \\(M, K\\) bfloat16"):
+        torch.ops.phi4flash.bf16_linear(torch.randn(2, 8), torch.randn(4, 8).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="shapes"):
+        u, delta, A, B, C = (torch.randn(1, 4, 8), torch.randn(1, 4, 9), torch.randn(8, 4), torch.randn(1, 4, 4),
+                             torch.randn(1, 4, 4))  # delta's length differs from u's
+        torch.ops.phi4flash.selective_scan(u, delta, A, B, C, None, None)
+
+
+def test_decode_linear_runs_the_kernel_for_decode_only(monkeypatch) -> None:
+    """bfloat16 on the CPU: one or two rows go through the kernel (same numbers as F.linear up to rounding),
+    more rows through F.linear; float32 layers stay plain nn.Linear."""
+    model = tiny_model().to_dtype(torch.bfloat16).tune_weight_layout()
+    layer = model.model.layers[0].mlp.fc1
+    assert type(layer) is qkernels.DecodeLinear
+    calls = []
+    original = torch.ops.phi4flash.bf16_linear
+    monkeypatch.setattr(torch.ops.phi4flash, "bf16_linear", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    with torch.no_grad():
+        for rows in (1, 2, 5):
+            x = torch.randn(rows, layer.in_features).to(torch.bfloat16)
+            expected = torch.nn.functional.linear(x, layer.weight).float()
+            error = (layer(x).float() - expected).abs() / (expected.abs() + 1e-2 * expected.abs().max())
+            assert error.max().item() <= 1e-2
+    assert calls == [1, 2]
+    assert type(tiny_model().tune_weight_layout().model.layers[0].mlp.fc1) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, head_dim, keys", [
+    (1, 40, 20, 64, 700),  # the real model's heads (the vectorised path: head width 64 or 32)
+    (3, 4, 2, 32, 70),     # the embedded model's
+    (2, 6, 2, 64, 40),     # phi4flash bench's: three query heads per kv head (six rows, padded to eight)
+    (1, 4, 4, 64, 17),     # one query head per kv head
+    (2, 4, 2, 16, 9),      # any other head width: the portable loops
+    (2, 12, 4, 24, 33),    # the same, three query heads per kv head
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_equals_the_definition(batch: int, heads: int, kv_heads: int, head_dim: int, keys: int,
+                                                dtype: torch.dtype, masked: bool) -> None:
+    """The cache is read where it lies: a slice of a longer buffer, rows far apart; longer caches are cut into
+    blocks of 256 positions whose softmaxes are combined."""
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, head_dim).to(dtype)
+    buffer = torch.randn(batch, keys + 5, kv_heads, head_dim).to(dtype)
+    k, v = buffer[:, 3:keys + 3], torch.randn(batch, keys, kv_heads, head_dim).to(dtype)
+    valid = torch.rand(batch, keys) > 0.4 if masked else None
+    if valid is not None:
+        valid[:, 0] = True
+        valid[:, 256:512] = False  # with 700 keys: a whole block of positions has nothing to attend
+    scale = head_dim**-0.5
+    got = torch.ops.phi4flash.diff_attention_decode(q, k, v, valid, scale)
+    expected = decode_attention_reference(q, k, v, valid, scale)
+    assert got.dtype == dtype and got.shape == expected.shape
+    bound = 1e-6 if dtype == torch.float32 else 8e-3  # bfloat16: the output's own rounding
+    assert ((got.double() - expected).abs() / (1 + expected.abs())).max().item() <= bound
+
+
+def test_decode_attention_refuses_bad_inputs_with_a_message() -> None:
+    q, k = torch.randn(1, 4, 16), torch.randn(1, 5, 2, 16)
+    with pytest.raises(RuntimeError, match="Hkv even and dividing H"):
+        torch.ops.phi4flash.diff_attention_decode(q, torch.randn(1, 5, 3, 16), torch.randn(1, 5, 3, 16), None, 1.0)
+    with pytest.raises(RuntimeError, match="heads contiguous"):
+        strided = torch.randn(1, 5, 16, 2).transpose(2, 3)
+        torch.ops.phi4flash.diff_attention_decode(q, strided, strided, None, 1.0)
+    with pytest.raises(RuntimeError, match="contiguous bool"):
+        torch.ops.phi4flash.diff_attention_decode(q, k, k, torch.ones(1, 4, dtype=torch.bool), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 128])  # head width 16 (portable loops) and 32 (vectorised)
+def test_model_decode_with_and_without_the_native_attention(monkeypatch, dtype: torch.dtype, hidden: int) -> None:
+    """Decode steps past the window (the ring wraps) and a continued batch agree with the PyTorch path."""
+    model = tiny_model(hidden_size=hidden).to_dtype(dtype)
+    ids = torch.randint(0, 100, (2, 30))
+    calls = []
+    original = torch.ops.phi4flash.diff_attention_decode
+    monkeypatch.setattr(torch.ops.phi4flash, "diff_attention_decode",
+                        lambda *a: calls.append(a[1].shape[1]) or original(*a))
+
+    def decode() -> torch.Tensor:
+        with torch.no_grad():
+            cache = model.new_cache(2, 32)
+            model(ids[:, :6], cache=cache, logits_to_keep=1)
+            calls.clear()
+            return torch.stack([model.step(ids[:, t], cache) for t in range(6, 30)], dim=1)
+
+    fast = decode()
+    assert len(calls) == 24 * 4  # four attention layers in tiny_config (two sliding, the full, one cross)
+    monkeypatch.setattr(ops, "_native_decode_attention", lambda *a: False)
+    slow = decode()
+    assert not calls
+    bound = 1e-4 if dtype == torch.float32 else 0.1
+    assert (fast - slow).abs().max().item() <= bound * (1 + slow.abs().max().item())
+
+
+@pytest.mark.slow
+def test_portable_kernels_for_cpus_without_avx512(tmp_path) -> None:
+    """The plain C++ loops that CPUs without AVX-512 VNNI run give the same bits as the reference (built here
+    with -march=x86-64-v2 in a process of their own: a CI machine of another kind would run them untested)."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    script = Path(__file__).with_name("_portable_kernels.py")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PORTABLE OK portable C++" in result.stdout
+
+
+def test_loading_says_that_the_native_kernels_run(caplog) -> None:
+    import logging
+
+    from phi4flash import load_model
+
+    with caplog.at_level(logging.INFO, logger="phi4flash.weights"):
+        load_model("embedded")
+    assert "phi4flash on cpu: float32 weights; phi4flash's C++ kernels" in caplog.text
