@@ -421,11 +421,12 @@ class LocalEngine:
         tokens: list[int | None] = [None] * len(requests)
         if len(rows) < 2:  # one row: its sampler costs the same
             return tokens
-        picked = logits.index_select(0, torch.tensor(rows, device=logits.device)).float()
-        picked[:, self.vocab_limit:] = float("-inf")
-        if self._suppress:
-            picked[:, self._suppress] = float("-inf")
-        for i, token in zip(rows, picked.argmax(-1).tolist(), strict=True):
+        # Every request's sampler masks the same ids (the engine's vocab limit and suppressed ids), and a greedy
+        # one takes no random draw: the first one picks for all the rows.
+        sampler = requests[rows[0]].sampler
+        assert sampler is not None
+        picked = sampler(logits.index_select(0, torch.tensor(rows, device=logits.device)))
+        for i, token in zip(rows, picked.tolist(), strict=True):
             tokens[i] = token
         return tokens
 

@@ -79,7 +79,8 @@ def test_greedy_rows_of_a_batch_are_picked_together_as_their_samplers_would(engi
     logits[0, 7] = 100.0  # the best logit is a suppressed id
     logits[1, vocab - 1] = 100.0  # or a padding id
     greedy, sampled = GenerationConfig(temperature=0.0), GenerationConfig(temperature=0.7, seed=1)
-    requests = [SimpleNamespace(config=c, generated=[]) for c in (greedy, greedy, sampled, greedy)]
+    requests = [SimpleNamespace(config=c, generated=[], sampler=Sampler(c, "cpu", engine.vocab_limit, engine._suppress))
+                for c in (greedy, greedy, sampled, greedy)]
     tokens = engine._greedy_tokens(requests, logits)
     assert tokens[2] is None  # a sampled row keeps its own sampler
     sampler = Sampler(greedy, "cpu", engine.vocab_limit, engine._suppress)
