@@ -406,11 +406,29 @@ class LocalEngine:
             logits = self.model.step(ids, self._cache, rows=None if rows == list(range(self.max_batch)) else rows)
         self._sync()
         logits = self._constrain(self._running, logits)
-        for request, row_logits in zip(list(self._running), logits, strict=True):
+        greedy = self._greedy_tokens(self._running, logits)
+        for request, row_logits, token in zip(list(self._running), logits, greedy, strict=True):
             try:
-                self._emit_token(request, row_logits)
+                self._emit_token(request, row_logits, token)
             except Exception as err:  # noqa: BLE001 - e.g. a failing logits_processor ends only its request
                 self._fail(request, err)
+
+    def _greedy_tokens(self, requests: list[_Request], logits: torch.Tensor) -> list[int | None]:
+        """The next token of every plainly greedy row (temperature 0, no processor, penalty or minimum length
+        pending) in one argmax and one device sync, as each row's sampler would pick it; None for the others."""
+        rows = [i for i, r in enumerate(requests) if r.config.temperature == 0.0 and r.config.logits_processor is None
+                and r.config.repetition_penalty == 1.0 and len(r.generated) >= r.config.min_new_tokens]
+        tokens: list[int | None] = [None] * len(requests)
+        if len(rows) < 2:  # one row: its sampler costs the same
+            return tokens
+        # Every request's sampler masks the same ids (the engine's vocab limit and suppressed ids), and a greedy
+        # one takes no random draw: the first one picks for all the rows.
+        sampler = requests[rows[0]].sampler
+        assert sampler is not None
+        picked = sampler(logits.index_select(0, torch.tensor(rows, device=logits.device)))
+        for i, token in zip(rows, picked.tolist(), strict=True):
+            tokens[i] = token
+        return tokens
 
     def _compact_rows(self) -> None:
         """Put the running requests on cache rows [0, n), in order, moving a row's state into a lower free row where
@@ -438,16 +456,18 @@ class LocalEngine:
                              [requests[i].generated for i in rows])
         return logits.float().index_copy(0, index, masked)
 
-    def _emit_token(self, request: _Request, logits: torch.Tensor) -> None:
-        """Sample the next token of ``request`` from its (V,) logits and stream what it completes."""
+    def _emit_token(self, request: _Request, logits: torch.Tensor, token: int | None = None) -> None:
+        """Sample the next token of ``request`` from its (V,) logits (unless ``token`` was already picked) and
+        stream what it completes."""
         config = request.config
         assert request.sampler is not None and request.recorder is not None and request.detokenizer is not None
-        if config.logits_processor is not None:
-            logits = config.logits_processor(list(request.generated), logits.float())
-        if len(request.generated) < config.min_new_tokens:
-            logits = logits.index_fill(0, self._stop_index, float("-inf"))
-        previous = [request.prompt_ids + request.generated] if config.repetition_penalty != 1.0 else None
-        token = int(request.sampler(logits[None], previous)[0])
+        if token is None:
+            if config.logits_processor is not None:
+                logits = config.logits_processor(list(request.generated), logits.float())
+            if len(request.generated) < config.min_new_tokens:
+                logits = logits.index_fill(0, self._stop_index, float("-inf"))
+            previous = [request.prompt_ids + request.generated] if config.repetition_penalty != 1.0 else None
+            token = int(request.sampler(logits[None], previous)[0])
         if token in self.stop_token_ids:
             request.recorder.token(request.channel)
             self._finish(request, "stop")

@@ -66,6 +66,28 @@ def test_batch_and_threads_equal_one_at_a_time(engine: LocalEngine) -> None:
     assert [results[i] for i in range(4)] == [alone[0], alone[1], alone[1], alone[0]]
 
 
+def test_greedy_rows_of_a_batch_are_picked_together_as_their_samplers_would(engine: LocalEngine,
+                                                                           monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from phi4flash.sampling import Sampler
+
+    vocab = engine.model.config.vocab_size
+    monkeypatch.setattr(engine, "vocab_limit", vocab - 2)  # as when the embedding has padding rows
+    monkeypatch.setattr(engine, "_suppress", [5, 7])  # as for ids without a token
+    logits = torch.randn(4, vocab)
+    logits[0, 7] = 100.0  # the best logit is a suppressed id
+    logits[1, vocab - 1] = 100.0  # or a padding id
+    greedy, sampled = GenerationConfig(temperature=0.0), GenerationConfig(temperature=0.7, seed=1)
+    requests = [SimpleNamespace(config=c, generated=[], sampler=Sampler(c, "cpu", engine.vocab_limit, engine._suppress))
+                for c in (greedy, greedy, sampled, greedy)]
+    tokens = engine._greedy_tokens(requests, logits)
+    assert tokens[2] is None  # a sampled row keeps its own sampler
+    sampler = Sampler(greedy, "cpu", engine.vocab_limit, engine._suppress)
+    assert [tokens[i] for i in (0, 1, 3)] == [int(sampler(logits[i:i + 1])[0]) for i in (0, 1, 3)]
+    assert all(t < vocab - 2 and t not in (5, 7) for t in tokens if t is not None)
+
+
 def test_requests_that_end_early_leave_the_others_on_the_first_rows(engine: LocalEngine, monkeypatch) -> None:
     """When a request ends, the ones still running move down to rows [0, n): every step reads a slice of the
     cache (no copies) and can take the compiled graph; their tokens are those they get alone."""

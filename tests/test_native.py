@@ -20,6 +20,14 @@ kernels = native.load()
 pytestmark = pytest.mark.skipif(kernels is None, reason="phi4flash's C++ kernels could not be built here (no g++?)")
 
 
+SCAN_SHAPES = [  # batch, channels, tokens, state size
+    (2, 40, 33, 4),     # channels not a multiple of the 16 lanes
+    (1, 128, 100, 8),   # the embedded model's state
+    (3, 256, 17, 16),   # the real model's state
+    (1, 20, 5, 5),      # any other state size: the portable loop
+]
+
+
 def _scan_inputs(batch: int, width: int, length: int, state_size: int) -> tuple[torch.Tensor, ...]:
     u = torch.randn(batch, width, length)
     delta = torch.nn.functional.softplus(torch.randn(batch, width, length))
@@ -28,12 +36,7 @@ def _scan_inputs(batch: int, width: int, length: int, state_size: int) -> tuple[
     return u, delta, A, B, C, torch.randn(width), torch.randn(batch, width, state_size)
 
 
-@pytest.mark.parametrize("batch, width, length, state_size", [
-    (2, 40, 33, 4),     # channels not a multiple of the 16 lanes
-    (1, 128, 100, 8),   # the embedded model's state
-    (3, 256, 17, 16),   # the real model's state
-    (1, 20, 5, 5),      # any other state size: the portable loop
-])
+@pytest.mark.parametrize("batch, width, length, state_size", SCAN_SHAPES)
 @pytest.mark.parametrize("with_state", [False, True])
 def test_native_scan_equals_the_definition(batch: int, width: int, length: int, state_size: int,
                                            with_state: bool) -> None:
@@ -49,12 +52,7 @@ def test_native_scan_equals_the_definition(batch: int, width: int, length: int, 
     assert torch.allclose(y_none + D[:, None] * u, y, atol=1e-5)
 
 
-@pytest.mark.parametrize("batch, width, length, state_size", [
-    (2, 40, 33, 4),     # channels not a multiple of the 16 lanes
-    (3, 48, 70, 8),     # the embedded model's state
-    (1, 32, 9, 16),     # the real model's state
-    (2, 20, 6, 5),      # any other state size: the portable loop
-])
+@pytest.mark.parametrize("batch, width, length, state_size", SCAN_SHAPES)
 @pytest.mark.parametrize("with_skip_and_state", [False, True])
 def test_native_scan_gradients_equal_the_definitions(batch: int, width: int, length: int, state_size: int,
                                                      with_skip_and_state: bool) -> None:
