@@ -231,6 +231,20 @@ def test_int4_falls_back_to_int8_where_the_kernel_cannot_take_the_shape() -> Non
     assert QuantSpec(8).bits_for(128, 256) == 8
 
 
+def test_int8_weight_mapped_at_an_odd_offset_is_copied_to_an_aligned_one() -> None:
+    # A quantized checkpoint's tensors are views into the mapped file, at any byte offset; PyTorch's int8 kernel
+    # crashed the process on a weight 10 bytes past a 16-byte boundary.
+    n, k = 704, 176
+    storage = torch.randint(-127, 128, (n * k + 64,), dtype=torch.int8)
+    qweight = storage[10:10 + n * k].view(n, k)
+    scales = (torch.rand(n + 1) / 100).to(torch.bfloat16)[1:]
+    weight = qkernels.Int8Weight({"qweight": qweight, "scales": scales}, n, k, torch.device("cpu"), torch.bfloat16)
+    assert weight.qweight.data_ptr() % 64 == 0 and weight.scales.data_ptr() % 64 == 0
+    x = torch.randn(5, k, dtype=torch.bfloat16)
+    reference = x.float() @ (qweight.float() * scales.float()[:, None]).t()
+    torch.testing.assert_close(weight.matmul(x).float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
 def test_portable_tensors_survive_packing_exactly() -> None:
     for spec in SPECS[:2]:
         layer = _layer(spec, 80, 128, torch.bfloat16)
