@@ -106,9 +106,37 @@ def _inline_json(schema: Mapping[str, Any] | bool) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": JSON_LAYOUT}, ensure_ascii=False)
 
 
+# keywords whose value maps names to subschemas (the names are not keywords)
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_LITERALS = ("const", "enum", "default", "examples")  # values, not subschemas
+
+
+def closed_objects(schema: Any, *, close: bool = True) -> Any:
+    """``schema`` with ``"additionalProperties": false`` on every object schema that declares properties and
+    says nothing about others, at any depth: the declared keys only, as OpenAI's strict mode and xgrammar's
+    default do (JSON Schema itself would let a model add any key). An explicit ``additionalProperties``,
+    ``patternProperties`` or ``unevaluatedProperties`` is kept as it is, and the members of an ``allOf`` stay
+    open (each would forbid the others' keys)."""
+    if isinstance(schema, list):
+        return [closed_objects(item, close=close) for item in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, Mapping):
+            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        else:
+            out[key] = value if key in _LITERALS else closed_objects(value, close=key != "allOf")
+    open_keys = {"additionalProperties", "patternProperties", "unevaluatedProperties", "allOf"}
+    if close and "properties" in out and not open_keys & set(out):
+        out["additionalProperties"] = False
+    return out
+
+
 def json_grammar(schema: Mapping[str, Any] | bool, *, reasoning: bool = True) -> str:
-    """The grammar of an output that is one JSON document valid for ``schema`` (after optional reasoning)."""
-    return _lark(_inline_json(schema), reasoning)
+    """The grammar of an output that is one JSON document valid for ``schema`` (after optional reasoning).
+    Objects hold their declared properties only unless the schema allows others (:func:`closed_objects`)."""
+    return _lark(_inline_json(closed_objects(schema)), reasoning)
 
 
 def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, reasoning: bool = True) -> str:
@@ -119,10 +147,7 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, reasoning: bool = T
     calls = []
     for tool in tool_definitions(tools):
         head = '{"name": ' + json.dumps(tool["name"], ensure_ascii=False) + ', "arguments": '
-        arguments = tool["parameters"]
-        if isinstance(arguments, Mapping) and "properties" in arguments:
-            # A call passes the declared arguments only (as OpenAI's strict mode requires), unless told otherwise.
-            arguments = {"additionalProperties": False, **arguments}
+        arguments = closed_objects(tool["parameters"])  # the declared arguments only, unless told otherwise
         calls.append(f'{json.dumps(head, ensure_ascii=False)} {_inline_json(arguments)} "}}"')
     if not calls:
         raise ValueError("a forced tool call needs at least one tool")

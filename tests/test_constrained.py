@@ -97,6 +97,19 @@ def test_stop_only_when_complete_and_only_stop_when_nothing_can_follow():
     assert _allowed(obj, done) == stops
 
 
+def test_objects_hold_their_declared_keys_only_unless_the_schema_allows_more():
+    tok = tiny_chat_tokenizer()
+    nested = {"type": "object", "properties": {"sub": {"$ref": "#/$defs/Sub"}}, "required": ["sub"],
+              "$defs": {"Sub": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+    cases = [(JOKE, '{"setup": "a", "punchline": "b"', False),
+             ({**JOKE, "additionalProperties": True}, '{"setup": "a", "punchline": "b"', True),
+             ({**JOKE, "additionalProperties": {"type": "integer"}}, '{"setup": "a", "punchline": "b"', True),
+             (nested, '{"sub": {"a": 1', False)]
+    for schema, head, more in cases:
+        allowed = _allowed(Constraint(tok, json_grammar(schema, reasoning=False)), tok.encode(head))
+        assert "}" in allowed and ("," in allowed) == more, (schema, allowed)
+
+
 def test_reasoning_is_free_then_capped():
     tok = tiny_chat_tokenizer()
     constraint = constraint_for(tok, schema=JOKE, max_new_tokens=200, max_reasoning_tokens=3)
