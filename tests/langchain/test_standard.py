@@ -99,9 +99,9 @@ class TestChatPhi4FlashIntegration(_Flags, ChatModelIntegrationTests):
         super().test_agent_loop(model)
 
     @pytest.mark.xfail(reason=f"{TINY} to copy the CJK customer name from the prompt (semantic)", strict=False)
-    def test_unicode_tool_call_integration(self, model: Any, tool_choice: str | None = None,
+    def test_unicode_tool_call_integration(self, model: Any, *, tool_choice: str | None = None,
                                            force_tool_call: bool = True) -> None:
-        super().test_unicode_tool_call_integration(model, tool_choice, force_tool_call)
+        super().test_unicode_tool_call_integration(model, tool_choice=tool_choice, force_tool_call=force_tool_call)
 
 
 REAL_MODEL = os.environ.get("PHI4FLASH_REAL_MODEL", "microsoft/Phi-4-mini-flash-reasoning")
