@@ -376,6 +376,7 @@ class ChatPhi4Flash(BaseChatModel):
         parser = phi_tools.ToolCallStreamParser(allow_bare_json=not forced) if parse_tools else None
         model_name = getattr(engine, "model_name", None) or self.model_name
         reasoning_open = False
+        blocks = _BlockPositions()
         last = None
         events = engine.stream(prompt, config, cancel=cancel, **request)
         try:
@@ -388,15 +389,17 @@ class ChatPhi4Flash(BaseChatModel):
                 chunks: list[AIMessageChunk] = []
                 if event.channel == "reasoning":
                     if self.reasoning_format == "parsed":
+                        blocks.see("reasoning")
                         chunks.append(AIMessageChunk(content="", additional_kwargs={"reasoning_content": event.text}))
                     elif self.reasoning_format == "raw":
+                        blocks.see("text")
                         chunks.append(AIMessageChunk(content=("" if reasoning_open else "<think>") + event.text))
                         reasoning_open = True
                 else:
                     text = event.text
                     if reasoning_open:
                         text, reasoning_open = "</think>" + text, False
-                    chunks.extend(_answer_chunks(parser, text))
+                    chunks.extend(_answer_chunks(parser, text, blocks))
                 for chunk in chunks:
                     gen = ChatGenerationChunk(message=chunk)
                     if run_manager is not None:
@@ -411,7 +414,7 @@ class ChatPhi4Flash(BaseChatModel):
         if reasoning_open:
             tail.append(AIMessageChunk(content="</think>"))
         if parser is not None:
-            tail.extend(_items_to_chunks(parser.finish()))
+            tail.extend(_items_to_chunks(parser.finish(), blocks))
         for chunk in tail:
             gen = ChatGenerationChunk(message=chunk)
             if run_manager is not None:
@@ -511,22 +514,53 @@ def _openai_response_format(schema: Mapping[str, Any] | None) -> dict[str, Any] 
     return {"type": "json_schema", "json_schema": {"name": name, "schema": dict(schema)}}
 
 
-def _answer_chunks(parser: phi_tools.ToolCallStreamParser | None, text: str) -> list[AIMessageChunk]:
+class _BlockPositions:
+    """Where each content block of a stream sits, for the ``index`` of its tool-call chunks.
+
+    LangChain's v1 stream numbers the blocks that carry no index (reasoning, text) by counting changes of block
+    type, and joins blocks of equal index when chunks are added: a call indexed by its ordinal (0) after the
+    reasoning (block 0) was merged into the reasoning block. A call's index is its block's position instead.
+    """
+
+    def __init__(self) -> None:
+        self.kind: str | None = None
+        self.position = -1
+        self.calls: dict[int, int] = {}
+
+    def see(self, kind: str) -> None:
+        """A chunk of a reasoning or text block is emitted."""
+        if kind != self.kind:
+            self.kind, self.position = kind, self.position + 1
+
+    def call(self, ordinal: int) -> int:
+        """The index of the tool call numbered ``ordinal`` (a new block for each call)."""
+        if ordinal not in self.calls:
+            self.kind, self.position = "tool_call_chunk", self.position + 1
+            self.calls[ordinal] = self.position
+        return self.calls[ordinal]
+
+
+def _answer_chunks(parser: phi_tools.ToolCallStreamParser | None, text: str,
+                   blocks: _BlockPositions) -> list[AIMessageChunk]:
     if parser is None:
+        blocks.see("text")
         return [AIMessageChunk(content=text)]
-    return _items_to_chunks(parser.feed(text))
+    return _items_to_chunks(parser.feed(text), blocks)
 
 
-def _items_to_chunks(items: list[phi_tools.StreamItem]) -> list[AIMessageChunk]:
+def _items_to_chunks(items: list[phi_tools.StreamItem], blocks: _BlockPositions) -> list[AIMessageChunk]:
     chunks = []
     for item in items:
         if item.kind == "text":
             if item.text:
+                blocks.see("text")
                 chunks.append(AIMessageChunk(content=item.text))
         elif item.kind == "call":
             chunks.append(AIMessageChunk(content="", tool_call_chunks=[
-                {"name": item.name, "args": item.args, "id": item.id, "index": item.index, "type": "tool_call_chunk"}]))
+                {"name": item.name, "args": item.args, "id": item.id, "index": blocks.call(item.index),
+                 "type": "tool_call_chunk"}]))
         elif item.kind == "invalid" and item.name is None:
             # A tag whose payload never named a tool: keep what the model wrote as text.
+            blocks.see("text")
             chunks.append(AIMessageChunk(content=phi_tools.TOOL_CALL_OPEN + item.text))
     return chunks

@@ -110,6 +110,21 @@ def test_forced_tool_call_streams_tool_call_chunks():
     assert_streams_one_call(chunks, "lookup", {"query", "limit"})
 
 
+def test_v1_stream_keeps_the_reasoning_and_the_tool_call_in_their_own_blocks():
+    # LangChain joins content blocks of equal index: a call indexed 0 was merged into the reasoning block 0.
+    script = ('<think>Look it up.</think><|tool_call|>[{"name": "lookup", "arguments": {"query": "cats", '
+              '"limit": 2}}]<|/tool_call|>')
+    params = model_params()
+    llm = ChatPhi4Flash(**{**params, "engine": ScriptedEngine(engine_of(params), script), "max_tokens": 96,
+                           "reasoning_budget": None, "output_version": "v1"})
+    full = None
+    for chunk in llm.bind_tools([lookup]).stream("find cats"):
+        full = chunk if full is None else full + chunk
+    assert [block["type"] for block in full.content_blocks] == ["reasoning", "tool_call"], full.content_blocks
+    assert full.content_blocks[0]["reasoning"] == "Look it up."
+    assert [(c["name"], c["args"]) for c in full.tool_calls] == [("lookup", {"query": "cats", "limit": 2})]
+
+
 class Inner(BaseModel):
     label: str
     score: float
