@@ -185,6 +185,12 @@ def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: to
     return mask[:, None]
 
 
+# From this many queries on, attention takes SDPA's fused kernels (measured faster from about 24 queries on CPU
+# at inference). Training's backward pass is faster through the explicit matmuls at a few hundred tokens, so the
+# training loop raises it (phi4flash.training.train).
+FUSED_MIN_QUERIES = 32
+
+
 def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
                            lambda_init: float, subln_weight: torch.Tensor, eps: float,
                            mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
@@ -211,7 +217,7 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     # group 0: even heads with even kv heads; group 1: odd with odd
     qs = [pairs[:, :, :, group].transpose(1, 2) for group in (0, 1)]  # (B, H/2, T, Dh) each
     scale = 1.0 / math.sqrt(dh)
-    if t >= 32:  # many queries (prefill): the fused kernels (measured faster from about 24 queries on CPU)
+    if t >= FUSED_MIN_QUERIES:  # many queries (prefill): the fused kernels
         kv_pairs = k.view(b, s, hkv // 2, 2, dh)
         ks = [kv_pairs[:, :, :, group].transpose(1, 2) for group in (0, 1)]  # (B, Hkv/2, S, Dh) each
         # Zero-padding q and k to V's width 2Dh leaves every score unchanged and lets SDPA take its fused
@@ -278,9 +284,14 @@ def _both_groups_probs(qs: list[torch.Tensor], k12: torch.Tensor, mask: torch.Te
     g = hq // hk
     padded = torch.cat([F.pad(qs[0].reshape(b, hk, g * t, d), (0, d)),
                         F.pad(qs[1].reshape(b, hk, g * t, d), (d, 0))], dim=2)  # (B, Hkv/2, 2gT, 2Dh)
-    # keys on the left: the cache's (S, 2Dh) rows are read in place (q @ K^T makes CPU matmul copy K^T first,
-    # measured 5.8x slower at a 512-key window in bfloat16)
-    scores = torch.matmul(k12, padded.transpose(-1, -2)).transpose(-1, -2) * scale  # (B, Hkv/2, 2gT, S)
+    if t < 32:
+        # keys on the left: the cache's (S, 2Dh) rows are read in place (q @ K^T makes CPU matmul copy K^T
+        # first, measured 5.8x slower at a 512-key window in bfloat16)
+        scores = torch.matmul(k12, padded.transpose(-1, -2)).transpose(-1, -2) * scale  # (B, Hkv/2, 2gT, S)
+    else:
+        # many queries (training): row-major scores, so that the mask, the softmax and their backward passes
+        # run on contiguous memory (on the transposed scores they took a fifth of a training step)
+        scores = torch.matmul(padded, k12.transpose(-1, -2)) * scale
     if mask is not None:
         m = mask[:, :, None].expand(b, 1, 2 * g, t, s).reshape(b, 1, 2 * g * t, s)
         scores = scores.masked_fill(~m, float("-inf"))

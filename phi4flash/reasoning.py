@@ -205,19 +205,26 @@ def _merge(pieces: list[Piece]) -> list[Piece]:
 
 
 THINK_OPEN, THINK_CLOSE = b"<think>", b"</think>"
+LINE_GRACE = 24  # reasoning tokens a capped line may run on before ``</think>`` is forced anyway
+CLOSE_AT = ("token", "line")
 
 
 class ReasoningBudget:
     """Follows the ``<think>`` block at the start of one generation by its token bytes and says when to force
     the rest of ``</think>``: once ``budget`` reasoning tokens are spent, or when the tokens left only hold it."""
 
-    def __init__(self, tokenizer: Any, budget: int | None) -> None:
+    def __init__(self, tokenizer: Any, budget: int | None, close_at: str = "token") -> None:
         """Follow one generation.
 
         Args:
             tokenizer: a :class:`phi4flash.ChatTokenizer` (``token_bytes``, ``encode``).
             budget: reasoning tokens allowed before ``</think>`` is forced (None: no cap).
+            close_at: where a capped reasoning is closed: "token" (at the cap) or "line" (at the end of the line
+                the cap falls in, at most :data:`LINE_GRACE` tokens later, so that the last step is finished).
         """
+        if close_at not in CLOSE_AT:
+            raise ValueError(f"close_at must be one of {CLOSE_AT}, got {close_at!r}")
+        self.close_at = close_at
         self.tokenizer = tokenizer
         self.bytes_of = tokenizer.token_bytes()
         self.budget = budget
@@ -257,6 +264,9 @@ class ReasoningBudget:
                     if self._text.endswith(THINK_CLOSE[:n]))
         ids = self.tokenizer.encode(rest.decode())
         over = self.budget is not None and self.tokens >= self.budget
+        if over and self.close_at == "line" and rest == THINK_CLOSE:
+            # Let the model finish the line it is writing (its last step), within a few tokens.
+            over = self._text.endswith(b"\n") or self.tokens >= self.budget + LINE_GRACE
         if over or (tokens_left is not None and tokens_left <= len(ids) + reserve):
             return ids[0]
         return None
@@ -267,7 +277,7 @@ class AnswerGuard:
     ``require_answer``, masks the stop tokens until the answer has some non-blank text. Costs next to nothing."""
 
     def __init__(self, tokenizer: Any, *, max_new_tokens: int | None = None, max_reasoning_tokens: int | None = None,
-                 require_answer: bool = True) -> None:
+                 require_answer: bool = True, close_at: str = "token") -> None:
         """Follow one generation.
 
         Args:
@@ -275,8 +285,10 @@ class AnswerGuard:
             max_new_tokens: the budget; ``</think>`` is forced early enough to leave room for an answer.
             max_reasoning_tokens: force ``</think>`` after this many reasoning tokens (None: no cap).
             require_answer: mask stop tokens until the answer has non-blank text.
+            close_at: "token" closes a capped reasoning at the cap, "line" at the end of that line (see
+                :class:`ReasoningBudget`).
         """
-        self.reasoning = ReasoningBudget(tokenizer, max_reasoning_tokens)
+        self.reasoning = ReasoningBudget(tokenizer, max_reasoning_tokens, close_at)
         self.max_new_tokens = max_new_tokens
         self.require_answer = require_answer
         self.stop_ids = sorted(tokenizer.stop_token_ids)

@@ -3,7 +3,8 @@ share it).
 
 Prompt side: tool definitions go into the system message's ``tools`` key as a JSON string, which the chat
 template renders as ``<|system|>...<|tool|>[...]<|/tool|><|end|>``; an assistant's earlier calls are
-written back as ``<|tool_call|>{"name": ..., "arguments": {...}}<|/tool_call|>`` text in its content;
+written back as ``<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>`` text in its content (the
+Phi-4-mini format, which the embedded model also writes);
 tool results are ``{"role": "tool"}`` messages.
 
 Output side: :func:`parse_tool_calls` finds calls in a whole completion (inside ``<|tool_call|>`` tags,
@@ -156,7 +157,7 @@ def forced_tools(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> list[M
 
 
 def format_tool_call(name: str, arguments: Mapping[str, Any] | str | None) -> str:
-    """``<|tool_call|>{"name": ..., "arguments": {...}}<|/tool_call|>`` for one call.
+    """``<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>`` for one call (the Phi-4-mini format).
 
     Args:
         name: the tool's name.
@@ -170,7 +171,7 @@ def format_tool_call(name: str, arguments: Mapping[str, Any] | str | None) -> st
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError:
             pass
-    payload = {"name": name, "arguments": arguments if arguments is not None else {}}
+    payload = [{"name": name, "arguments": arguments if arguments is not None else {}}]
     return TOOL_CALL_OPEN + json.dumps(payload, ensure_ascii=False) + TOOL_CALL_CLOSE
 
 

@@ -12,7 +12,7 @@ import torch
 from _tiny_tokenizer import tiny_chat_tokenizer
 
 from phi4flash.constrained import Constraint, constraint_for, json_grammar, mask_logits
-from phi4flash.reasoning import AnswerGuard
+from phi4flash.reasoning import LINE_GRACE, AnswerGuard
 
 JOKE = {"type": "object", "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}},
         "required": ["setup", "punchline"]}
@@ -169,3 +169,20 @@ def test_answer_guard_masks_stop_until_answer_and_caps_reasoning():
     assert len(allowed) == 1 and "</think>".startswith(allowed.pop())
     ids += tok.encode("</think>Hi")
     assert all(guard(ids, zeros)[i] == 0 for i in tok.stop_token_ids)
+
+
+def test_answer_guard_can_close_a_capped_reasoning_at_the_end_of_its_line():
+    tok = tiny_chat_tokenizer()
+    zeros = torch.zeros(tok.vocab_size)
+
+    def closes(guard, text):  # whether an ordinary token is masked: only "</think>" may come next
+        return bool(guard(tok.encode(text), zeros)[tok.encode(" q")[0]] == float("-inf"))
+
+    guard = AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200, close_at="line")
+    assert not closes(guard, "<think> x y z")  # over the cap, but in the middle of a line
+    assert closes(guard, "<think> x y z\n")  # the line is finished: now </think>
+    assert closes(AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200), "<think> x y z")  # at the cap
+    long_line = "<think>" + " x" * (LINE_GRACE + 4)
+    assert closes(AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200, close_at="line"), long_line)
+    with pytest.raises(ValueError, match="close_at"):
+        AnswerGuard(tok, close_at="word")

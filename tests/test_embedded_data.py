@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import random
 import re
 from fractions import Fraction
 
 import jinja2
 import pytest
 
-from phi4flash.training import data
+from phi4flash.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, assistant_message, parse_tool_calls, tools_json
+from phi4flash.training import data, offdomain
+from phi4flash.training.evaluate import answer_items
+from phi4flash.training.solver import canonical, solve
 from phi4flash.training.tokenizer_train import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
 
 
@@ -37,19 +42,21 @@ def test_every_family_appears(train_examples: list[data.Example]) -> None:
 
 def test_answers_match_an_independent_solver(train_examples: list[data.Example],
                                              heldout_examples: list[data.Example]) -> None:
-    checked = 0
+    checked = set()
     for ex in train_examples + heldout_examples:
-        if ex.family == "chat":
+        if ex.family not in data.MATH_FAMILIES and not ex.key.startswith("notool:"):
+            continue
+        if ex.family == "tool" and not ex.value:  # an honest reply asked with tools
             continue
         # The solver only reads the question text; it shares no code with the generator's templates.
-        assert data.exact_value(ex.question) == Fraction(int(ex.value)), ex.question
-        assert data.extract_boxed(ex.answer) == ex.value
-        assert int(ex.value) >= 0
-        checked += 1
-    assert checked > 3000
+        assert canonical("; ".join(solve(ex.question) or ["unsolved"])) == canonical(ex.value), ex.question
+        assert canonical(answer_items(ex.answer)) == canonical(ex.value), ex.answer
+        checked.add(ex.family)
+    assert checked == set(data.MATH_FAMILIES) | {"tool"}
 
 
-_CLAIM = re.compile(r"(?<![\d.])(\d+(?:[-+×/]\d+)+)=(\d+)(?!\d| r\d)")
+# "a op b op c=d" claims between plain numbers; a fraction result (2/4=1/2) is not one.
+_CLAIM = re.compile(r"(?<![\d.])(\d+(?:[-+×/]\d+)+)=(\d+)(?![\d/]| r\d)")
 _DIVISION = re.compile(r"(?<![\d.])(\d+)/(\d+)=(\d+) r(\d+)")
 _NEGATIVE = re.compile(r"(?<![\d.])(\d+(?:-\d+)+)<0")
 
@@ -77,6 +84,8 @@ def _value(expr: str) -> Fraction:
 def test_every_step_of_the_reasoning_is_right(train_examples: list[data.Example]) -> None:
     claims = 0
     for ex in train_examples:
+        if ex.cut:  # the last line of a cut reasoning stops mid-way
+            continue
         for expr, result in _CLAIM.findall(ex.reasoning):
             assert _value(expr) == int(result), f"{expr}={result} in {ex.question!r}"
             claims += 1
@@ -85,7 +94,7 @@ def test_every_step_of_the_reasoning_is_right(train_examples: list[data.Example]
         for n, d, q, r in _DIVISION.findall(ex.reasoning):
             assert int(d) * int(q) + int(r) == int(n) and 0 <= int(r) < int(d), f"{n}/{d}={q} r{r}"
             claims += 1
-    assert claims > 5000
+    assert claims > 10000
 
 
 def test_digit_by_digit_lines_end_with_the_answer() -> None:
@@ -106,30 +115,83 @@ def test_digit_by_digit_lines_end_with_the_answer() -> None:
 
 def test_heldout_split_never_overlaps_training(train_examples: list[data.Example],
                                               heldout_examples: list[data.Example]) -> None:
-    assert all(data.is_held_out(e.key) for e in heldout_examples)
-    assert not any(data.is_held_out(e.key) for e in train_examples if e.family != "chat")
-    train_keys = {e.key for e in train_examples}
-    assert not train_keys & {e.key for e in heldout_examples}
+    assert all(data.is_held_out(e.split) for e in heldout_examples)
+    graded = [e for e in train_examples if e.family in data.MATH_FAMILIES]
+    assert not any(data.is_held_out(e.split) for e in graded)
+    # Problems that share their numbers share a split key, whatever the family or wording.
+    assert data.generate(1, seed=0, families=["percentage"])[0].split.startswith("pct:")
+    train_splits = {e.split for e in train_examples}
+    assert not train_splits & {e.split for e in heldout_examples if e.family != "tool"}
     train_questions = {m["content"] for e in train_examples for m in e.messages}
-    assert not train_questions & {e.question for e in heldout_examples}
+    assert not train_questions & {e.question for e in heldout_examples if e.family != "offdomain"}
 
 
-def test_demo_problems_are_training_problems() -> None:
+def test_heldout_tool_requests_use_tool_names_never_seen_in_training(train_examples: list[data.Example]) -> None:
+    requests = data.generate(200, seed=7, split="heldout", families=["tool"])
+    seen = {d["name"] for e in train_examples for m in e.messages if m.get("tools") for d in json.loads(m["tools"])}
+    asked = {json.loads(e.value)["name"] for e in requests}
+    assert len(asked) > 50 and not asked & seen
+    assert {"add", "multiply"} <= seen  # the README's agent uses them
+
+
+def test_tool_chats_are_written_as_the_library_reads_and_writes_them(train_examples: list[data.Example]) -> None:
+    calls = [e for e in train_examples if e.family == "tool" and e.answer.startswith(TOOL_CALL_OPEN)]
+    assert len(calls) > 100
+    for ex in calls:
+        assert ex.answer.startswith(TOOL_CALL_OPEN + "[{") and ex.answer.endswith("}]" + TOOL_CALL_CLOSE)
+        _, parsed, invalid = parse_tool_calls(ex.answer)
+        assert not invalid and len(parsed) == 1
+        assert json.loads(ex.value) == {"name": parsed[0].name, "arguments": parsed[0].arguments}
+        system = ex.messages[0]
+        assert system["role"] == "system" and system["tools"] == tools_json(json.loads(system["tools"]))
+        # Earlier calls are written back exactly as phi4flash.tools writes an assistant's calls.
+        for m in ex.messages:
+            if m["role"] == "assistant":
+                _, back, _ = parse_tool_calls(m["content"])
+                assert m["content"] == assistant_message("", [(c.name, c.arguments) for c in back])["content"]
+    later = [e for e in calls if any(m["role"] == "tool" for m in e.messages)]
+    assert later, "no call made after an earlier result"
+
+
+def test_offdomain_prompts_get_the_honest_reply_and_the_eval_prompts_are_unseen() -> None:
+    generated = data.generate(3000, seed=2, families=["offdomain"], extras=False)
+    assert all(offdomain.HONEST_MARK in e.answer and "\\boxed" not in e.answer for e in generated)
+    prompts = {e.question for e in generated}
+    assert len(prompts) > 500 and not prompts & set(offdomain.UNSEEN_PROMPTS)
+
+
+def test_some_reasoning_is_cut_short_and_then_answered(train_examples: list[data.Example]) -> None:
+    cut = [e for e in train_examples if e.cut]
+    assert 0.02 < len(cut) / len(train_examples) < 0.08
+    for ex in cut:
+        assert ex.completion == f"<think>\n{ex.reasoning}</think>\n{ex.answer}"
+    assert not any(e.cut for e in data.generate(200, seed=7, split="heldout"))
+
+
+def test_demo_problems_are_training_problems_worded_as_the_web_chat_and_the_article() -> None:
     demos = data.demo_examples()
-    assert {d.key for d in demos} == data.DEMO_KEYS
-    assert not any(data.is_held_out(d.key) for d in demos)
-    assert [d.value for d in demos] == ["75", "60", "45", "5"]
+    assert {d.split for d in demos} == data.DEMO_SPLITS
+    assert not any(data.is_held_out(d.split) for d in demos)
+    questions = {d.question: d.value for d in demos}
+    for question in data.ARTICLE_QUADRATIC:
+        assert canonical(questions[question]) == canonical("1/2; -3")
+    for question in data.ARTICLE_DEPARTMENTS:
+        assert canonical(questions[question]) == canonical("Marketing=60; Sales=75; Engineering=45")
     for d in demos:
-        assert data.exact_value(d.question) == int(d.value)
+        assert canonical("; ".join(solve(d.question) or [])) == canonical(d.value)
+    # They are drawn into training at DEMO_RATE (about 240 times in a full run, some 18 per wording).
+    shown = [e for e in data.generate(3000, seed=1) if e.question in questions]
+    assert 0.5 * data.DEMO_RATE * 3000 < len(shown) < 2 * data.DEMO_RATE * 3000 + 5
 
 
-def test_demo_problem_is_in_the_word_family() -> None:
-    demo = ("Sales has 25% more employees than Marketing. Engineering has 40% fewer employees than Sales. "
-            "The three departments have 180 employees in total. How many employees does Marketing have?")
-    assert data.exact_value(demo) == 60
-    found = [e for e in data.generate(3000, seed=1, families=["word"], extras=False)
-             if "Engineering has" in e.question and "departments have" in e.question]
-    assert found, "the departments template is missing"
+def test_multi_value_answers_box_every_value() -> None:
+    quad = data.make_example("quadratic", random.Random(3))
+    assert len(data.extract_all_boxed(quad.answer)) == 2 and quad.answer.startswith("x = \\boxed{")
+    system = next(e for e in data.generate(50, seed=1, families=["system"], extras=False))
+    labels = [label for label, _ in data.extract_all_boxed(system.answer)]
+    assert len(labels) in (2, 3) and all(labels) and len(set(labels)) == len(labels)
+    assert data.extract_all_boxed("Sales = \\boxed{75}, Team Red: \\boxed{4} and \\boxed{5}") == [
+        ("Sales", "75"), ("Team Red", "4"), (None, "5")]
 
 
 def test_chat_format_is_the_real_template(train_examples: list[data.Example]) -> None:
@@ -137,7 +199,7 @@ def test_chat_format_is_the_real_template(train_examples: list[data.Example]) ->
     for ex in train_examples[:200]:
         expected = template.render(messages=ex.message_dicts(), add_generation_prompt=True, eos_token="<|endoftext|>")
         assert data.render_prompt(ex.messages) == expected
-        assert ex.completion.startswith("<think>\n") and "\n</think>\n" in ex.completion
+        assert ex.completion.startswith("<think>\n") and ("\n</think>\n" in ex.completion or ex.cut)
 
 
 def test_tokenizer_digits_specials_and_short_sequences(train_examples: list[data.Example]) -> None:
@@ -150,7 +212,10 @@ def test_tokenizer_digits_specials_and_short_sequences(train_examples: list[data
     assert enc.tokens[0] == "<|user|>" and enc.tokens[-1] == "<|assistant|>"
     assert [t for t in enc.tokens if any(ch.isdigit() for ch in t)] == list("4728395")
     assert tok.decode(enc.ids, skip_special_tokens=False) == "<|user|>What is 4728 + 395?<|end|><|assistant|>"
+    for text in ("2x² + 5x − 3 = 0", "你好啊集团", "<|tool_call|>[{\"name\": \"add\"}]<|/tool_call|>"):
+        assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
     single_turn = [t for t, e in zip(texts, train_examples[:1500], strict=True) if len(e.messages) == 1]
     lengths = [len(tok.encode(t).ids) for t in single_turn]
-    # Short chats train fast: most stay under 200 tokens (the longest are three-quantity word problems).
-    assert sum(length < 200 for length in lengths) / len(lengths) > 0.85 and sum(lengths) / len(lengths) < 160
+    # Short chats train fast: most stay under 500 tokens even with this small vocabulary (the longest are
+    # three-quantity systems); the shipped tokenizer's 1024 ids make them shorter still.
+    assert sum(length < 500 for length in lengths) / len(lengths) > 0.9 and sum(lengths) / len(lengths) < 240

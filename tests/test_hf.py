@@ -34,7 +34,9 @@ import phi4flash.hf
 from phi4flash import GenerationConfig
 from phi4flash.hf import EMBEDDED, Phi4FlashHFCache, Phi4FlashHFConfig, Phi4FlashHFForCausalLM
 
-STOPS = {503, 500}  # <|end|>, <|endoftext|> of the embedded tokenizer
+# <|end|> and <|endoftext|>: the embedded checkpoint's own eos list, whatever ids its vocabulary gives them
+STOPS = set(json.loads((Path(EMBEDDED) / "generation_config.json").read_text())["eos_token_id"])
+ENDOFTEXT = json.loads((Path(EMBEDDED) / "config.json").read_text())["eos_token_id"]
 QUESTIONS = ["What is 23 + 45?", "Solve 3x + 5 = 20", "What is 1234 - 567?", "What is 25% of 80?"]
 MAX_NEW = 320
 
@@ -326,7 +328,7 @@ def test_eos_token_id_list_stops_at_the_first_listed_token(model, tok, engine_id
     inputs = _prompt(tok, QUESTIONS[1])
     full = engine_ids[QUESTIONS[1]]
     marker = full[6]  # a token the greedy reply writes early
-    out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=[marker, 500])
+    out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=[marker, ENDOFTEXT])
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     assert new == full[:full.index(marker) + 1]
 

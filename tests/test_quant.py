@@ -304,10 +304,11 @@ def chats() -> list[torch.Tensor]:
         engine.close()
 
 
-@pytest.mark.parametrize("spec, min_top1, max_kl", [("int8", 0.99, 5e-4), ("int4", 0.97, 0.03)])
+@pytest.mark.parametrize("spec, min_top1, max_kl", [("int8", 0.99, 5e-4), ("int4-g32", 0.98, 5e-3)])
 def test_trained_model_quantized_keeps_its_next_token_distribution(chats: list[torch.Tensor], spec: str,
                                                                    min_top1: float, max_kl: float) -> None:
-    """Measured on the embedded model (613 positions): int8 top-1 0.997, KL 5e-5; int4 (g128) 0.989, 9e-3."""
+    """Measured on the embedded model (610 positions): int8 top-1 1.000, KL 3e-5; int4-g32 0.997, 4e-4 (int4 on
+    its 352- and 704-wide inputs; no int4 group divides its width 176, so those layers stay int8)."""
     reference, quantized = load_model("embedded"), load_model("embedded", quantize=spec)
     with torch.no_grad():
         ref = torch.cat([reference(ids)[0] for ids in chats])
@@ -330,18 +331,18 @@ def test_quantized_cache_decode_equals_the_full_forward() -> None:
 
 def test_tied_table_is_stored_once_and_memory_shrinks() -> None:
     engine_model = load_model("embedded")
-    quantized = load_model("embedded", quantize="int4")
+    quantized = load_model("embedded", quantize="int4-g32")  # g32: the group that divides its 352 and 704 widths
     assert isinstance(quantized.model.embed_tokens, QuantizedEmbedding)
     assert quantized.model.embed_tokens.table is quantized.lm_head
     assert model_weight_bytes(quantized) < model_weight_bytes(engine_model) / 4
-    assert quantized.config.quantization == QuantSpec(4, 128).to_config()
+    assert quantized.config.quantization == QuantSpec(4, 32).to_config()
 
 
 PROBLEMS = [("What is 487 + 356?", "843"), ("Solve 4x - 7 = 21", "7"), ("What is 25% of 80?", "20"),
             ("What is 63 - 28?", "35")]
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4"])
+@pytest.mark.parametrize("spec", ["int8", "int4-g32"])
 def test_engine_on_quantized_weights_answers_and_batches(spec: str) -> None:
     engine = phi4flash.load("embedded", quantize=spec)
     try:
@@ -421,16 +422,16 @@ def _copy(source: Path, target: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("drop", "missing tensor: model.layers.0.mlp.fc1.zeros"),
-    ("extra", "unexpected tensor: model.layers.0.mlp.fc1.weight"),
-    ("shape", "wrong shape: model.layers.0.mlp.fc1.scales"),
-    ("dtype", "wrong dtype: model.layers.0.mlp.fc1.qweight"),
+    ("drop", "missing tensor: model.layers.0.mlp.fc2.zeros"),
+    ("extra", "unexpected tensor: model.layers.0.mlp.fc2.weight"),
+    ("shape", "wrong shape: model.layers.0.mlp.fc2.scales"),
+    ("dtype", "wrong dtype: model.layers.0.mlp.fc2.qweight"),
 ])
 def test_damaged_quantized_checkpoint_names_the_tensor(int4_checkpoint: Path, tmp_path, damage: str,
                                                        message: str) -> None:
     folder = _copy(int4_checkpoint, tmp_path / "bad")
     tensors = load_file(folder / "model.safetensors")
-    prefix = "model.layers.0.mlp.fc1"
+    prefix = "model.layers.0.mlp.fc2"
     if damage == "drop":
         del tensors[f"{prefix}.zeros"]
     elif damage == "extra":
@@ -454,7 +455,7 @@ def test_wrong_quantization_entry_is_listed(int4_checkpoint: Path, tmp_path) -> 
         load_model(folder)
     config["quantization"].update(bits=8, group_size=0)  # valid entry, but the tensors are int4
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="wrong shape: model.layers.0.mlp.fc1.qweight"):
+    with pytest.raises(CheckpointError, match="wrong shape: model.layers.0.mlp.fc2.qweight"):
         load_model(folder)
 
 
@@ -510,12 +511,12 @@ def test_web_chat_header_and_panel_say_which_weights_run() -> None:
     from phi4flash_demo import build_demo
     from phi4flash_demo.app import render_stats
 
-    engine = phi4flash.load("embedded", quantize="int4")
+    engine = phi4flash.load("embedded", quantize="int4-g32")
     try:
         demo = build_demo(engine)
         header = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "header")
-        assert "cpu · int4 (g128)" in header.value
-        assert "cpu · int4 (g128)" in render_stats(None, "idle", device=engine.device, dtype=engine.dtype)
+        assert "cpu · int4 (g32)" in header.value
+        assert "cpu · int4 (g32)" in render_stats(None, "idle", device=engine.device, dtype=engine.dtype)
     finally:
         engine.close()
 

@@ -26,8 +26,8 @@ def test_tools_render_in_the_system_turn_like_the_template():
 
 def test_history_calls_and_results_render():
     msg = T.assistant_message("ok", [("get_weather", {"city": "Paris"}), ("f", '{"a": 1}')])
-    assert msg["content"] == ('ok<|tool_call|>{"name": "get_weather", "arguments": {"city": "Paris"}}<|/tool_call|>'
-                              '<|tool_call|>{"name": "f", "arguments": {"a": 1}}<|/tool_call|>')
+    assert msg["content"] == ('ok<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]<|/tool_call|>'
+                              '<|tool_call|>[{"name": "f", "arguments": {"a": 1}}]<|/tool_call|>')
     assert T.tool_result_message({"t": 20}) == {"role": "tool", "content": '{"t": 20}'}
     prompt = tiny_chat_tokenizer().apply_chat_template([msg, T.tool_result_message("20C")])
     assert "<|tool|>20C<|end|>" in prompt

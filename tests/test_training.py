@@ -12,7 +12,7 @@ from safetensors import safe_open
 from phi4flash import native, ops
 from phi4flash.config import Phi4FlashConfig
 from phi4flash.training import data
-from phi4flash.training.train import TrainConfig, lr_at, make_batches, train, training_scan
+from phi4flash.training.train import EMBEDDED_DIR, TrainConfig, lr_at, main, make_batches, train, training_scan
 
 TINY = {
     "hidden_size": 32,
@@ -25,14 +25,16 @@ TINY = {
 }
 
 
+@pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("native_kernels", [True, False])
-def test_training_scan_matches_the_reference_values_and_gradients(native_kernels: bool, monkeypatch) -> None:
+def test_training_scan_matches_the_reference_values_and_gradients(with_state: bool, native_kernels: bool,
+                                                                  monkeypatch) -> None:
     if native_kernels and not native.ready():
         pytest.skip("phi4flash's C++ kernels could not be built here")
-    if not native_kernels:  # the PyTorch recurrence, which runs where there is no compiler
+    if not native_kernels:  # the PyTorch chunked scan, which runs where there is no compiler
         monkeypatch.setattr(ops, "native_scan", lambda *args: None)
     g = torch.Generator().manual_seed(0)
-    b, e, t, n = 2, 6, 9, 3
+    b, e, t, n = 2, 6, 21, 3  # 21 tokens: several chunks of the training scan, the last one partial
     leaves = [
         torch.randn(b, e, t, generator=g),
         torch.rand(b, e, t, generator=g) * 0.5,
@@ -41,7 +43,7 @@ def test_training_scan_matches_the_reference_values_and_gradients(native_kernels
         torch.randn(b, n, t, generator=g),
         torch.randn(e, generator=g),
     ]
-    state = torch.randn(b, e, n, generator=g)
+    state = torch.randn(b, e, n, generator=g) if with_state else None
     outs = []
     for fn in (ops.selective_scan_reference, training_scan):
         args = [x.clone().requires_grad_() for x in leaves]
@@ -60,6 +62,16 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert lr_at(0, cfg) < lr_at(9, cfg) == 1e-3
     assert lr_at(50, cfg) < 1e-3
     assert abs(lr_at(100, cfg) - 1e-4) < 1e-9
+    # with a time budget the decay follows the share of the time spent, not the steps
+    assert lr_at(20, cfg, progress=0.0) == 1e-3 and abs(lr_at(20, cfg, progress=1.0) - 1e-4) < 1e-9
+
+
+def test_a_time_budget_stops_the_run_in_time(tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=400, minutes=0.05, batch_size=4, warmup_steps=2, vocab_size=384, tokenizer_examples=400,
+                      model=dict(TINY), seed=2)
+    result = train(cfg, tmp_path)
+    assert 0 < len(result.losses) < 400 and result.summary["steps"] == len(result.losses)
+    assert result.seconds < 0.05 * 60 + 5  # the last step may run over a little
 
 
 def test_batches_put_the_loss_on_the_assistant_turn_only() -> None:
@@ -73,9 +85,19 @@ def test_batches_put_the_loss_on_the_assistant_turn_only() -> None:
     assert rows[(1, 2, 6, 7)][:4] == [-100, 6, 7, -100]
 
 
+def test_a_token_budget_puts_long_chats_in_smaller_batches() -> None:
+    rng = torch.Generator().manual_seed(0)
+    encoded = [([1] * n, 1) for n in torch.randint(5, 120, (300,), generator=rng).tolist()]
+    batches = make_batches(encoded, batch_size=16, pad_id=0, seed=0, max_tokens=400)
+    assert sum(len(x) for x, _ in batches) == len(encoded)  # every chat is used once
+    assert all(x.numel() <= 400 and len(x) <= 16 for x, _ in batches)
+    sizes = {x.shape[1]: len(x) for x, _ in batches}
+    assert sizes[max(sizes)] < sizes[min(sizes)]  # the longest chats come fewer at a time
+
+
 def test_training_runs_end_to_end_and_the_loss_goes_down(tmp_path: Path) -> None:
-    cfg = TrainConfig(steps=30, batch_size=8, lr=5e-3, warmup_steps=3, vocab_size=384, tokenizer_examples=600,
-                      model=dict(TINY), seed=1)
+    cfg = TrainConfig(steps=30, minutes=None, batch_size=8, lr=5e-3, warmup_steps=3, vocab_size=384,
+                      tokenizer_examples=600, model=dict(TINY), seed=1)
     result = train(cfg, tmp_path)
     losses = result.losses
     assert len(losses) == 30
@@ -113,3 +135,44 @@ def test_training_runs_end_to_end_and_the_loss_goes_down(tmp_path: Path) -> None
         logits = loaded(ids_)
     assert logits.shape == (1, ids_.shape[1], config["vocab_size"])
     assert torch.isfinite(logits).all()
+
+
+def test_the_command_never_writes_into_the_shipped_model_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--steps", "0", "--out", str(EMBEDDED_DIR)])
+    assert "--overwrite-embedded" in capsys.readouterr().err
+    help_text = main.__doc__ or ""
+    assert "phi4flash train" in help_text or "training.train" in help_text
+
+
+def test_the_default_output_is_a_new_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def fake_train(cfg: TrainConfig, out: Path, *, progress: bool = False) -> object:
+        seen["out"] = Path(out)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("phi4flash.training.train.train", fake_train)
+    with pytest.raises(SystemExit):
+        main(["--steps", "0"])
+    assert seen["out"].parent == tmp_path and seen["out"].name.startswith("phi4flash-embedded-")
+    assert seen["out"].resolve() != EMBEDDED_DIR.resolve()
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_training_attention_path_matches_the_fused_one(window: int | None) -> None:
+    g = torch.Generator().manual_seed(3)
+    b, t, h, hkv, dh = 2, 40, 4, 2, 8
+    q, k, v = (torch.randn(b, t, n, dh, generator=g) for n in (h, hkv, hkv))
+    pos = torch.arange(t)[None].expand(b, t)
+    mask = None if window is None else ops.attention_mask(pos, pos, None, window)
+    args = (q, k, v, torch.tensor(0.3), 0.2, torch.ones(2 * dh), 1e-5, mask, mask is None)
+    assert t >= ops.FUSED_MIN_QUERIES
+    fused = ops.differential_attention(*args)
+    from phi4flash.training.train import _fast_scan
+
+    with _fast_scan():
+        explicit = ops.differential_attention(*args)
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
+    assert ops.FUSED_MIN_QUERIES == 32  # restored

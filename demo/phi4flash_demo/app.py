@@ -32,11 +32,12 @@ MATH_DELIMITERS: list[dict[str, str | bool]] = [
     {"left": "$", "right": "$", "display": False},
 ]
 
+# The Phi-4-mini-flash-reasoning article's two problems first. The embedded model is trained on every card
+# (phi4flash.training.data.demo_examples), so the offline demo shows each one worked and answered.
 EXAMPLES: list[str] = [
     "Solve the quadratic equation: 2x^2 + 5x - 3 = 0",
     "Sales has 25% more employees than Marketing, and Engineering has 40% fewer employees than Sales. "
     "If the three departments have 180 employees in total, how many employees does each department have?",
-    # within what the embedded model was trained on, so that the offline demo shows a worked answer
     "Sales has 25% more employees than Marketing. Together they have 180 employees. "
     "How many employees does Marketing have?",
     "Solve 3x + 5 = 20",

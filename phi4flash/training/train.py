@@ -1,6 +1,6 @@
 """Train the embedded tiny Phi4Flash on the synthetic math chats, on a CPU, with one command.
 
-    python -m phi4flash.training.train [--steps N] [--out DIR] [--seed S]
+    python -m phi4flash.training.train [--steps N] [--out DIR] [--seed S]     (or: phi4flash train ...)
 
 Steps: generate the training chats (data.py), train the byte-level BPE tokenizer on them, build a
 small config of the real architecture (8 layers: every block kind once or twice), train with AdamW and
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import random
 import time
@@ -30,19 +31,24 @@ from tokenizers import Tokenizer
 
 from ..cli import HelpFormatter
 from . import data as data_mod
+from .scan import training_scan
 from .tokenizer_train import generation_config, model_config, save_tokenizer_files, train_tokenizer, write_json
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
+LOG_EVERY = 50  # steps between progress lines in the log
+
+logger = logging.getLogger(__name__)
 
 # The shipped model: 8 layers (Mamba, SWA, Mamba, SWA, memory Mamba, full attention, GMU, cross-attention).
-# Sized for a 2-core CPU: about 2.2M parameters, ~1.3 s per step of 32 chats.
+# Sized for a 2-core CPU: 4.2M parameters (17 MB in float32), about 3 s per step of 32 chats on one thread.
+# The window covers a whole chat, so the sliding-window layers can copy from the question or the tool list.
 DEFAULT_MODEL: dict[str, Any] = {
-    "hidden_size": 128,
-    "intermediate_size": 512,
+    "hidden_size": 176,
+    "intermediate_size": 704,
     "num_hidden_layers": 8,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "sliding_window": 64,
+    "sliding_window": 512,
     "mamba_d_state": 8,
 }
 
@@ -51,17 +57,19 @@ DEFAULT_MODEL: dict[str, Any] = {
 class TrainConfig:
     """Everything that defines a training run (saved in train_summary.json)."""
 
-    steps: int = 1600
+    steps: int = 6000  # the most optimizer steps (the data is made for this many; 85 minutes take ~5000)
+    minutes: float | None = 85.0  # stop after this much training time; the schedule follows the clock (None: steps)
     batch_size: int = 32
+    batch_tokens: int = 10240  # most tokens in a batch, padding included (long chats come fewer at a time)
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 80
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0
-    vocab_size: int = 512
+    vocab_size: int = 1024
     tokenizer_examples: int = 20000
-    threads: int = 1
+    threads: int = 2  # both cores of the 2-core machine it was made on
     bf16: bool = True
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
     weights: dict[str, float] | None = None  # family mix; None means data.DEFAULT_WEIGHTS
@@ -78,89 +86,30 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-# ----------------------------------------------------------------------------------------------------
-# A faster selective scan for training on a CPU.
-# ----------------------------------------------------------------------------------------------------
-
-
-class _LinearRecurrence(torch.autograd.Function):
-    """s_t = a_t * s_{t-1} + b_t over the leading (time) axis, with a hand-written backward.
-
-    Autograd through a Python loop records several nodes per step; this keeps one fused op per step
-    forward and backward, which on a CPU is several times faster for short training sequences.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, decay: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        states = torch.empty_like(inp)
-        states[0] = inp[0]
-        for t in range(1, inp.shape[0]):
-            torch.addcmul(inp[t], decay[t], states[t - 1], out=states[t])
-        ctx.save_for_backward(decay, states)
-        return states
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        decay, states = ctx.saved_tensors
-        grad = grad.contiguous()
-        acc = torch.empty_like(grad)
-        last = grad.shape[0] - 1
-        acc[last] = grad[last]
-        for t in range(last - 1, -1, -1):
-            torch.addcmul(grad[t], decay[t + 1], acc[t + 1], out=acc[t])
-        grad_decay = torch.zeros_like(decay)
-        grad_decay[1:] = acc[1:] * states[:-1]
-        return grad_decay, acc
-
-
-def training_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                  D: torch.Tensor | None, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for :func:`phi4flash.ops.selective_scan` (same arguments and results), fast to differentiate.
-
-    Args:
-        u: (B, E, T) inputs. delta: (B, E, T) step sizes after softplus. A: (E, N), negative.
-        B, C: (B, N, T). D: (E,) skip or None. state: (B, E, N) initial state or None.
-
-    Returns:
-        (y (B, E, T) float32, last state (B, E, N) float32).
-    """
-    from .. import ops
-
-    native = ops.native_scan(u, delta, A, B, C, D, state)  # C++, with a C++ backward pass: fastest when built
-    if native is not None:
-        return native
-    u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
-    d = delta.permute(2, 0, 1)  # (T, B, E): time first, so each step is one contiguous slice
-    decay = torch.exp(d[..., None] * A)  # (T, B, E, N)
-    inp = (d * u.permute(2, 0, 1))[..., None] * B.permute(2, 0, 1)[:, :, None, :]
-    if state is not None:
-        inp = torch.cat([(inp[0] + decay[0] * state.float())[None], inp[1:]])
-    states = _LinearRecurrence.apply(decay.contiguous(), inp.contiguous())
-    y = torch.einsum("tben,tbn->bet", states, C.permute(2, 0, 1))
-    if D is not None:
-        y = y + D.float()[:, None] * u
-    return y, states[-1]
-
-
 @contextlib.contextmanager
 def _fast_scan() -> Iterator[None]:
-    """Use :func:`training_scan` inside the model while training.
+    """Use :func:`training_scan` inside the model while training, and the explicit attention matmuls.
 
-    The model's chunked scan is built for long prompts at inference; for 100-token training chats on a
-    CPU it is ~20x slower than this recurrence, so the training loop swaps it in and back out.
+    The model's chunked scan is built for long prompts at inference; for training chats of a few hundred
+    tokens on a CPU it is ~20x slower than this recurrence. SDPA's fused CPU kernel is slower backwards than
+    the explicit matmuls at these lengths (about 8% of a step). Both are swapped in and back out.
     """
     from .. import model as model_mod
+    from .. import ops
 
     # The model module imports the scan under one of these names (the dispatching one first).
     names = [n for n in ("selective_scan_auto", "selective_scan") if hasattr(model_mod, n)]
     saved = {n: getattr(model_mod, n) for n in names}
+    fused = ops.FUSED_MIN_QUERIES
     for n in names:
         setattr(model_mod, n, training_scan)
+    ops.FUSED_MIN_QUERIES = 1 << 30
     try:
         yield
     finally:
         for n, fn in saved.items():
             setattr(model_mod, n, fn)
+        ops.FUSED_MIN_QUERIES = fused
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,9 +124,13 @@ def encode_example(tok: Tokenizer, ex: data_mod.Example) -> tuple[list[int], int
     return prompt + completion, len(prompt)
 
 
-def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int,
+                 max_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Group chats of similar length (less padding), right-pad, and shuffle the batch order.
+
+    A batch holds at most ``batch_size`` chats and, when ``max_tokens`` is given, at most that many tokens
+    padding included, so a batch of long chats has fewer of them: every step costs about the same, and the
+    longest chats do not blow up the memory.
 
     Returns (input_ids (B, T), labels (B, T)) pairs; labels are -100 on the prompt and the padding.
     Right padding needs no attention mask: causal layers never look ahead, and padded positions carry no loss.
@@ -189,8 +142,18 @@ def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_
     batches = []
     for start in range(0, len(order), window):
         chunk = sorted(order[start:start + window], key=lambda i: len(encoded[i][0]))
-        for b in range(0, len(chunk) - batch_size + 1, batch_size):
-            rows = [encoded[i] for i in chunk[b:b + batch_size]]
+        groups: list[list[int]] = [[]]
+        for i in chunk:
+            rows = groups[-1]
+            full = len(rows) == batch_size or (
+                max_tokens is not None and rows and (len(rows) + 1) * len(encoded[i][0]) > max_tokens)
+            if full:
+                groups.append([])
+            groups[-1].append(i)
+        if max_tokens is None and len(groups[-1]) < batch_size:
+            groups.pop()  # fixed-size batches only
+        for group in groups:
+            rows = [encoded[i] for i in group]
             length = max(len(ids) for ids, _ in rows)
             x = torch.full((len(rows), length), pad_id, dtype=torch.long)
             y = torch.full((len(rows), length), -100, dtype=torch.long)
@@ -203,11 +166,15 @@ def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_
     return batches
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``.
+
+    The decay follows ``progress`` (the share of the time budget spent) when given, else the steps done.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if progress is None:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -265,7 +232,7 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
     n_params = sum(p.numel() for p in model.parameters())
     pad_id = tok.token_to_id("<|endoftext|>")
     encoded = [encode_example(tok, ex) for ex in examples[:cfg.steps * cfg.batch_size]]
-    batches = make_batches(encoded, cfg.batch_size, pad_id, cfg.seed)
+    batches = make_batches(encoded, cfg.batch_size, pad_id, cfg.seed, cfg.batch_tokens)[:cfg.steps]
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     losses: list[float] = []
@@ -278,9 +245,20 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     train_started = time.perf_counter()
     with _fast_scan():
+        warm_done = None  # when the warmup ended: the time budget's decay runs from there
         for step, (x, y) in enumerate(batches):
+            progress = None
+            if cfg.minutes is not None:
+                now = time.perf_counter()
+                if now - train_started >= cfg.minutes * 60:
+                    break
+                if step == cfg.warmup_steps:
+                    warm_done = now
+                if warm_done is not None:
+                    progress = (now - warm_done) / max(1.0, cfg.minutes * 60 - (warm_done - train_started))
+            lr = lr_at(step, cfg, progress)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr
             with autocast:
                 logits = model(x)
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
@@ -289,9 +267,13 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             losses.append(loss.item())
+            if (step + 1) % LOG_EVERY == 0:
+                recent = losses[-LOG_EVERY:]
+                logger.info("step %d/%d loss %.4f lr %.2e %.0f s", step + 1, len(batches), sum(recent) / len(recent),
+                            lr, time.perf_counter() - train_started)
             if bar is not None:
                 recent = losses[-20:]
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr_at(step, cfg):.2e}")
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
     if bar is not None:
         bar.close()
@@ -303,7 +285,9 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
         "command": "python -m phi4flash.training.train",
         "train_config": asdict(cfg),
         "parameters": n_params,
-        "examples": len(batches) * cfg.batch_size,
+        "steps": len(losses),
+        "examples": sum(len(x) for x, _ in batches[:len(losses)]),
+        "tokens": sum(x.numel() for x, _ in batches[:len(losses)]),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "final_loss": _tail_mean(losses),
@@ -370,32 +354,43 @@ def build_parser(prog: str = "phi4flash train") -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (0: random weights)")
-    parser.add_argument("--out", default=str(EMBEDDED_DIR), help="checkpoint folder to write (default: the embedded "
-                                                                 "one)")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="the most optimizer steps (0: random weights)")
+    parser.add_argument("--minutes", type=float, default=defaults.minutes,
+                        help="training time; the learning-rate schedule follows the clock (0: run all --steps, "
+                             "a schedule by steps, the same run on any machine)")
+    parser.add_argument("--out", default=None,
+                        help="checkpoint folder (default: a new phi4flash-embedded-DATE-TIME folder here)")
+    parser.add_argument("--overwrite-embedded", action="store_true",
+                        help="allow --out to be the shipped model's folder (phi4flash/embedded)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data, tokenizer and weights")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="chats per optimizer step")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="most chats per optimizer step")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (warmup, then cosine)")
-    parser.add_argument("--threads", type=int, default=defaults.threads,
-                        help="torch threads (1 is fastest on a busy 2-core machine)")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 autocast")
     parser.add_argument("--hidden-size", type=int, default=DEFAULT_MODEL["hidden_size"],
                         help="model width (the MLP is 4x)")
     parser.add_argument("--layers", type=int, default=DEFAULT_MODEL["num_hidden_layers"], help="decoder layers")
+    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="tokenizer ids")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``phi4flash train [--steps N] [--out DIR] [--seed S]``."""
+    """Command line: ``phi4flash train [--minutes M] [--out DIR] [--seed S]``."""
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
+    out = Path(args.out) if args.out else Path.cwd() / time.strftime("phi4flash-embedded-%Y%m%d-%H%M%S")
+    if out.resolve() == EMBEDDED_DIR.resolve() and not args.overwrite_embedded:
+        parser.error(f"--out {out} is the shipped model's folder; add --overwrite-embedded to replace it")
     model = dict(DEFAULT_MODEL, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
                  num_hidden_layers=args.layers)
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
-                      bf16=not args.no_bf16, model=model)
-    result = train(cfg, args.out, progress=True)
+    cfg = TrainConfig(steps=args.steps, minutes=args.minutes or None, seed=args.seed, batch_size=args.batch_size,
+                      lr=args.lr, threads=args.threads, bf16=not args.no_bf16, model=model,
+                      vocab_size=args.vocab_size)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    result = train(cfg, out, progress=True)
     s = result.summary
-    print(f"trained {s['parameters']:,} parameters for {cfg.steps} steps ({s['examples']:,} chats) "  # noqa: T201
+    print(f"trained {s['parameters']:,} parameters for {s['steps']} steps ({s['examples']:,} chats) "  # noqa: T201
           f"in {s['train_seconds'] / 60:.1f} min; loss {s['first_loss']} -> {s['final_loss']}")
     print(f"wrote {result.out_dir} (loss curve: {result.out_dir / 'loss_curve.png'})")  # noqa: T201
     return 0

@@ -187,9 +187,14 @@ def test_the_prefill_rate_of_a_continued_chat_names_the_tokens_it_counts(url: st
     assert f"Prefill ({new:,} new token{'s' if new != 1 else ''})" in stats_html
 
 
-@pytest.mark.parametrize("index,boxed", [(2, "80"), (3, "5")])
-def test_the_embedded_models_examples_are_answered_right(url: str, index: int, boxed: str) -> None:
-    """The examples meant for the offline demo get a worked, correct answer from the embedded model."""
+@pytest.mark.parametrize("index", range(len(EXAMPLES)))
+def test_every_example_card_is_answered_right(url: str, index: int) -> None:
+    """Each example card gets a worked, correct answer from the embedded model through the running app: every
+    value boxed (the quadratic's two roots, each department), and rendered for KaTeX by display_math."""
+    from phi4flash.training.solver import solve
+
+    expected = solve(EXAMPLES[index])  # the independent solver reads the card's text
+    assert expected, EXAMPLES[index]
     client = gradio_client.Client(url, verbose=False)
     try:
         updates = _stream(client, EXAMPLES[index], ("", 0.0, 0.95, 1024, 0))
@@ -198,4 +203,9 @@ def test_the_embedded_models_examples_are_answered_right(url: str, index: int, b
     messages, stats_html = updates[-1]
     assert parse_stats(stats_html)["finish"] == "stop"
     assert title(messages[0]).startswith("Thought")
-    assert answers(messages)[-1].endswith(f"$\\boxed{{{boxed}}}$")  # display_math wraps it for KaTeX
+    answer = answers(messages)[-1]
+    for item in expected:
+        label, _, value = item.rpartition("=")
+        shown = f"$\\boxed{{{value}}}$"  # display_math wraps each box for KaTeX
+        assert (f"{label} = {shown}" if label else shown) in answer, (item, answer)
+    assert answer.count("\\boxed") == len(expected), answer

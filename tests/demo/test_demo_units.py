@@ -95,6 +95,17 @@ def test_bare_boxed_answers_are_wrapped_for_math_rendering() -> None:
     assert display_math(r"\boxed{\frac{1}{2}}") == r"$\boxed{\frac{1}{2}}$"
     assert display_math(r"so $\boxed{3}$") == r"so $\boxed{3}$"  # already math: untouched
     assert display_math("no math here") == "no math here"
+    # answers with several values box each one: each box renders
+    assert display_math(r"x = \boxed{1/2} or x = \boxed{-3}") == r"x = $\boxed{1/2}$ or x = $\boxed{-3}$"
+    assert display_math(r"Marketing = \boxed{60}, Sales = \boxed{75}") == (
+        r"Marketing = $\boxed{60}$, Sales = $\boxed{75}$")
+
+
+def test_every_example_card_is_a_problem_the_embedded_model_was_trained_on() -> None:
+    from phi4flash.training import data
+    from phi4flash_demo.app import EXAMPLES
+
+    assert set(EXAMPLES) <= {d.question for d in data.demo_examples()}
 
 
 def test_prefill_rate_says_over_how_many_tokens_it_was_measured() -> None:

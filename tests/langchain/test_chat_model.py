@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from _models import ScriptedEngine, assert_streams_one_call, engine_of, model_params
+from _models import ScriptedEngine, assert_streams_one_call, embedded_available, engine_of, model_params
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from pydantic import BaseModel, Field
@@ -187,8 +187,8 @@ def test_history_rendering_with_tools():
         ToolMessage("boom", tool_call_id="2", status="error"),
     ]
     rendered = to_engine_messages(history)
-    assert rendered[2] == {"role": "assistant", "content": 'checking<|tool_call|>{"name": "lookup", "arguments": '
-                                                           '{"query": "x", "limit": 1}}<|/tool_call|>'}
+    assert rendered[2] == {"role": "assistant", "content": 'checking<|tool_call|>[{"name": "lookup", "arguments": '
+                                                           '{"query": "x", "limit": 1}}]<|/tool_call|>'}
     assert rendered[3] == {"role": "tool", "content": "sunny"} and rendered[4]["content"] == "Error: boom"
     llm = ChatPhi4Flash(**model_params())
     assert llm.get_num_tokens_from_messages(history, tools=[lookup]) > llm.get_num_tokens_from_messages(history)
@@ -219,3 +219,36 @@ def test_docs_agent_example_runs():
     except GraphRecursionError:
         pass  # a tiny model may keep calling tools; the loop itself ran
     assert "".join(out)
+
+
+@pytest.mark.skipif(not embedded_available(), reason="needs the shipped embedded model")
+@pytest.mark.xfail(reason="measured: the embedded model calls add(3, 4), then add(7, 7), and answers 14; it does not "
+                          "pick tools by name reliably yet (docs/embedded.md, Limits)", strict=False)
+def test_readme_agent_answers_35_through_the_tools():
+    """The README's agent, as written there, on the embedded model: add(3, 4), then multiply(7, 5), then 35."""
+    import re
+    from pathlib import Path
+
+    from langchain.agents import create_agent
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    model_line = 'ChatPhi4Flash(model="embedded", temperature=0, max_tokens=256, reasoning_budget=64)'
+    assert model_line in readme and 'system_prompt="Use the tools for arithmetic."' in readme
+    assert re.search(r'\("user", "What is \(3 \+ 4\) \* 5\?"\)', readme)
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    llm = ChatPhi4Flash(model="embedded", temperature=0, max_tokens=256, reasoning_budget=64)
+    agent = create_agent(llm, tools=[add, multiply], system_prompt="Use the tools for arithmetic.")
+    messages = agent.invoke({"messages": [("user", "What is (3 + 4) * 5?")]}, config={"recursion_limit": 8})["messages"]
+    results = [(m.name, m.content) for m in messages if isinstance(m, ToolMessage)]
+    assert results == [("add", "7"), ("multiply", "35")], messages
+    final = messages[-1]
+    assert isinstance(final, AIMessage) and not final.tool_calls
+    assert "35" in final.content and "</think>" not in final.content and "so far" not in final.content

@@ -19,8 +19,6 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_phi4flash import ChatPhi4Flash
 
-TINY = "a tiny CPU model (random or barely trained weights) cannot know"
-
 
 class TestChatPhi4FlashUnit(ChatModelUnitTests):
     @property
@@ -86,19 +84,9 @@ class TestChatPhi4FlashIntegration(_Flags, ChatModelIntegrationTests):
     def chat_model_params(self) -> dict[str, Any]:
         return model_params()
 
-    @pytest.mark.xfail(reason=f"{TINY} to call magic_function with input=3 on its own (semantic)", strict=False)
-    def test_tool_calling(self, model: Any) -> None:
-        super().test_tool_calling(model)
-
-    @pytest.mark.xfail(reason=f"{TINY} to call magic_function with input=3 on its own (semantic)", strict=False)
-    async def test_tool_calling_async(self, model: Any) -> None:
-        await super().test_tool_calling_async(model)
-
-    @pytest.mark.xfail(reason=f"{TINY} that SF weather needs an unforced tool call (semantic)", strict=False)
-    def test_agent_loop(self, model: Any) -> None:
-        super().test_agent_loop(model)
-
-    @pytest.mark.xfail(reason=f"{TINY} to copy the CJK customer name from the prompt (semantic)", strict=False)
+    @pytest.mark.xfail(reason="measured: the embedded model calls the tool but writes 'Мсква' for the CJK customer "
+                              "name instead of copying it from the prompt (it copies unseen names badly: "
+                              "docs/embedded.md)", strict=False)
     def test_unicode_tool_call_integration(self, model: Any, *, tool_choice: str | None = None,
                                            force_tool_call: bool = True) -> None:
         super().test_unicode_tool_call_integration(model, tool_choice=tool_choice, force_tool_call=force_tool_call)

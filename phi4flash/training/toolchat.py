@@ -1,0 +1,456 @@
+"""Tool-calling chats in the Phi-4-mini format, on generated tool sets (family ``tool``).
+
+The tool definitions sit in the system turn (``<|tool|>[...]<|/tool|>``, rendered by :mod:`phi4flash.tools`
+exactly as the LangChain model and the server render them); a call is
+``<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>``; results come back as ``tool`` turns, and
+earlier calls are written back as :func:`phi4flash.tools.assistant_message` writes them (without reasoning).
+
+Conversations:
+
+- **a request a tool fulfils** (weather, a named function, creating a record, search, e-mail, currency,
+  translation, time, stock price, reminders): call it with the arguments copied from the question, then
+  report the result once it comes back;
+- **arithmetic with arithmetic tools**, one call per operation: ``(3 + 4) * 5`` calls add, then multiply with
+  add's result, then answers 35;
+- **no tool fits** (a math question with unrelated tools, or a question no tool answers): answer directly.
+
+Tool names and argument names are drawn from large pools built from parts (``get_weather``,
+``fetchForecast``, ``weather_lookup``, ...); a name's hash decides its side of the split, so the held-out
+requests use tool names never seen in training. ``add`` and ``multiply`` (the README's agent) are always
+training names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import tools as tool_format
+from .steps import Made
+
+HELD_OUT_NAME_PERCENT = 20
+TRAIN_NAMES = frozenset({"add", "multiply", "subtract", "divide", "get_weather", "magic_function",
+                         "unicode_customer"})
+
+
+def name_is_held_out(name: str) -> bool:
+    """Whether a tool name belongs to the held-out side (stable hash; the README's names are always training)."""
+    if name in TRAIN_NAMES:
+        return False
+    digest = hashlib.sha256(f"tool-name:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < HELD_OUT_NAME_PERCENT
+
+
+def _styled(words: list[str], rng: random.Random) -> str:
+    style = rng.random()
+    if style < 0.6:
+        return "_".join(words)
+    if style < 0.85:
+        return words[0] + "".join(w.capitalize() for w in words[1:])
+    return "".join(w.capitalize() for w in words)
+
+
+def make_name(verbs: tuple[str, ...], nouns: tuple[str, ...], rng: random.Random, held_out: bool) -> str:
+    """A tool name from parts (``get_weather``, ``weatherLookup``), on the requested side of the split."""
+    for _ in range(1000):
+        verb, noun = rng.choice(verbs), rng.choice(nouns)
+        words = [w for w in (verb, noun) if w] if rng.random() < 0.7 else [w for w in (noun, verb) if w]
+        name = _styled(" ".join(words).split(), rng)
+        if name and name_is_held_out(name) == held_out:
+            return name
+    raise RuntimeError("no tool name on the requested side of the split")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Values the arguments take (copied from the question into the call).
+# ----------------------------------------------------------------------------------------------------
+
+CITIES = ("San Francisco, CA", "Paris", "Tokyo", "New York", "Berlin", "Lagos", "São Paulo", "Zürich", "Mumbai",
+          "Cairo", "Sydney", "Toronto", "Reykjavík", "Lima", "Seoul", "Nairobi", "Oslo", "Madrid", "Kraków",
+          "Hanoi", "Boston, MA", "Austin, TX", "Québec", "Dubai", "Auckland", "北京", "東京", "Москва")
+_CJK = "".join(chr(c) for c in range(0x4E00, 0x9FA6))  # CJK unified ideographs
+_KANA = "".join(chr(c) for c in (*range(0x3041, 0x3094), *range(0x30A1, 0x30F4)))  # hiragana and katakana
+_CYRILLIC = "абвгдежзийклмнопрстуфхцчшщыэюя"
+_LATIN = "abcdefghijklmnopqrstuvwxyzéèüöñ"
+_SUFFIXES = ("集团", "株式会社", " Ltd", " GmbH", " Inc.", " ООО", " & Co", " SA")
+
+
+def random_name(rng: random.Random) -> str:
+    """A company or person name in one of several scripts, to be copied verbatim into a call."""
+    script = rng.random()
+    if script < 0.3:
+        core = "".join(rng.choice(_CJK) for _ in range(rng.randint(2, 4)))
+    elif script < 0.45:
+        core = "".join(rng.choice(_KANA) for _ in range(rng.randint(3, 5)))
+    elif script < 0.6:
+        core = "".join(rng.choice(_CYRILLIC) for _ in range(rng.randint(4, 8))).capitalize()
+    else:
+        core = "".join(rng.choice(_LATIN) for _ in range(rng.randint(4, 9))).capitalize()
+    return core + (rng.choice(_SUFFIXES) if rng.random() < 0.5 else "")
+
+
+_TOPICS = ("the history of tea", "cheap flights to Rome", "Python list comprehensions", "the tallest mountain",
+           "vegan lasagna recipes", "electric cars", "the rules of chess", "solar panels", "jazz in the 1950s",
+           "how bees make honey", "the best hiking boots", "black holes", "Mamba state space models")
+_PEOPLE = ("alice@example.com", "bob@example.org", "team@acme.io", "Dr. Chen", "Maria", "the support team")
+_MESSAGES = ("the meeting moved to 3 pm", "I will be late", "the report is ready", "thanks for your help",
+             "lunch on Friday?", "the build is green")
+_LANGS = ("French", "German", "Spanish", "Japanese", "Italian", "Swahili", "Korean")
+_PHRASES = ("good morning", "where is the station?", "thank you very much", "see you tomorrow", "I love tea")
+_TICKERS = ("MSFT", "AAPL", "NVDA", "TSLA", "AMZN", "GOOG", "IBM", "SAP")
+_CURRENCIES = ("USD", "EUR", "JPY", "GBP", "CHF", "INR", "BRL")
+_TASKS = ("call mom", "water the plants", "send the invoice", "book a dentist", "buy milk", "stretch")
+_TIMES = ("9 am", "noon", "5:30 pm", "tomorrow at 8", "Monday morning", "in 20 minutes")
+_DESCRIPTIONS = ("a Chinese technology company", "a Japanese company", "a small bakery", "a German car maker",
+                 "a local bookshop", "a Brazilian coffee farm", "a Russian software studio", "a design agency")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One argument of an intent: its possible names, JSON type, and how a value is drawn."""
+
+    names: tuple[str, ...]
+    type: str
+    draw: Callable[[random.Random], Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A kind of tool: name parts, descriptions, parameters, questions, and a result it may return."""
+
+    kind: str
+    verbs: tuple[str, ...]
+    nouns: tuple[str, ...]
+    descriptions: tuple[str, ...]
+    params: tuple[Param, ...]
+    questions: tuple[str, ...]  # fields {0}, {1}, ... are the argument values; {name} the tool's name
+    results: tuple[str, ...]
+
+
+INTENTS: tuple[Intent, ...] = (
+    Intent("weather", ("get", "fetch", "lookup", "check", "current", "read", "query", ""),
+           ("weather", "forecast", "weather report", "conditions"),
+           ("Get the weather at a location.", "Get the current weather for a city.",
+            "Return today's weather forecast for a place.", "Look up the weather conditions somewhere."),
+           (Param(("location", "city", "place", "where"), "string", lambda r: r.choice(CITIES), "The city"),),
+           ("What is the weather in {0}?", "What's the weather like in {0}?", "Is it raining in {0}?",
+            "Tell me the weather in {0}.", "How is the weather in {0} today?", "Weather in {0}, please."),
+           ("It's sunny.", "Cloudy, 18°C", '{"temp": 21, "sky": "clear"}', "Light rain, 12°C", "Snow, -3°C")),
+    Intent("function", ("magic", "mystery", "special", "secret", "apply", "compute", "blend", "twist"),
+           ("function", "fn", "op", "transform", "value", ""),
+           ("Apply a magic function to an input.", "Compute a special function of a number.",
+            "Apply the transform to an integer.", "Return the mystery value of a number."),
+           (Param(("input", "x", "n", "value", "number", "arg"), "integer", lambda r: r.randint(-20, 999)),),
+           ("What is the value of {name}({0})? Use the tool.", "Call {name} with {0}.", "Use {name} on {0}.",
+            "What does {name} return for {0}?", "Compute {name}({0}) with the tool."),
+           ("5", "42", "-7", "1000", "3.5")),
+    Intent("customer", ("create", "add", "new", "register", "make", ""),
+           ("customer", "client", "company", "account", "unicode customer"),
+           ("Tool for creating a customer with Unicode name.\n\n    Args:\n        {0}: The customer's name in "
+            "their native language.\n        {1}: Description of the customer.\n\n    Returns:\n        A "
+            "confirmation message about the customer creation.", "Create a new customer record.",
+            "Register a client by name with a short description."),
+           (Param(("customer_name", "name", "client_name", "company_name"), "string", random_name),
+            Param(("description", "details", "about", "note"), "string", lambda r: r.choice(_DESCRIPTIONS))),
+           ("Create a customer named '{0}' - {1}", "Create a customer named '{0}' (a customer) - {1}",
+            "Please register the client '{0}', {1}.", "Add a customer called '{0}': {1}."),
+           ("Created customer.", "OK", '{"id": 1042}', "Customer created.")),
+    Intent("search", ("search", "find", "lookup", "query", "web"), ("web", "internet", "docs", "search", ""),
+           ("Search the web for a query.", "Find pages about a topic.", "Run a web search and return results."),
+           (Param(("query", "q", "topic", "text"), "string", lambda r: r.choice(_TOPICS)),),
+           ("Search for {0}.", "Look up {0} on the web.", "Find information about {0}.", "Search the web: {0}"),
+           ("3 results found.", '["Result one", "Result two"]', "Top hit: an encyclopedia article.")),
+    Intent("email", ("send", "write", "post", "notify", ""), ("email", "mail", "message", "note"),
+           ("Send an email to someone.", "Send a short message to a person.", "Deliver an e-mail."),
+           (Param(("to", "recipient", "address"), "string", lambda r: r.choice(_PEOPLE)),
+            Param(("body", "text", "message", "content"), "string", lambda r: r.choice(_MESSAGES))),
+           ("Send an email to {0} saying {1}.", "Tell {0} that {1}.", "Message {0}: {1}"),
+           ("Sent.", "OK", '{"status": "sent"}')),
+    Intent("currency", ("convert", "exchange", "fx", ""), ("currency", "money", "rate", "currencies"),
+           ("Convert an amount between currencies.", "Exchange money from one currency to another."),
+           (Param(("amount", "value", "sum"), "integer", lambda r: r.choice([5, 10, 20, 50, 100, 250, 1200])),
+            Param(("from_currency", "source", "from_code"), "string", lambda r: r.choice(_CURRENCIES)),
+            Param(("to_currency", "target", "to_code"), "string", lambda r: r.choice(_CURRENCIES))),
+           ("Convert {0} {1} to {2}.", "How much is {0} {1} in {2}?", "Exchange {0} {1} into {2}."),
+           ("92.5", "1 = 0.91", '{"converted": 118.2}')),
+    Intent("translate", ("translate", "convert", ""), ("text", "phrase", "language", "translator"),
+           ("Translate text into another language.", "Translate a phrase.", "Machine translation of text."),
+           (Param(("text", "phrase", "source_text"), "string", lambda r: r.choice(_PHRASES)),
+            Param(("target_language", "language", "lang", "to"), "string", lambda r: r.choice(_LANGS))),
+           ("Translate '{0}' into {1}.", "How do you say '{0}' in {1}?", "Translate '{0}' to {1}, please."),
+           ("Bonjour", "Guten Morgen", "ありがとう", "Hola")),
+    Intent("time", ("get", "current", "local", "lookup", ""), ("time", "clock", "local time", "time now"),
+           ("Get the current local time in a city.", "Return the time of day somewhere."),
+           (Param(("city", "location", "timezone", "place"), "string", lambda r: r.choice(CITIES)),),
+           ("What time is it in {0}?", "Current time in {0}?", "Tell me the local time in {0}."),
+           ("14:05", "9:30 am", "23:12")),
+    Intent("stock", ("get", "fetch", "lookup", "quote", ""), ("stock price", "quote", "share price", "ticker"),
+           ("Get the latest stock price for a ticker symbol.", "Return a share price."),
+           (Param(("ticker", "symbol", "stock"), "string", lambda r: r.choice(_TICKERS)),),
+           ("What is the stock price of {0}?", "How much is {0} trading at?", "Get me a quote for {0}."),
+           ("412.30", "$188.10", '{"price": 97.5}')),
+    Intent("reminder", ("set", "create", "add", "schedule", ""), ("reminder", "alarm", "todo", "task"),
+           ("Set a reminder for a task at a time.", "Schedule a reminder."),
+           (Param(("task", "what", "title"), "string", lambda r: r.choice(_TASKS)),
+            Param(("time", "when", "at"), "string", lambda r: r.choice(_TIMES))),
+           ("Remind me to {0} at {1}.", "Set a reminder: {0}, {1}.", "Please remind me to {0} {1}."),
+           ("Reminder set.", "OK", '{"id": 7}')),
+)
+
+# Arithmetic tools: (operation symbol, name parts, descriptions, how the question may spell the operation).
+ARITHMETIC: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "+": (("add", "sum", "plus", "addition"), ("", "numbers", "two", "ints", "values"),
+          ("Add two integers.", "Return the sum of two numbers.", "Adds two numbers together.")),
+    "-": (("subtract", "minus", "difference", "sub"), ("", "numbers", "two", "ints", "values"),
+          ("Subtract the second integer from the first.", "Return the difference of two numbers.")),
+    "*": (("multiply", "times", "product", "mul"), ("", "numbers", "two", "ints", "values"),
+          ("Multiply two integers.", "Return the product of two numbers.", "Multiplies two numbers.")),
+    "/": (("divide", "quotient", "div"), ("", "numbers", "two", "ints"),
+          ("Divide the first integer by the second.", "Return the quotient of two numbers.")),
+}
+ARG_PAIRS = (("a", "b"), ("x", "y"), ("first", "second"), ("left", "right"), ("num1", "num2"), ("m", "n"),
+             ("lhs", "rhs"), ("p", "q"), ("value1", "value2"), ("n1", "n2"))
+SYSTEM_PROMPTS = (None, "Use the tools for arithmetic.", "You are a helpful assistant.",
+                  "Use the tools when they help.", "You are a helpful assistant with some tools.",
+                  "Answer with the help of the tools.")
+
+
+def _schema(params: list[tuple[str, str, str]], rng: random.Random) -> dict[str, Any]:
+    """A JSON schema in one of the shapes LangChain or an OpenAI client send."""
+    props = {}
+    for name, typ, desc in params:
+        prop: dict[str, Any] = {"type": typ}
+        if desc and rng.random() < 0.3:
+            prop = {"description": desc, "type": typ} if rng.random() < 0.5 else {"type": typ, "description": desc}
+        props[name] = prop
+    required = [name for name, _, _ in params]
+    if rng.random() < 0.6:  # LangChain's order
+        return {"properties": props, "required": required, "type": "object"}
+    return {"type": "object", "properties": props, "required": required}
+
+
+@dataclass
+class Tool:
+    """A generated tool: its definition, and (for arithmetic) the operation it performs."""
+
+    name: str
+    description: str
+    arg_names: list[str]
+    schema: dict[str, Any]
+    intent: Intent | None = None
+    op: str | None = None
+
+    def definition(self) -> dict[str, Any]:
+        """The ``{"type": "function", ...}`` dict the LangChain model and the server pass on."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.schema}}
+
+
+def intent_tool(intent: Intent, rng: random.Random, held_out: bool) -> Tool:
+    """A tool of ``intent`` with a freshly drawn name, argument names and schema."""
+    name = make_name(intent.verbs, intent.nouns, rng, held_out)
+    args = []
+    for p in intent.params:
+        choice = rng.choice(p.names)
+        while choice in args:
+            choice = rng.choice(p.names)
+        args.append(choice)
+    description = rng.choice(intent.descriptions).format(*args)
+    schema = _schema([(a, p.type, p.description) for a, p in zip(args, intent.params, strict=True)], rng)
+    return Tool(name, description, args, schema, intent=intent)
+
+
+def arithmetic_tool(op: str, rng: random.Random, held_out: bool, plain: bool = False) -> Tool:
+    """An arithmetic tool for ``op``; ``plain`` gives the README's spelling (``add(a, b)``, ``multiply(a, b)``)."""
+    verbs, nouns, descriptions = ARITHMETIC[op]
+    if plain:
+        name, args = verbs[0], ["a", "b"]
+        description = {"+": "Add two integers.", "-": "Subtract two integers.", "*": "Multiply two integers.",
+                       "/": "Divide two integers."}[op]
+    else:
+        name = make_name(verbs, nouns, rng, held_out)
+        args = list(rng.choice(ARG_PAIRS))
+        description = rng.choice(descriptions)
+    schema = _schema([(a, "integer", "") for a in args], rng)
+    return Tool(name, description, args, schema, op=op)
+
+
+def system_message(tools: list[Tool], rng: random.Random) -> dict[str, str]:
+    """The system turn carrying the tools, as :func:`phi4flash.tools.attach_tools` writes it."""
+    prompt = rng.choice(SYSTEM_PROMPTS)
+    messages = [{"role": "system", "content": prompt}] if prompt else []
+    return tool_format.attach_tools(messages, [t.definition() for t in tools])[0]
+
+
+def call_text(name: str, arguments: dict[str, Any]) -> str:
+    """The call as the model writes it: ``<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>``."""
+    payload = json.dumps([{"name": name, "arguments": arguments}], ensure_ascii=False)
+    return f"{tool_format.TOOL_CALL_OPEN}{payload}{tool_format.TOOL_CALL_CLOSE}"
+
+
+def expected_call(name: str, arguments: dict[str, Any]) -> str:
+    """The canonical value of a call example (what the evaluator compares the parsed call with)."""
+    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversations.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _distractors(rng: random.Random, held_out: bool, avoid: set[str], count: int) -> list[Tool]:
+    """Other tools in the set: intents and arithmetic operations the request does not need."""
+    out: list[Tool] = []
+    kinds = [i for i in INTENTS if i.kind not in avoid]
+    ops = [op for op in ARITHMETIC if op not in avoid]
+    for _ in range(count):
+        if ops and rng.random() < 0.3:
+            op = rng.choice(ops)
+            ops.remove(op)
+            out.append(arithmetic_tool(op, rng, held_out))
+        elif kinds:
+            intent = rng.choice(kinds)
+            kinds.remove(intent)
+            out.append(intent_tool(intent, rng, held_out))
+    return out
+
+
+def _history(calls: list[tuple[str, dict[str, Any], str]]) -> list[dict[str, str]]:
+    """Earlier calls and their results, as the LangChain model and the server send them back."""
+    out: list[dict[str, str]] = []
+    for name, args, result in calls:
+        out.append(tool_format.assistant_message("", [(name, args)]))
+        out.append(tool_format.tool_result_message(result))
+    return out
+
+
+def intent_chat(rng: random.Random, held_out: bool, answer_turn: bool | None = None) -> Made:
+    """A request one tool of the set fulfils: the call (or, after its result, the report)."""
+    intent = rng.choice(INTENTS)
+    target = intent_tool(intent, rng, held_out)
+    tools = [target, *_distractors(rng, held_out, {intent.kind}, rng.choice([0, 0, 1, 1, 2]))]
+    rng.shuffle(tools)
+    values = [p.draw(rng) for p in intent.params]
+    question = rng.choice(intent.questions).format(*values, name=target.name)
+    args = dict(zip(target.arg_names, values, strict=True))
+    prompt = [system_message(tools, rng), {"role": "user", "content": question}]
+    if answer_turn is None:
+        answer_turn = not held_out and rng.random() < 0.25
+    if answer_turn:
+        result = rng.choice(intent.results)
+        messages = (*prompt, *_history([(target.name, args, result)]))
+        return Made(f"tool:{target.name}:answer", question, f"{target.name} returned a result.",
+                    f"{target.name} returned: {result}", "", messages=messages)
+    return Made(f"tool:{target.name}:{question}", question, f"Call {target.name}.", call_text(target.name, args),
+                expected_call(target.name, args), messages=tuple(prompt))
+
+
+_SYMBOLS = {"+": ("+",), "-": ("-",), "*": ("*", "×"), "/": ("/",)}
+
+
+def apply_op(op: str, a: int, b: int) -> int:
+    """``a op b`` for the four operations (division is exact in the generated expressions)."""
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    return a // b
+
+
+def draw_expression(rng: random.Random) -> tuple[str, list[tuple[str, int | None, int | None]]]:
+    """An expression and its steps: (op, left, right), where None stands for the previous step's result."""
+    def operands(op: str) -> tuple[int, int]:
+        if op == "/":
+            b = rng.randint(2, 12)
+            return b * rng.randint(1, 20), b
+        if op == "*":
+            return rng.randint(2, 30), rng.randint(2, 12)
+        return rng.randint(1, 99), rng.randint(1, 99)
+
+    ops = list(ARITHMETIC)
+    op1 = rng.choice(ops)
+    sym = {op: rng.choice(_SYMBOLS[op]) for op in ops}
+    a, b = operands(op1)
+    if op1 == "-" and a < b:
+        a, b = b, a
+    form = rng.random()
+    if form < 0.35:
+        return f"{a} {sym[op1]} {b}", [(op1, a, b)]
+    op2 = rng.choice([op for op in ops if op != "/"])
+    c = rng.randint(2, 9) if op2 == "*" else rng.randint(1, 60)
+    first = apply_op(op1, a, b)
+    if op2 == "-" and first < c:
+        c = rng.randint(0, max(0, first)) or 1
+        if first < c:
+            op2 = "+"
+    if form < 0.8:
+        return f"({a} {sym[op1]} {b}) {sym[op2]} {c}", [(op1, a, b), (op2, None, c)]
+    # c op2 (a op1 b): the bracket first, then the result on the right
+    if op2 == "-" and c < first:
+        c = first + rng.randint(0, 40)
+    return f"{c} {sym[op2]} ({a} {sym[op1]} {b})", [(op1, a, b), (op2, c, None)]
+
+
+_ARITH_QUESTIONS = ("What is {e}?", "Compute {e}.", "Use the tools to work out {e}.", "Calculate {e} with the tools.",
+                    "What is {e}? Use the tools.", "{e} = ?")
+_WORDED = {"+": ("Add {a} and {b}.", "What is the sum of {a} and {b}?"),
+           "-": ("Subtract {b} from {a}.", "What is {a} minus {b}?"),
+           "*": ("Multiply {a} by {b}.", "What is the product of {a} and {b}?", "What is {a} times {b}?"),
+           "/": ("Divide {a} by {b}.", "What is {a} divided by {b}?")}
+
+
+def arithmetic_chat(rng: random.Random, held_out: bool, stage: int | None = None) -> Made:
+    """Arithmetic with arithmetic tools: the call of step ``stage`` (after the earlier ones), or the answer."""
+    expr, steps = draw_expression(rng)
+    needed = list(dict.fromkeys(op for op, _, _ in steps))
+    plain = not held_out and rng.random() < 0.35
+    tools_by_op = {op: arithmetic_tool(op, rng, held_out, plain) for op in needed}
+    tools = [*tools_by_op.values(), *_distractors(rng, held_out, set(needed), rng.choice([0, 1, 1, 2]))]
+    rng.shuffle(tools)
+    if len(steps) == 1 and rng.random() < 0.3:
+        op, a, b = steps[0]
+        question = rng.choice(_WORDED[op]).format(a=a, b=b)
+    else:
+        question = rng.choice(_ARITH_QUESTIONS).format(e=expr)
+    done: list[tuple[str, dict[str, Any], str]] = []
+    results: list[int] = []
+    if stage is None:
+        stage = rng.randrange(len(steps) + (0 if held_out else 1))
+    for i, (op, left, right) in enumerate(steps):
+        lhs = results[-1] if left is None else left
+        rhs = results[-1] if right is None else right
+        tool = tools_by_op[op]
+        args = {tool.arg_names[0]: lhs, tool.arg_names[1]: rhs}
+        if i == stage:
+            if i == 0:
+                thought = f"{expr}: first {lhs} {op} {rhs}, with {tool.name}."
+            else:
+                thought = f"{done[-1][0]} gave {results[-1]}. Next {lhs} {op} {rhs}, with {tool.name}."
+            messages = (system_message(tools, rng), {"role": "user", "content": question}, *_history(done))
+            return Made(f"tool:{expr}:{i}", question, thought, call_text(tool.name, args),
+                        expected_call(tool.name, args), messages=messages)
+        value = apply_op(op, lhs, rhs)
+        results.append(value)
+        result_text = str(value) if rng.random() < 0.85 else json.dumps({"result": value})
+        done.append((tool.name, args, result_text))
+    messages = (system_message(tools, rng), {"role": "user", "content": question}, *_history(done))
+    return Made(f"tool:{expr}:answer", question, f"{done[-1][0]} gave {results[-1]}, the last step.",
+                f"{expr} = \\boxed{{{results[-1]}}}", str(results[-1]), messages=messages)
+
+
+def unrelated_tools(rng: random.Random, held_out: bool, exclude: set[str]) -> list[Tool]:
+    """One to three tools that do not fit a request (``exclude`` names the intents and operations that would)."""
+    return _distractors(rng, held_out, exclude, rng.randint(1, 2))
+
+
+def with_tools(made: Made, tools: list[Tool], rng: random.Random) -> Made:
+    """``made`` (a question answered without tools) asked with ``tools`` in the system turn."""
+    messages = (system_message(tools, rng), {"role": "user", "content": made.question})
+    return made._replace(messages=messages)
