@@ -11,7 +11,7 @@ import jinja2
 import pytest
 
 from phi4flash.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, assistant_message, parse_tool_calls, tools_json
-from phi4flash.training import data, offdomain
+from phi4flash.training import data, offdomain, toolchat
 from phi4flash.training.evaluate import answer_items
 from phi4flash.training.solver import canonical, solve
 from phi4flash.training.tokenizer_train import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
@@ -53,6 +53,19 @@ def test_answers_match_an_independent_solver(train_examples: list[data.Example],
         assert canonical(answer_items(ex.answer)) == canonical(ex.value), ex.answer
         checked.add(ex.family)
     assert checked == set(data.MATH_FAMILIES) | {"tool"}
+
+
+def test_a_common_denominator_is_worked_from_the_multiples_of_the_larger(train_examples: list[data.Example]) -> None:
+    lines = [line for e in train_examples if e.family == "fraction" for line in e.reasoning.splitlines()
+             if line.startswith("Multiples of ")]
+    assert len(lines) > 20
+    for line in lines:
+        match = re.fullmatch(r"Multiples of (\d+): ([\d, ]+); (\d+) = (\d+)×(\d+)", line)
+        assert match, line
+        big, multiples, common, small, times = match.groups()
+        listed = [int(m) for m in multiples.split(", ")]
+        assert listed == [int(big) * k for k in range(1, len(listed) + 1)] and listed[-1] == int(common), line
+        assert int(common) == int(small) * int(times) and all(m % int(small) for m in listed[:-1]), line
 
 
 # "a op b op c=d" claims between plain numbers; a fraction result (2/4=1/2) is not one.
@@ -134,6 +147,22 @@ def test_heldout_tool_requests_use_tool_names_never_seen_in_training(train_examp
     assert {"add", "multiply"} <= seen  # the README's agent uses them
 
 
+def _name_words(name: str) -> set[str]:
+    """``getWeather2`` / ``get_weather`` -> {"get", "weather"}."""
+    return {w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name.replace("_", " "))}
+
+
+def test_a_share_of_training_tool_names_are_spelled_letter_by_letter(train_examples: list[data.Example]) -> None:
+    # Only copying from the tool list gets a made-up name right; held-out requests keep names made of real words.
+    parts = {w for intent in toolchat.INTENTS for part in (*intent.verbs, *intent.nouns) for w in part.split()}
+    parts |= {w for verbs, nouns, _ in toolchat.ARITHMETIC.values() for part in (*verbs, *nouns) for w in part.split()}
+    names = [d["name"] for e in train_examples for m in e.messages if m.get("tools") for d in json.loads(m["tools"])]
+    spelled = [n for n in names if n not in toolchat.TRAIN_NAMES and not _name_words(n) & parts]
+    assert 0.15 < len(spelled) / len(names) < 0.5, (len(spelled), len(names), spelled[:10])
+    requests = data.generate(200, seed=7, split="heldout", families=["tool"])
+    assert all(_name_words(json.loads(e.value)["name"]) & parts for e in requests)
+
+
 def test_tool_chats_are_written_as_the_library_reads_and_writes_them(train_examples: list[data.Example]) -> None:
     calls = [e for e in train_examples if e.family == "tool" and e.answer.startswith(TOOL_CALL_OPEN)]
     assert len(calls) > 100
@@ -162,7 +191,9 @@ def test_offdomain_prompts_get_the_honest_reply_and_the_eval_prompts_are_unseen(
 
 def test_some_reasoning_is_cut_short_and_then_answered(train_examples: list[data.Example]) -> None:
     cut = [e for e in train_examples if e.cut]
-    assert 0.02 < len(cut) / len(train_examples) < 0.08
+    assert 0.06 < len(cut) / len(train_examples) < 0.14
+    at_line_end = [e for e in cut if e.reasoning.endswith("\n")]
+    assert 0.3 < len(at_line_end) / len(cut) < 0.8  # as a budget closed at the end of a line; the rest mid-line
     for ex in cut:
         assert ex.completion == f"<think>\n{ex.reasoning}</think>\n{ex.answer}"
     assert not any(e.cut for e in data.generate(200, seed=7, split="heldout"))

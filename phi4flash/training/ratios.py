@@ -162,6 +162,10 @@ def _fraction_sum(rng: random.Random) -> Made:
         break
     lines = []
     if b != d:
+        # worked, not recalled: the first edition's wrong answers were mostly a wrong common denominator
+        big, small = max(b, d), min(b, d)
+        multiples = ", ".join(str(big * k) for k in range(1, common // big + 1))
+        lines.append(f"Multiples of {big}: {multiples}; {common} = {small}×{common // small}")
         lines.append(f"Common denominator of {b} and {d}: {common}")
         for num, den, new in ((a, b, x), (c, d, y)):
             if den != common:

@@ -54,12 +54,36 @@ def _styled(words: list[str], rng: random.Random) -> str:
     return "".join(w.capitalize() for w in words)
 
 
+# Share of training tools named letter by letter: a name no part of which means anything can only be got right
+# by copying it from the tool list, which is what an unseen name needs (built from parts alone, the first
+# trained model wrote names after the parts it knew: `values_sub` for a tool listed as `difference`).
+SPELLED_NAME_PERCENT = 35
+_CONSONANTS = "bcdfghjklmnprstvwxz"
+_VOWELS = "aeiouy"
+
+
+def spelled_name(rng: random.Random) -> str:
+    """A tool name of one to three made-up words drawn letter by letter (``vokel``, ``zarim_tus``, ``quoFen2``)."""
+    words = []
+    for _ in range(rng.choice((1, 2, 2, 3))):
+        start = rng.randint(0, 1)  # consonant and vowel in turns: pronounceable, still meaningless
+        letters = [rng.choice(_CONSONANTS if (i + start) % 2 == 0 else _VOWELS) for i in range(rng.randint(2, 7))]
+        words.append("".join(letters))
+    name = _styled(words, rng)
+    return name + str(rng.randint(0, 9)) if rng.random() < 0.15 else name
+
+
 def make_name(verbs: tuple[str, ...], nouns: tuple[str, ...], rng: random.Random, held_out: bool) -> str:
-    """A tool name from parts (``get_weather``, ``weatherLookup``), on the requested side of the split."""
+    """A tool name from parts (``get_weather``, ``weatherLookup``), on the requested side of the split; on the
+    training side, :data:`SPELLED_NAME_PERCENT` of them are spelled letter by letter instead."""
+    spelled = not held_out and rng.randrange(100) < SPELLED_NAME_PERCENT
     for _ in range(1000):
-        verb, noun = rng.choice(verbs), rng.choice(nouns)
-        words = [w for w in (verb, noun) if w] if rng.random() < 0.7 else [w for w in (noun, verb) if w]
-        name = _styled(" ".join(words).split(), rng)
+        if spelled:
+            name = spelled_name(rng)
+        else:
+            verb, noun = rng.choice(verbs), rng.choice(nouns)
+            words = [w for w in (verb, noun) if w] if rng.random() < 0.7 else [w for w in (noun, verb) if w]
+            name = _styled(" ".join(words).split(), rng)
         if name and name_is_held_out(name) == held_out:
             return name
     raise RuntimeError("no tool name on the requested side of the split")
