@@ -187,6 +187,14 @@ def test_offdomain_prompts_get_the_honest_reply_and_the_eval_prompts_are_unseen(
     assert all(offdomain.HONEST_MARK in e.answer and "\\boxed" not in e.answer for e in generated)
     prompts = {e.question for e in generated}
     assert len(prompts) > 500 and not prompts & set(offdomain.UNSEEN_PROMPTS)
+    # Arithmetic past the families' ranges gets the honest reply too: never a problem a family could ask.
+    too_big = [e for e in generated if e.reasoning == offdomain.REPLIES["toobig"][0]]
+    assert len(too_big) > 50
+    for ex in too_big:
+        numbers = [int(n) for n in re.findall(r"\d+", ex.question)]
+        assert len(numbers) == 2 and (min(numbers) >= 10_000 or ("+" not in ex.question and "-" not in ex.question
+                                                                 and "Add" not in ex.question
+                                                                 and min(numbers) >= 10)), ex.question
 
 
 def test_some_reasoning_is_cut_short_and_then_answered(train_examples: list[data.Example]) -> None:

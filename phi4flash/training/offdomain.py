@@ -1,7 +1,8 @@
 """Questions outside the embedded model's domain, answered honestly (family ``offdomain``).
 
-A greeting, a question about the model, a poem, a fact, a recipe, code, a translation without a tool: the
-reply says, in a few fixed words, that this is a tiny demo model for arithmetic and algebra and what to ask.
+A greeting, a question about the model, a poem, a fact, a recipe, code, a translation without a tool, or
+arithmetic on numbers bigger than the math families' ranges: the reply says, in a few fixed words, that this
+is a tiny demo model for arithmetic and algebra and what to ask.
 Prompts are built from templates and fillers (numbers included, so that a digit in a question does not
 mean arithmetic); the held-out side is decided by a hash of the prompt, and :data:`UNSEEN_PROMPTS` are
 hand-written prompts no template produces, for the evaluation only.
@@ -26,6 +27,10 @@ REPLIES = {
                 f"linear and quadratic equations and small word problems. Try {EXAMPLES_TEXT}."),
     "thanks": ("Thanks from the user.",
                f"You are welcome! I am a {HONEST_MARK} for arithmetic and algebra; ask me another problem any time."),
+    "toobig": ("These numbers are bigger than the ones I learned on.",
+               f"That is bigger than I can work out reliably: I am a {HONEST_MARK} that adds and subtracts numbers "
+               f"of up to 4 digits and multiplies a number up to 99 by one digit. Try a smaller problem, "
+               f"{EXAMPLES_TEXT}."),
     "other": ("This is not arithmetic or algebra.",
               f"I am a {HONEST_MARK} for arithmetic and algebra, so I cannot help with that. Ask me a math problem, "
               f"{EXAMPLES_TEXT}."),
@@ -51,7 +56,16 @@ _THINGS = ("color", "movie", "book", "food", "song", "season", "animal", "sport"
 _EVENTS = ("the moon landing", "the French Revolution", "World War II", "the fall of the Berlin Wall",
            "the first Olympic Games")
 
+# Operands past the arithmetic families' ranges (products of two numbers of 2-3 digits; sums of 5-6 digits),
+# which the first trained model answered with confident nonsense ("12345 * 67" -> "1234 + 67 = 1301").
+_FACTORS = tuple(str(n) for n in range(11, 1000, 13))
+_HUGE = tuple(str(n) for n in range(10_007, 1_000_000, 7_919))
+
 TEMPLATES: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, ...], ...]], ...] = (
+    ("toobig", ("What is {0} × {1}?", "What is {0} * {1}?", "Multiply {0} by {1}.", "Compute {0} × {1}.",
+                "Calculate {0} times {1}."), (_FACTORS, _FACTORS)),
+    ("toobig", ("What is {0} + {1}?", "Add {0} and {1}.", "What is {0} - {1}?", "Compute {0} + {1}."),
+     (_HUGE, _HUGE)),
     ("greeting", ("Hi", "Hello", "Hey", "Hi!", "Hello!", "Good morning", "Good evening!", "Hey there",
                   "Hi, how are you?", "Hello, anyone there?", "Yo", "Howdy", "Hi there!", "Good afternoon",
                   "Hi, I'm {0}.", "Hello from {1}!"), (("Sam", "Lea", "Ravi", "Ana", "Kenji"), _CITIES)),
