@@ -88,9 +88,14 @@ def bench_ours(model: Phi4FlashForCausalLM, prompt: torch.Tensor, new_tokens: in
     logits: list[torch.Tensor] = []
 
     def prefill() -> None:
-        for start in range(0, length, chunk):
-            logits.append(model(prompt[:, start:start + chunk], cache=cache, logits_to_keep=1,
-                                skip_cross_decoder=skip)[:, -1])
+        if skip:  # as the engine: the self-decoder alone on all but the last token, which gives the logits
+            for start in range(0, length - 1, chunk):
+                model.prefill(prompt[:, start:min(start + chunk, length - 1)], cache)
+            logits.append(model(prompt[:, -1:], cache=cache, logits_to_keep=1)[:, -1])
+        else:
+            for start in range(0, length, chunk):
+                logits.append(model(prompt[:, start:start + chunk], cache=cache, logits_to_keep=1,
+                                    skip_cross_decoder=False)[:, -1])
         logits.append(logits[-1].argmax(-1))
 
     ttft = _time(prefill)

@@ -352,8 +352,10 @@ class LocalEngine:
             if request.cancel.is_set():
                 break
             chunk = torch.tensor([prompt[start:min(start + self.prefill_chunk, body_end)]], device=self.torch_device)
-            self.model(chunk, cache=self._cache, rows=[row], logits_to_keep=1,
-                       skip_cross_decoder=self.skip_cross_decoder)
+            if self.skip_cross_decoder:  # nobody reads these chunks' logits: the self-decoder alone
+                self.model.prefill(chunk, self._cache, rows=[row])
+            else:
+                self.model(chunk, cache=self._cache, rows=[row], logits_to_keep=1, skip_cross_decoder=False)
         if request.cancel.is_set():
             self._finish(request, "cancelled")
             return

@@ -141,6 +141,15 @@ class Phi4FlashForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, cache: Phi4FlashCache,
+                rows: list[int] | torch.Tensor | slice | None = None) -> None:
+        """Extend ``cache`` by (B, T) ``input_ids`` without computing logits: the prompt tokens before the last.
+
+        Only the self-decoder runs: the cross-decoder's layers keep no state, so nothing after the shared K/V
+        is needed until the last prompt token asks for logits (through :meth:`forward`)."""
+        self.model(input_ids, cache=cache, rows=rows, self_decoder_only=True)
+
+    @torch.no_grad()
     def step(self, input_ids: torch.Tensor, cache: Phi4FlashCache, rows: list[int] | torch.Tensor | slice | None = None,
              static: bool = False) -> torch.Tensor:
         """One decode step: (B,) next token ids -> (B, V) float32 logits; rows may be at different lengths.
@@ -224,8 +233,10 @@ class Phi4FlashModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 cache: Phi4FlashCache | None = None, rows: list[int] | torch.Tensor | slice | None = None,
-                last_only: bool = False, static: bool = False) -> torch.Tensor:
-        """(B, T) ids -> (B, T, D) hidden states, or (B, 1, D) when ``last_only`` (cross-decoder skip)."""
+                last_only: bool = False, static: bool = False, self_decoder_only: bool = False) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) hidden states, or (B, 1, D) when ``last_only`` (cross-decoder skip); with
+        ``self_decoder_only`` the self-decoder's (B, T, D) output, un-normalised (the caches written, the
+        cross-decoder not run)."""
         config = self.config
         batch, length = input_ids.shape
         device = input_ids.device
@@ -256,6 +267,8 @@ class Phi4FlashModel(nn.Module):
         memory: torch.Tensor | None = None  # (B, T, E) from the memory layer, read by the GMUs
         shared_kv: tuple[torch.Tensor, ...] | None = None  # from the full-attention layer, read by cross layers
         for idx, layer in enumerate(self.layers):
+            if self_decoder_only and idx == config.kv_layer + 1:
+                break
             if last_only and idx == config.kv_layer + 1 and x.shape[1] > 1:
                 # The cross-decoder works per token on the shared K/V: the last token alone gives the
                 # same next-token logits, at half the prefill cost.
@@ -267,6 +280,8 @@ class Phi4FlashModel(nn.Module):
                 cache.lengths += length
             else:
                 cache.lengths[ctx.rows] += length
+        if self_decoder_only:
+            return x
         return self.final_layernorm(x.to(self.final_layernorm.weight.dtype))
 
 

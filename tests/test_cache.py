@@ -40,6 +40,26 @@ def test_prefill_skip_gives_the_same_next_token_logits() -> None:
     assert (skipped - stateless).abs().max() <= 1e-5
 
 
+def test_prefill_runs_the_self_decoder_only_and_the_next_logits_are_unchanged() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 100, (2, 3 * WINDOW + 2))
+    expected = _full(model, ids)
+    cross_calls = []
+    first_cross = model.model.layers[model.config.kv_layer + 1]
+    handle = first_cross.register_forward_hook(lambda *args: cross_calls.append(1))
+    cache = model.new_cache(2, 64)
+    try:
+        for start in range(0, ids.shape[1] - 1, WINDOW):  # chunks of the prompt but its last token
+            model.prefill(ids[:, start:min(start + WINDOW, ids.shape[1] - 1)], cache)
+        assert not cross_calls and cache.lengths.tolist() == [ids.shape[1] - 1] * 2
+        with torch.no_grad():
+            last = model(ids[:, -1:], cache=cache, logits_to_keep=1)[:, -1]
+    finally:
+        handle.remove()
+    assert cross_calls == [1]
+    assert (last - expected[:, -1]).abs().max() <= 2e-4
+
+
 def test_chunked_prefill_and_multi_token_continuation_equal_one_shot() -> None:
     model = tiny_model()
     ids = torch.randint(0, 100, (1, 41))

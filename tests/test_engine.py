@@ -105,6 +105,20 @@ def test_requests_that_end_early_leave_the_others_on_the_first_rows(engine: Loca
     assert all(rows is None or rows == list(range(len(rows))) for rows in seen)
 
 
+def test_prompt_chunks_run_the_self_decoder_only_and_the_reply_is_unchanged(engine: LocalEngine) -> None:
+    chunked = LocalEngine(engine.model, engine.tokenizer, max_batch=1, prefill_chunk=5, kept_state_bytes=0)
+    calls = []
+    cross = engine.model.model.layers[engine.model.config.kv_layer + 1]
+    handle = cross.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+    try:
+        done = chunked.generate(HELLO, GenerationConfig(temperature=0, max_new_tokens=4))
+    finally:
+        handle.remove()
+        chunked.close()
+    assert done.token_ids == _greedy_reference(engine, HELLO, 4)
+    assert calls == [1] * 4  # the last prompt token, then the steps: never a prompt chunk
+
+
 def test_stop_string_across_tokens_is_trimmed(engine: LocalEngine) -> None:
     ids = engine.generate(HELLO, GREEDY).token_ids
     pieces = [engine.tokenizer.decode([t]) for t in ids]
