@@ -71,7 +71,6 @@ def check_support(device: torch.device, dtype: torch.dtype, bits: int) -> None:
                                  "device='cpu' or 'cuda', or without quantize=")
 
 
-@functools.cache
 def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
     """``tensor``, copied where its data does not start on an ``alignment``-byte boundary.
 
@@ -81,6 +80,7 @@ def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
     return tensor if tensor.data_ptr() % alignment == 0 else tensor.clone()
 
 
+@functools.cache
 def _warn_float32(name: str) -> None:
     logger.warning("%s weights with float32 activations: PyTorch's CPU kernels are about 10x slower than with "
                    "bfloat16; pass dtype='bfloat16' (the default with quantize=) for speed", name)

@@ -165,6 +165,16 @@ def test_float32_activations_run_exactly_on_pytorchs_kernels() -> None:
             assert (layer(x) - expected).abs().max().item() <= 1e-4 * (1 + expected.abs().max().item())
 
 
+def test_the_float32_slowness_warning_is_logged_once_per_format(caplog: pytest.LogCaptureFixture) -> None:
+    qkernels._warn_float32.cache_clear()
+    with caplog.at_level("WARNING", logger="phi4flash.qkernels"):
+        for _ in range(3):
+            for bits in (8, 4):
+                qkernels.check_support(torch.device("cpu"), torch.float32, bits)
+    warnings = [r.getMessage() for r in caplog.records if "float32 activations" in r.getMessage()]
+    assert [w.split()[0] for w in warnings] == ["int8", "int4"]
+
+
 def test_row_tiles_round_trip_and_layout() -> None:
     nibbles = torch.randint(0, 16, (32, 256), dtype=torch.uint8)
     tiles = qkernels.int4_tiles(nibbles)
