@@ -99,16 +99,18 @@ def _lark(answer: str, reasoning: bool) -> str:
 
 
 def _inline_json(schema: Mapping[str, Any] | bool) -> str:
+    """``schema`` as an inline llguidance JSON rule, its objects closed (:func:`closed_objects`)."""
     if isinstance(schema, bool):
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, Mapping):
         raise ValueError(f"invalid JSON schema {schema!r}: must be an object or a boolean")
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_LAYOUT}, ensure_ascii=False)
+    return "%json " + json.dumps({**closed_objects(schema), "x-guidance": JSON_LAYOUT}, ensure_ascii=False)
 
 
 # keywords whose value maps names to subschemas (the names are not keywords)
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _LITERALS = ("const", "enum", "default", "examples")  # values, not subschemas
+_OPENING_KEYS = frozenset({"additionalProperties", "patternProperties", "unevaluatedProperties", "allOf"})
 
 
 def closed_objects(schema: Any, *, close: bool = True) -> Any:
@@ -127,8 +129,7 @@ def closed_objects(schema: Any, *, close: bool = True) -> Any:
             out[key] = {name: closed_objects(sub) for name, sub in value.items()}
         else:
             out[key] = value if key in _LITERALS else closed_objects(value, close=key != "allOf")
-    open_keys = {"additionalProperties", "patternProperties", "unevaluatedProperties", "allOf"}
-    if close and "properties" in out and not open_keys & set(out):
+    if close and "properties" in out and not _OPENING_KEYS & out.keys():
         out["additionalProperties"] = False
     return out
 
@@ -136,7 +137,7 @@ def closed_objects(schema: Any, *, close: bool = True) -> Any:
 def json_grammar(schema: Mapping[str, Any] | bool, *, reasoning: bool = True) -> str:
     """The grammar of an output that is one JSON document valid for ``schema`` (after optional reasoning).
     Objects hold their declared properties only unless the schema allows others (:func:`closed_objects`)."""
-    return _lark(_inline_json(closed_objects(schema)), reasoning)
+    return _lark(_inline_json(schema), reasoning)
 
 
 def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, reasoning: bool = True) -> str:
@@ -147,8 +148,8 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, reasoning: bool = T
     calls = []
     for tool in tool_definitions(tools):
         head = '{"name": ' + json.dumps(tool["name"], ensure_ascii=False) + ', "arguments": '
-        arguments = closed_objects(tool["parameters"])  # the declared arguments only, unless told otherwise
-        calls.append(f'{json.dumps(head, ensure_ascii=False)} {_inline_json(arguments)} "}}"')
+        # the declared arguments only, unless told otherwise (_inline_json closes the objects)
+        calls.append(f'{json.dumps(head, ensure_ascii=False)} {_inline_json(tool["parameters"])} "}}"')
     if not calls:
         raise ValueError("a forced tool call needs at least one tool")
     return _lark(f'{TOOL_CALL_OPEN} "[" ({" | ".join(calls)}) "]" {TOOL_CALL_CLOSE}', reasoning)
