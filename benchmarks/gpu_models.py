@@ -119,9 +119,7 @@ def random_ids(shape: tuple[int, ...], vocab: int, device: torch.device, seed: i
 def ours_prefill(model: Any, prompt: torch.Tensor, cache: Any, chunk: int) -> torch.Tensor:
     """Prefill ``prompt`` into ``cache`` in chunks as the engine does (the self-decoder alone on all but the
     last token, which runs the cross-decoder); returns the greedy next token of each row, (B,)."""
-    body = prompt.shape[1] - 1
-    for start in range(0, body, chunk):
-        model.prefill(prompt[:, start:min(start + chunk, body)], cache)
+    model.prefill(prompt[:, :-1], cache, chunk=chunk)
     return model(prompt[:, -1:], cache=cache, logits_to_keep=1)[:, -1].argmax(-1)
 
 

@@ -89,8 +89,7 @@ def bench_ours(model: Phi4FlashForCausalLM, prompt: torch.Tensor, new_tokens: in
 
     def prefill() -> None:
         if skip:  # as the engine: the self-decoder alone on all but the last token, which gives the logits
-            for start in range(0, length - 1, chunk):
-                model.prefill(prompt[:, start:min(start + chunk, length - 1)], cache)
+            model.prefill(prompt[:, :-1], cache, chunk=chunk)
             logits.append(model(prompt[:, -1:], cache=cache, logits_to_keep=1)[:, -1])
         else:
             for start in range(0, length, chunk):

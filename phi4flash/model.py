@@ -142,12 +142,16 @@ class Phi4FlashForCausalLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, cache: Phi4FlashCache,
-                rows: list[int] | torch.Tensor | slice | None = None) -> None:
+                rows: list[int] | torch.Tensor | slice | None = None, chunk: int | None = None) -> None:
         """Extend ``cache`` by (B, T) ``input_ids`` without computing logits: the prompt tokens before the last.
 
         Only the self-decoder runs: the cross-decoder's layers keep no state, so nothing after the shared K/V
-        is needed until the last prompt token asks for logits (through :meth:`forward`)."""
-        self.model(input_ids, cache=cache, rows=rows, self_decoder_only=True)
+        is needed until the last prompt token asks for logits (through :meth:`forward`). ``chunk`` tokens go at
+        a time (None: all at once), which bounds the activations' memory."""
+        length = input_ids.shape[1]
+        step = chunk or max(1, length)
+        for start in range(0, length, step):
+            self.model(input_ids[:, start:start + step], cache=cache, rows=rows, self_decoder_only=True)
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, cache: Phi4FlashCache, rows: list[int] | torch.Tensor | slice | None = None,

@@ -44,18 +44,21 @@ def test_prefill_runs_the_self_decoder_only_and_the_next_logits_are_unchanged() 
     model = tiny_model()
     ids = torch.randint(0, 100, (2, 3 * WINDOW + 2))
     expected = _full(model, ids)
-    cross_calls = []
+    cross_calls, first_calls = [], []
     first_cross = model.model.layers[model.config.kv_layer + 1]
-    handle = first_cross.register_forward_hook(lambda *args: cross_calls.append(1))
+    handles = [first_cross.register_forward_hook(lambda *args: cross_calls.append(1)),
+               model.model.layers[0].register_forward_hook(lambda module, args, out: first_calls.append(
+                   args[0].shape[1]))]
     cache = model.new_cache(2, 64)
     try:
-        for start in range(0, ids.shape[1] - 1, WINDOW):  # chunks of the prompt but its last token
-            model.prefill(ids[:, start:min(start + WINDOW, ids.shape[1] - 1)], cache)
+        model.prefill(ids[:, :-1], cache, chunk=WINDOW)  # the prompt but its last token, in chunks
+        assert first_calls == [WINDOW, WINDOW, WINDOW, 1]
         assert not cross_calls and cache.lengths.tolist() == [ids.shape[1] - 1] * 2
         with torch.no_grad():
             last = model(ids[:, -1:], cache=cache, logits_to_keep=1)[:, -1]
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     assert cross_calls == [1]
     assert (last - expected[:, -1]).abs().max() <= 2e-4
 
