@@ -140,9 +140,14 @@ def json_grammar(schema: Mapping[str, Any] | bool, *, reasoning: bool = True) ->
     return _lark(_inline_json(schema), reasoning)
 
 
-def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, reasoning: bool = True) -> str:
-    """The grammar of an output that is exactly one call of one of ``tools`` (OpenAI-style dicts or
-    ``{name, parameters}``) in the Phi-4-mini syntax, after optional reasoning."""
+def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, reasoning: bool = True, required: bool = True) -> str:
+    """The grammar of an output that holds a call of one of ``tools`` (OpenAI-style dicts or ``{name,
+    parameters}``) in the Phi-4-mini syntax, after optional reasoning.
+
+    ``required``: the output is exactly one call. Otherwise (``tool_choice="auto"``) the answer is free text,
+    which may end in one call block of one or more calls: the model decides whether to call, and a call, once
+    opened with ``<|tool_call|>``, names a listed tool and gives the arguments its schema declares (what
+    llama.cpp's lazy tool-call grammars do)."""
     from .tools import tool_definitions
 
     calls = []
@@ -151,8 +156,13 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, reasoning: bool = T
         # the declared arguments only, unless told otherwise (_inline_json closes the objects)
         calls.append(f'{json.dumps(head, ensure_ascii=False)} {_inline_json(tool["parameters"])} "}}"')
     if not calls:
-        raise ValueError("a forced tool call needs at least one tool")
-    return _lark(f'{TOOL_CALL_OPEN} "[" ({" | ".join(calls)}) "]" {TOOL_CALL_CLOSE}', reasoning)
+        raise ValueError("a tool call grammar needs at least one tool")
+    call = f'({" | ".join(calls)})'
+    if required:
+        return _lark(f'{TOOL_CALL_OPEN} "[" {call} "]" {TOOL_CALL_CLOSE}', reasoning)
+    # Free text cannot hold an added token (they never match text), so <|tool_call|> is where a call must begin.
+    block = f'{TOOL_CALL_OPEN} "[" {call} (", " {call})* "]" {TOOL_CALL_CLOSE}'
+    return _lark(f"TEXT ({block})?", reasoning) + "TEXT: /(?s:.*)/\n"
 
 
 # ----------------------------------------------------------------------------------------------- following
@@ -166,7 +176,7 @@ class Constraint:
     """
 
     def __init__(self, tokenizer: ChatTokenizer, grammar: str, *, max_new_tokens: int | None = None,
-                 max_reasoning_tokens: int | None = None) -> None:
+                 max_reasoning_tokens: int | None = None, free_text: bool = False) -> None:
         """Compile ``grammar`` for ``tokenizer``.
 
         Args:
@@ -174,6 +184,8 @@ class Constraint:
             grammar: an llguidance (Lark) grammar of the whole output.
             max_new_tokens: the generation's budget (the shortest completion is forced when only it fits).
             max_reasoning_tokens: ``</think>`` is forced after this many reasoning tokens (None: no cap).
+            free_text: the grammar lets the answer be free text (``tool_choice="auto"``): the reasoning is then
+                closed by its cap only, not to make room for a document that may never come.
 
         Raises:
             ValueError: the grammar (or a JSON schema in it) cannot be compiled; the message says why.
@@ -184,6 +196,7 @@ class Constraint:
             raise ValueError(f"cannot constrain to this schema: {self.matcher.get_error()}")
         self.reasoning = ReasoningBudget(tokenizer, max_reasoning_tokens)
         self.max_new_tokens = max_new_tokens
+        self.free_text = free_text
         self.stop_ids = sorted(tokenizer.stop_token_ids)
         self.vocab_size = tokenizer.vocab_size
         self._seen = 0
@@ -211,7 +224,7 @@ class Constraint:
             allowed: the grammar's mask of the row ([vocab] bool).
         """
         left = None if self.max_new_tokens is None else self.max_new_tokens - self._seen
-        token = self.reasoning.forced(left, reserve=self._closing_cost + 1)
+        token = self.reasoning.forced(None if self.free_text else left, reserve=self._closing_cost + 1)
         if token is not None or self.reasoning.thinking or (self.reasoning.thinking is None and self._seen):
             return None if token is None else [token]  # (undecided: the head may be a partial "<think>")
         forced_text = self.matcher.compute_ff_tokens()
@@ -305,15 +318,23 @@ def mask_logits(logits: torch.Tensor, constraints: Sequence[Constraint],
 
 def constraint_for(tokenizer: ChatTokenizer, *, tools: Sequence[Mapping[str, Any]] | None = None,
                    schema: Mapping[str, Any] | bool | None = None, max_new_tokens: int,
-                   max_reasoning_tokens: int | None = None) -> Constraint:
-    """The constraint of one forced call of ``tools`` (or else of one JSON document valid for ``schema``).
+                   max_reasoning_tokens: int | None = None, required: bool = True) -> Constraint:
+    """The constraint of one forced call of ``tools`` (or else of one JSON document valid for ``schema``); with
+    ``required=False`` (``tool_choice="auto"``), of free text that may end in calls of ``tools``, each valid.
 
-    The model may reason first, for ``max_reasoning_tokens`` (default: half of ``max_new_tokens``; 0 turns the
-    reasoning off), so that the document has the other half of the budget.
+    The model may reason first, for ``max_reasoning_tokens`` (default: half of ``max_new_tokens`` for a forced
+    document, so that it has the other half of the budget; no cap when the call is optional; 0 turns the
+    reasoning off).
 
     Raises:
         ValueError: neither tools nor schema, or a schema llguidance cannot compile (the message says why).
     """
+    if not required:
+        if not tools:
+            raise ValueError("an optional tool call needs at least one tool")
+        grammar = tool_call_grammar(tools, reasoning=max_reasoning_tokens != 0, required=False)
+        return Constraint(tokenizer, grammar, max_new_tokens=max_new_tokens, max_reasoning_tokens=max_reasoning_tokens,
+                          free_text=True)
     budget = max_new_tokens // 2 if max_reasoning_tokens is None else max_reasoning_tokens
     if tools:
         grammar = tool_call_grammar(tools, reasoning=budget > 0)

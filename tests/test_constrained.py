@@ -186,3 +186,68 @@ def test_answer_guard_can_close_a_capped_reasoning_at_the_end_of_its_line():
     assert closes(AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200, close_at="line"), long_line)
     with pytest.raises(ValueError, match="close_at"):
         AnswerGuard(tok, close_at="word")
+
+
+def _optional_calls(text: str) -> tuple[str, list[dict]]:
+    """The free text before an auto output's call block, and the calls in it."""
+    answer = text.split("</think>")[-1]
+    head, _, block = answer.partition("<|tool_call|>")
+    if not block:
+        return head, []
+    assert block.endswith("<|/tool_call|>"), answer
+    return head, json.loads(block[:-len("<|/tool_call|>")])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_auto_tool_choice_is_free_text_or_valid_calls(seed):
+    """tool_choice "auto": whatever comes, any call block names listed tools with their declared arguments."""
+    tok = tiny_chat_tokenizer()
+    (open_id,) = tok.encode("<|tool_call|>")
+    budget = 96
+    constraint = constraint_for(tok, tools=TOOLS, max_new_tokens=budget, max_reasoning_tokens=8, required=False)
+    g = torch.Generator().manual_seed(seed)
+    ids: list[int] = []
+    for step in range(budget):
+        logits = torch.randn(1, tok.vocab_size, generator=g) * 3.0
+        if seed % 2 and open_id not in ids and step >= 4:  # half of the runs open a block (once allowed)
+            logits[0, open_id] = 100.0
+        logits = mask_logits(logits, [constraint], [ids])[0]
+        ids.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g)))
+        if ids[-1] in tok.stop_token_ids:
+            break
+    text = tok.decode(ids, skip_special_tokens=True)
+    head, calls = _optional_calls(text)
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    assert ids[-1] in tok.stop_token_ids and len(ids) <= budget, text
+    assert bool(calls) == (seed % 2 == 1) and "<|tool_call|>" not in head, text
+    for call in calls:
+        assert set(call) == {"name", "arguments"} and call["name"] in params, call
+        jsonschema.validate(call["arguments"], {**params[call["name"]], "additionalProperties": False})
+
+
+def test_auto_tool_choice_allows_text_and_stops_but_only_listed_names_after_the_tag():
+    tok = tiny_chat_tokenizer()
+    stops = {tok.decode([i]) for i in tok.stop_token_ids}
+
+    def auto() -> Constraint:
+        return constraint_for(tok, tools=TOOLS, max_new_tokens=200, required=False)
+
+    text = tok.encode("<think>ok</think>It is sunny.")
+    assert stops <= _allowed(auto(), text)  # a plain answer may end
+    head = tok.encode('<think>ok</think><|tool_call|>[{"name": "')
+    assert not _allowed(auto(), head) & stops
+    constraint = auto()
+    for token in tok.encode('<think>ok</think><|tool_call|>[{"name": "get_w'):
+        assert constraint.matcher.consume_token(token)
+    bad = auto()
+    assert not all(bad.matcher.consume_token(t) for t in tok.encode('<think>ok</think><|tool_call|>[{"name": "sum"'))
+    call = '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}]<|/tool_call|>'
+    assert _allowed(auto(), tok.encode("<think>ok</think>" + call)) == stops
+    extra_key = auto()
+    assert not all(extra_key.matcher.consume_token(t) for t in tok.encode(
+        '<think>ok</think><|tool_call|>[{"name": "get_weather", "arguments": {"town"'))
+
+
+def test_auto_tool_choice_needs_tools():
+    with pytest.raises(ValueError, match="at least one tool"):
+        constraint_for(tiny_chat_tokenizer(), tools=[], max_new_tokens=64, required=False)

@@ -361,9 +361,13 @@ class ChatPhi4Flash(BaseChatModel):
         if (forced or schema is not None) and tokenizer is not None:
             constraint = constraint_for(tokenizer, tools=forced, schema=schema, max_new_tokens=max_tokens,
                                         max_reasoning_tokens=self.reasoning_budget)
-        elif tokenizer is not None and (self.require_answer or self.reasoning_budget is not None):
-            processor = AnswerGuard(tokenizer, max_new_tokens=max_tokens, max_reasoning_tokens=self.reasoning_budget,
-                                    require_answer=self.require_answer)
+        else:
+            if tokenizer is not None and tools_for_prompt:  # "auto": any call the model opens is a valid one
+                constraint = constraint_for(tokenizer, tools=tools_for_prompt, max_new_tokens=max_tokens,
+                                            required=False)
+            if tokenizer is not None and (self.require_answer or self.reasoning_budget is not None):
+                processor = AnswerGuard(tokenizer, max_new_tokens=max_tokens,
+                                        max_reasoning_tokens=self.reasoning_budget, require_answer=self.require_answer)
         config = self._config(stop, max_tokens, processor, constraint)
         return prompt, config, bool(tools_for_prompt), bool(forced), {}
 

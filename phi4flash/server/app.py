@@ -188,6 +188,22 @@ def _constrain(engine: Engine, req: PreparedChat) -> None:
         raise APIError(400, str(exc), param=param, code="invalid_value") from None
 
 
+def _constrain_calls(engine: Engine, req: PreparedChat) -> None:
+    """``tool_choice`` "auto": the model answers freely or calls, and a call it opens names one of the tools with
+    the arguments its schema declares. An engine that cannot constrain (a remote one) generates unconstrained."""
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        return
+    from phi4flash.constrained import constraint_for  # noqa: PLC0415
+
+    tools = [tool.model_dump(exclude_none=True) for tool in req.body.tools or []]
+    try:
+        req.config.constraint = constraint_for(tokenizer, tools=tools, max_new_tokens=req.config.max_new_tokens,
+                                               required=False)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="tools", code="invalid_value") from None
+
+
 def _prepare(body: ChatCompletionRequest) -> PreparedChat:
     """Plain messages with the tools attached and earlier calls written back, and the generation config."""
     req = PreparedChat(body, [m.plain() for m in body.messages], body.generation_config())
@@ -386,6 +402,8 @@ def create_app(engine_or_loader: Engine | Callable[[], Engine], *, api_key: str 
                 req.config.max_new_tokens = max(1, min(state.default_max_tokens, room))
             if req.forced or (body.response_format is not None and body.response_format.schema() is not None):
                 _constrain(engine, req)
+            elif req.tools_mod is not None:
+                _constrain_calls(engine, req)
             job = Job(state, engine, req.messages, req.config, slot, started)
         except BaseException:
             slot.release()

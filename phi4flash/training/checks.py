@@ -68,9 +68,12 @@ def article_check(engine: Any, seeds: int = 10, temperature: float = 0.6) -> lis
 
 def run_agent(engine: Any, question: str, tools: list[dict[str, Any]], execute: Callable[[str, dict[str, Any]], Any],
               system: str | None = None, reasoning_budget: int | None = 64, max_turns: int = 6,
-              max_new_tokens: int = 256) -> tuple[str, list[tuple[str, dict[str, Any], Any]]]:
-    """Run a tool-calling loop as an agent framework does; returns (final answer, [(name, arguments, result)])."""
+              max_new_tokens: int = 256, constrain: bool = True) -> tuple[str, list[tuple[str, dict[str, Any], Any]]]:
+    """Run a tool-calling loop as an agent framework does; returns (final answer, [(name, arguments, result)]).
+    ``constrain``: calls follow the tools' grammar, as ``ChatPhi4Flash`` and the server run them (tool_choice
+    "auto")."""
     from .. import GenerationConfig
+    from ..constrained import constraint_for
     from ..reasoning import AnswerGuard
 
     messages: list[dict[str, Any]] = ([{"role": "system", "content": system}] if system else [])
@@ -79,6 +82,9 @@ def run_agent(engine: Any, question: str, tools: list[dict[str, Any]], execute: 
     for _ in range(max_turns):
         guard = AnswerGuard(engine.tokenizer, max_new_tokens=max_new_tokens, max_reasoning_tokens=reasoning_budget)
         config = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens, logits_processor=guard)
+        if constrain:
+            config.constraint = constraint_for(engine.tokenizer, tools=tools, max_new_tokens=max_new_tokens,
+                                               required=False)
         done = engine.generate(tool_format.attach_tools(messages, tools), config)
         text, found, _ = tool_format.parse_tool_calls(done.answer)
         if not found:
@@ -108,12 +114,13 @@ def _arithmetic(tools: list[toolchat.Tool]) -> Callable[[str, dict[str, Any]], A
     return execute
 
 
-def agent_check(engine: Any, n: int = 30, seed: int = 0) -> dict[str, Any]:
-    """The README agent, and ``n`` held-out expressions with held-out tool names, run through their tools."""
+def agent_check(engine: Any, n: int = 30, seed: int = 0, constrain: bool = True) -> dict[str, Any]:
+    """The README agent, and ``n`` held-out expressions with held-out tool names, run through their tools
+    (``constrain``: see :func:`run_agent`)."""
     readme_tools = [toolchat.Tool("add", "", ["a", "b"], {}, op="+"),
                     toolchat.Tool("multiply", "", ["a", "b"], {}, op="*")]
     answer, calls = run_agent(engine, "What is (3 + 4) * 5?", README_TOOLS, _arithmetic(readme_tools),
-                              system="Use the tools for arithmetic.")
+                              system="Use the tools for arithmetic.", constrain=constrain)
     readme = {"answer": answer, "calls": [(name, args) for name, args, _ in calls],
               "right": data_mod.extract_boxed(answer) == "35" and [c[0] for c in calls] == ["add", "multiply"]}
     rng = random.Random(f"agent-check:{seed}")
@@ -125,7 +132,7 @@ def agent_check(engine: Any, n: int = 30, seed: int = 0) -> dict[str, Any]:
         tools = [toolchat.arithmetic_tool(op, rng, True) for op in needed]
         value = _evaluate(steps)
         answer, calls = run_agent(engine, f"What is {expr}?", [t.definition() for t in tools], _arithmetic(tools),
-                                  system=rng.choice([None, "Use the tools for arithmetic."]))
+                                  system=rng.choice([None, "Use the tools for arithmetic."]), constrain=constrain)
         ok = data_mod.extract_boxed(answer) == str(value) and len(calls) == len(steps)
         right += ok
         if not ok and len(failures) < 3:
@@ -171,9 +178,10 @@ def budget_check(engine: Any, budgets: Sequence[int] = (16, 64), n_per_family: i
     return rows
 
 
-def run_extras(engine: Any, progress: bool = False) -> dict[str, Any]:
-    """All the checks above."""
-    return {"article": article_check(engine), "agents": agent_check(engine), "budget": budget_check(engine)}
+def run_extras(engine: Any, progress: bool = False, constrain: bool = True) -> dict[str, Any]:
+    """All the checks above (``constrain``: the agents' calls follow the tools' grammar, see :func:`run_agent`)."""
+    return {"article": article_check(engine), "agents": agent_check(engine, constrain=constrain),
+            "budget": budget_check(engine)}
 
 
 def format_extras(extras: dict[str, Any]) -> str:

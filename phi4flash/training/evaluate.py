@@ -21,6 +21,7 @@ ways of closing the reasoning (see :mod:`.checks`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import re
@@ -149,9 +150,21 @@ def _notool_problems(n: int, seed: int) -> list[data_mod.Example]:
     return out
 
 
+def _config_for(example: data_mod.Example, config: Any, tokenizer: Any) -> Any:
+    """``config``, with a fresh tool-call constraint (tool_choice "auto") when the chat carries tools."""
+    tools = next((m["tools"] for m in example.messages if m["role"] == "system" and m.get("tools")), None)
+    if tools is None:
+        return config
+    from ..constrained import constraint_for
+
+    constraint = constraint_for(tokenizer, tools=json.loads(tools), max_new_tokens=config.max_new_tokens,
+                                required=False)
+    return dataclasses.replace(config, constraint=constraint)
+
+
 def evaluate(source: str = "embedded", n_per_family: int = 50, seed: int = 0, *, batch: int = 8,
              max_new_tokens: int = 768, families: Sequence[str] | None = None, engine: Any = None,
-             progress: bool = False, quantize: str | None = None) -> dict[str, Any]:
+             progress: bool = False, quantize: str | None = None, constrain_tools: bool = True) -> dict[str, Any]:
     """Generate greedily for the held-out chats and grade them.
 
     Args:
@@ -164,6 +177,8 @@ def evaluate(source: str = "embedded", n_per_family: int = 50, seed: int = 0, *,
         engine: An already loaded engine to use.
         progress: Show a tqdm progress bar.
         quantize: weight-only quantization of the loaded model ("int8", "int4", ...; ignored with ``engine``).
+        constrain_tools: chats that carry tools follow the tools' grammar (tool_choice "auto"), as the server and
+            ``ChatPhi4Flash`` run them; False: free generation.
 
     Returns:
         ``{"families": {family: {"n", "correct", "accuracy"}}, "overall": {...}, "tokens_per_s": float,
@@ -190,7 +205,8 @@ def evaluate(source: str = "embedded", n_per_family: int = 50, seed: int = 0, *,
     try:
         for start in range(0, len(problems), batch):
             chunk = problems[start:start + batch]
-            completions = engine.generate_batch([ex.message_dicts() for ex in chunk], config)
+            configs = [_config_for(ex, config, engine.tokenizer) if constrain_tools else config for ex in chunk]
+            completions = engine.generate_batch([ex.message_dicts() for ex in chunk], configs)
             for ex, c in zip(chunk, completions, strict=True):
                 output = f"{c.reasoning}\n</think>\n{c.answer}" if c.reasoning else c.answer
                 got, ok = grade(ex, c.answer)
@@ -261,6 +277,9 @@ def build_parser(prog: str = "phi4flash eval") -> argparse.ArgumentParser:
     parser.add_argument("--errors", type=int, default=3, help="wrong answers to show per family")
     parser.add_argument("--extras", action="store_true",
                         help="also the article's problems, the agents and the reasoning budget")
+    parser.add_argument("--free-tools", action="store_true",
+                        help="generate tool calls without their grammar (default: as the server and ChatPhi4Flash "
+                             "run them, tool_choice 'auto')")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser
 
@@ -276,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = load(args.source, max_batch=args.batch, quantize=args.quantize)
     try:
         report = evaluate(args.source, args.n, args.seed, batch=args.batch, max_new_tokens=args.max_new_tokens,
-                          families=args.families, engine=engine, progress=True)
+                          families=args.families, engine=engine, progress=True, constrain_tools=not args.free_tools)
         print(format_report(report))  # noqa: T201 (command-line output)
         if args.errors:
             for family in report["families"]:
@@ -288,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.extras:
             from .checks import format_extras, run_extras
 
-            extras = run_extras(engine, progress=True)
+            extras = run_extras(engine, progress=True, constrain=not args.free_tools)
             print("\n" + format_extras(extras))  # noqa: T201
     finally:
         engine.close()

@@ -104,6 +104,29 @@ def test_forced_tool_choice_always_schema_valid(seed, choice):
     assert msg.response_metadata["finish_reason"] == "tool_calls"
 
 
+def zorvak_minus(lhs: int, rhs: int) -> int:
+    """Return the difference of two numbers."""
+    return lhs - rhs
+
+
+def quilbo_times(p: int, q: int) -> int:
+    """Multiply two integers."""
+    return p * q
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auto_tool_choice_calls_only_bound_tools_with_their_arguments(seed):
+    """bind_tools without tool_choice: the model may answer or call, and a call names a bound tool (names the
+    embedded model never saw in training) with that tool's arguments."""
+    llm = ChatPhi4Flash(**{**model_params(), "temperature": 1.0, "seed": seed, "max_tokens": 256})
+    msg = llm.bind_tools([zorvak_minus, quilbo_times]).invoke("What is 64 - 44?")
+    expected = {"zorvak_minus": {"lhs", "rhs"}, "quilbo_times": {"p", "q"}}
+    for call in msg.tool_calls:
+        assert call["name"] in expected and set(call["args"]) == expected[call["name"]], msg.tool_calls
+        assert all(isinstance(v, int) for v in call["args"].values())
+    assert not msg.invalid_tool_calls
+
+
 def test_forced_tool_call_streams_tool_call_chunks():
     llm = ChatPhi4Flash(**{**model_params(), "max_tokens": 96})
     chunks = list(llm.bind_tools([lookup], tool_choice="lookup").stream("find cats"))

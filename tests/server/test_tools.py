@@ -185,6 +185,45 @@ def test_forced_tool_choice_always_returns_a_valid_call(client: Any, model_id: s
     _validate(json.loads(call.function.arguments), allowed[call.function.name])
 
 
+# Names the embedded model never saw in training: left free, it writes the one it learned (`subtract`).
+UNSEEN_TOOLS = [
+    {"type": "function", "function": {"name": "zorvak_minus", "description": "Return the difference of two numbers.",
+                                      "parameters": {"type": "object",
+                                                     "properties": {"lhs": {"type": "integer"},
+                                                                    "rhs": {"type": "integer"}},
+                                                     "required": ["lhs", "rhs"]}}},
+    {"type": "function", "function": {"name": "quilbo_times", "description": "Multiply two integers.",
+                                      "parameters": {"type": "object",
+                                                     "properties": {"p": {"type": "integer"},
+                                                                    "q": {"type": "integer"}},
+                                                     "required": ["p", "q"]}}},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tool_choice_calls_only_listed_tools_with_their_arguments(client: Any, model_id: str,
+                                                                       stream: bool) -> None:
+    """tool_choice "auto" (the default with tools): the model decides whether to call, and every call it makes
+    names a listed tool with the arguments that tool declares, whatever it was trained on."""
+    allowed = {t["function"]["name"]: t["function"]["parameters"] for t in UNSEEN_TOOLS}
+    calls = []
+    for seed in range(4):
+        kwargs = {"model": model_id, "messages": [{"role": "user", "content": "What is 64 - 44?"}],
+                  "tools": UNSEEN_TOOLS, "temperature": 1.0, "seed": seed, "max_tokens": 256}
+        if stream:
+            deltas = [chunk.choices[0].delta.model_dump(exclude_none=True)
+                      for chunk in client.chat.completions.create(**kwargs, stream=True) if chunk.choices]
+            made = [(c["function"]["name"], c["function"]["arguments"]) for c in _join_tool_call_deltas(deltas)]
+        else:
+            message = client.chat.completions.create(**kwargs).choices[0].message
+            made = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        for name, arguments in made:
+            assert name in allowed, made
+            _validate(json.loads(arguments), {**allowed[name], "additionalProperties": False})
+        calls += made
+    assert calls  # the model does call here (so the check above ran)
+
+
 def test_forced_tool_choice_streams_the_call(client: Any, model_id: str) -> None:
     stream = client.chat.completions.create(model=model_id, messages=ASK, tools=CALC_TOOLS, tool_choice="required",
                                             temperature=0, max_tokens=64, stream=True)
