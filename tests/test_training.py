@@ -95,6 +95,24 @@ def test_a_token_budget_puts_long_chats_in_smaller_batches() -> None:
     assert sizes[max(sizes)] < sizes[min(sizes)]  # the longest chats come fewer at a time
 
 
+def test_training_continues_from_a_checkpoint_with_its_tokenizer_and_weights(tmp_path: Path) -> None:
+    source, continued = tmp_path / "source", tmp_path / "continued"
+    first = train(TrainConfig(steps=30, minutes=None, batch_size=8, lr=5e-3, warmup_steps=3, vocab_size=384,
+                              tokenizer_examples=600, model=dict(TINY), seed=1), source)
+    more = train(TrainConfig(steps=4, minutes=None, batch_size=8, lr=1e-4, warmup_steps=1, seed=2,
+                             init_from=str(source)), continued)
+    assert (continued / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
+    assert json.loads((continued / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+    # it starts where the source ended (new chats, same kind), far below a fresh model's first loss
+    assert more.losses[0] < first.losses[0] - 1.0 and more.losses[0] < sum(first.losses[-5:]) / 5 + 0.5
+    assert more.summary["train_config"]["init_from"] == str(source)
+    half = tmp_path / "no-tokenizer"  # a checkpoint phi4flash train did not write (no tokenizer.json)
+    half.mkdir()
+    (half / "config.json").write_text((source / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        train(TrainConfig(steps=1, minutes=None, init_from=str(half)), tmp_path / "nowhere")
+
+
 def test_training_runs_end_to_end_and_the_loss_goes_down(tmp_path: Path) -> None:
     cfg = TrainConfig(steps=30, minutes=None, batch_size=8, lr=5e-3, warmup_steps=3, vocab_size=384,
                       tokenizer_examples=600, model=dict(TINY), seed=1)

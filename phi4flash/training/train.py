@@ -73,6 +73,9 @@ class TrainConfig:
     bf16: bool = True
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
     weights: dict[str, float] | None = None  # family mix; None means data.DEFAULT_WEIGHTS
+    # Continue from this checkpoint (a folder or "embedded"): its tokenizer, sizes and weights instead of new ones,
+    # so that a run can teach a trained model more without paying again for what it knows.
+    init_from: str | None = None
 
 
 @dataclass
@@ -219,16 +222,18 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
 
-    n_examples = max(cfg.steps * cfg.batch_size, cfg.tokenizer_examples)
+    n_examples = cfg.steps * cfg.batch_size if cfg.init_from else max(cfg.steps * cfg.batch_size,
+                                                                          cfg.tokenizer_examples)
     examples = data_mod.generate(n_examples, seed=cfg.seed, split="train", weights=cfg.weights)
-    texts = (data_mod.render_prompt(ex.messages) + ex.completion + "<|end|>"
-             for ex in examples[:cfg.tokenizer_examples])
-    tok = train_tokenizer(texts, cfg.vocab_size)
-    config_dict = model_config(tok, **cfg.model)
-    config = Phi4FlashConfig.from_dict(config_dict)
-
-    model = Phi4FlashForCausalLM(config)
-    model.init_weights(std=0.02)
+    if cfg.init_from:
+        tok, config_dict, model = _start_from(cfg.init_from)
+    else:
+        texts = (data_mod.render_prompt(ex.messages) + ex.completion + "<|end|>"
+                 for ex in examples[:cfg.tokenizer_examples])
+        tok = train_tokenizer(texts, cfg.vocab_size)
+        config_dict = model_config(tok, **cfg.model)
+        model = Phi4FlashForCausalLM(Phi4FlashConfig.from_dict(config_dict))
+        model.init_weights(std=0.02)
     n_params = sum(p.numel() for p in model.parameters())
     pad_id = tok.token_to_id("<|endoftext|>")
     encoded = [encode_example(tok, ex) for ex in examples[:cfg.steps * cfg.batch_size]]
@@ -298,6 +303,23 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
         plot_losses(losses, out / "loss_curve.png")
     write_json(out / "train_summary.json", summary)
     return TrainResult(out, losses, train_seconds, n_params, summary)
+
+
+def _start_from(source: str) -> tuple[Tokenizer, dict[str, Any], torch.nn.Module]:
+    """The tokenizer, config.json and float32 weights (trainable) of the checkpoint ``source`` continues from."""
+    import json
+
+    from ..weights import load_model, resolve_checkpoint
+
+    path = resolve_checkpoint(source)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer.json: continue from a checkpoint that phi4flash train wrote")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    config_dict = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    model = load_model(path, dtype=torch.float32)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return tok, config_dict, model
 
 
 def _tail_mean(losses: Sequence[float], n: int = 50) -> float | None:
@@ -372,6 +394,10 @@ def build_parser(prog: str = "phi4flash train") -> argparse.ArgumentParser:
                         help="model width (the MLP is 4x)")
     parser.add_argument("--layers", type=int, default=DEFAULT_MODEL["num_hidden_layers"], help="decoder layers")
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="tokenizer ids")
+    parser.add_argument("--init-from", default=None,
+                        help="continue from this checkpoint ('embedded' or a folder): its tokenizer, sizes and "
+                             "weights (--hidden-size, --layers and --vocab-size are then ignored); use a --seed "
+                             "other than its run's for new chats, and a lower --lr")
     return parser
 
 
@@ -386,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  num_hidden_layers=args.layers)
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes or None, seed=args.seed, batch_size=args.batch_size,
                       lr=args.lr, threads=args.threads, bf16=not args.no_bf16, model=model,
-                      vocab_size=args.vocab_size)
+                      vocab_size=args.vocab_size, init_from=args.init_from)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     result = train(cfg, out, progress=True)
     s = result.summary
