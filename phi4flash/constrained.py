@@ -31,7 +31,7 @@ import torch
 from .reasoning import ReasoningBudget
 from .tokenizer import ChatTokenizer
 
-__all__ = ["Constraint", "constraint_for", "json_grammar", "mask_logits", "tool_call_grammar"]
+__all__ = ["Constraint", "constraint_for", "json_grammar", "mask_logits", "optional_calls", "tool_call_grammar"]
 
 logger = logging.getLogger(__name__)
 
@@ -343,3 +343,17 @@ def constraint_for(tokenizer: ChatTokenizer, *, tools: Sequence[Mapping[str, Any
     else:
         raise ValueError("a constrained generation needs tools or a schema")
     return Constraint(tokenizer, grammar, max_new_tokens=max_new_tokens, max_reasoning_tokens=budget)
+
+
+def optional_calls(tokenizer: ChatTokenizer, tools: Sequence[Mapping[str, Any]], *, max_new_tokens: int
+                   ) -> Constraint | None:
+    """The constraint of ``tool_choice="auto"`` (:func:`constraint_for` with ``required=False``), or None when
+    there are no tools or their schemas cannot be compiled (logged): the model then calls freely, as it would
+    without a grammar, rather than the request failing over a choice the caller did not make."""
+    if not tools:
+        return None
+    try:
+        return constraint_for(tokenizer, tools=tools, max_new_tokens=max_new_tokens, required=False)
+    except ValueError as err:
+        logger.warning("tool calls left unconstrained: %s", str(err).splitlines()[0])
+        return None

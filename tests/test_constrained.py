@@ -251,3 +251,19 @@ def test_auto_tool_choice_allows_text_and_stops_but_only_listed_names_after_the_
 def test_auto_tool_choice_needs_tools():
     with pytest.raises(ValueError, match="at least one tool"):
         constraint_for(tiny_chat_tokenizer(), tools=[], max_new_tokens=64, required=False)
+
+
+def test_auto_tool_choice_leaves_uncompilable_tools_free_and_says_so(caplog):
+    """An "auto" request must not fail over a grammar its caller did not ask for: tools whose schema the grammar
+    compiler cannot take are called freely, with a warning naming the reason (a forced call is still an error)."""
+    from phi4flash.constrained import optional_calls
+
+    tok = tiny_chat_tokenizer()
+    odd = [{"type": "function", "function": {"name": "odd", "parameters": {"type": "frobnicate"}}}]
+    with caplog.at_level("WARNING", logger="phi4flash.constrained"):
+        assert optional_calls(tok, odd, max_new_tokens=64) is None
+    assert "frobnicate" in caplog.text
+    assert optional_calls(tok, [], max_new_tokens=64) is None
+    assert isinstance(optional_calls(tok, TOOLS, max_new_tokens=64), Constraint)
+    with pytest.raises(ValueError, match="frobnicate"):
+        constraint_for(tok, tools=odd, max_new_tokens=64)

@@ -335,7 +335,7 @@ class ChatPhi4Flash(BaseChatModel):
         """Prompt, generation config, whether tool calls are parsed, whether a call is forced, and the request
         fields a server gets (tools, tool_choice, response_format: a remote engine constrains on the server)."""
         from phi4flash import RemoteEngine
-        from phi4flash.constrained import constraint_for
+        from phi4flash.constrained import constraint_for, optional_calls
         from phi4flash.reasoning import AnswerGuard
 
         tools = list(kwargs.get("tools") or [])
@@ -362,9 +362,8 @@ class ChatPhi4Flash(BaseChatModel):
             constraint = constraint_for(tokenizer, tools=forced, schema=schema, max_new_tokens=max_tokens,
                                         max_reasoning_tokens=self.reasoning_budget)
         else:
-            if tokenizer is not None and tools_for_prompt:  # "auto": any call the model opens is a valid one
-                constraint = constraint_for(tokenizer, tools=tools_for_prompt, max_new_tokens=max_tokens,
-                                            required=False)
+            if tokenizer is not None:  # tool_choice "auto": any call the model opens is a valid one
+                constraint = optional_calls(tokenizer, tools_for_prompt, max_new_tokens=max_tokens)
             if tokenizer is not None and (self.require_answer or self.reasoning_budget is not None):
                 processor = AnswerGuard(tokenizer, max_new_tokens=max_tokens,
                                         max_reasoning_tokens=self.reasoning_budget, require_answer=self.require_answer)

@@ -194,14 +194,10 @@ def _constrain_calls(engine: Engine, req: PreparedChat) -> None:
     tokenizer = getattr(engine, "tokenizer", None)
     if tokenizer is None:
         return
-    from phi4flash.constrained import constraint_for  # noqa: PLC0415
+    from phi4flash.constrained import optional_calls  # noqa: PLC0415
 
     tools = [tool.model_dump(exclude_none=True) for tool in req.body.tools or []]
-    try:
-        req.config.constraint = constraint_for(tokenizer, tools=tools, max_new_tokens=req.config.max_new_tokens,
-                                               required=False)
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="tools", code="invalid_value") from None
+    req.config.constraint = optional_calls(tokenizer, tools, max_new_tokens=req.config.max_new_tokens)
 
 
 def _prepare(body: ChatCompletionRequest) -> PreparedChat:

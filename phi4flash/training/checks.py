@@ -73,7 +73,7 @@ def run_agent(engine: Any, question: str, tools: list[dict[str, Any]], execute: 
     ``constrain``: calls follow the tools' grammar, as ``ChatPhi4Flash`` and the server run them (tool_choice
     "auto")."""
     from .. import GenerationConfig
-    from ..constrained import constraint_for
+    from ..constrained import optional_calls
     from ..reasoning import AnswerGuard
 
     messages: list[dict[str, Any]] = ([{"role": "system", "content": system}] if system else [])
@@ -83,8 +83,7 @@ def run_agent(engine: Any, question: str, tools: list[dict[str, Any]], execute: 
         guard = AnswerGuard(engine.tokenizer, max_new_tokens=max_new_tokens, max_reasoning_tokens=reasoning_budget)
         config = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens, logits_processor=guard)
         if constrain:
-            config.constraint = constraint_for(engine.tokenizer, tools=tools, max_new_tokens=max_new_tokens,
-                                               required=False)
+            config.constraint = optional_calls(engine.tokenizer, tools, max_new_tokens=max_new_tokens)
         done = engine.generate(tool_format.attach_tools(messages, tools), config)
         text, found, _ = tool_format.parse_tool_calls(done.answer)
         if not found:

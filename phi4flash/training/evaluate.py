@@ -155,11 +155,10 @@ def _config_for(example: data_mod.Example, config: Any, tokenizer: Any) -> Any:
     tools = next((m["tools"] for m in example.messages if m["role"] == "system" and m.get("tools")), None)
     if tools is None:
         return config
-    from ..constrained import constraint_for
+    from ..constrained import optional_calls
 
-    constraint = constraint_for(tokenizer, tools=json.loads(tools), max_new_tokens=config.max_new_tokens,
-                                required=False)
-    return dataclasses.replace(config, constraint=constraint)
+    return dataclasses.replace(config, constraint=optional_calls(tokenizer, json.loads(tools),
+                                                                 max_new_tokens=config.max_new_tokens))
 
 
 def evaluate(source: str = "embedded", n_per_family: int = 50, seed: int = 0, *, batch: int = 8,
