@@ -16,8 +16,9 @@ PER_FAMILY = 8
 # Right answers required among the first PER_FAMILY held-out problems of each family, graded as `phi4flash eval`
 # grades them (greedy, so the same every run on one machine; one below the measured count leaves room for
 # another CPU's rounding). `phi4flash eval embedded` measures 50 per family (docs/embedded.md); these first
-# eight got 8 in every family but fraction (5) when the model was made.
-REQUIRED = {family: 7 for family in data.MATH_FAMILIES} | {"fraction": 4}
+# eight got 8 in every family but fraction (5) when the model was made, and since its continuation (2026-12-01)
+# 8 in every family but quadratic (7) and fraction (5).
+REQUIRED = {family: 7 for family in data.MATH_FAMILIES} | {"quadratic": 6, "fraction": 4}
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +72,11 @@ def test_answers_held_out_problems_with_its_reasoning_apart(engine, family: str)
 
 
 def test_tool_grammar_lets_it_call_tools_it_never_saw(engine) -> None:
-    """Held-out tool names: free, the model writes the names it learned (0 of the first 8 right when measured);
-    under tool_choice "auto"'s grammar, as the server and ChatPhi4Flash run it, 5 of 8, and the chats where no
-    tool fits are answered as before (7 of 8 both ways)."""
+    """Held-out tool names: free, the model often writes a name it learned instead of the listed one (3 of the
+    first 8 right when measured); under tool_choice "auto"'s grammar, as the server and ChatPhi4Flash run it,
+    7 of 8, and the chats where no tool fits are answered as before (8 of 8 both ways)."""
     free = evaluate.evaluate(engine=engine, n_per_family=PER_FAMILY, families=["tool", "notool"],
                              constrain_tools=False)["families"]
     constrained = evaluate.evaluate(engine=engine, n_per_family=PER_FAMILY, families=["tool", "notool"])["families"]
-    assert constrained["tool"]["correct"] >= 4 and constrained["tool"]["correct"] >= free["tool"]["correct"] + 3
+    assert constrained["tool"]["correct"] >= 6 and constrained["tool"]["correct"] >= free["tool"]["correct"] + 3
     assert constrained["notool"]["correct"] >= free["notool"]["correct"] - 1

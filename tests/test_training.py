@@ -106,6 +106,7 @@ def test_training_continues_from_a_checkpoint_with_its_tokenizer_and_weights(tmp
     # it starts where the source ended (new chats, same kind), far below a fresh model's first loss
     assert more.losses[0] < first.losses[0] - 1.0 and more.losses[0] < sum(first.losses[-5:]) / 5 + 0.5
     assert more.summary["train_config"]["init_from"] == str(source)
+    assert more.summary["continued_from"] == json.loads((source / "train_summary.json").read_text())
     half = tmp_path / "no-tokenizer"  # a checkpoint phi4flash train did not write (no tokenizer.json)
     half.mkdir()
     (half / "config.json").write_text((source / "config.json").read_text())

@@ -299,6 +299,8 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
         "first_loss": losses[0] if losses else None,
         "torch": torch.__version__,
     }
+    if cfg.init_from:  # the run it continues, so that the checkpoint keeps its whole history
+        summary["continued_from"] = _source_summary(cfg.init_from)
     if losses:
         plot_losses(losses, out / "loss_curve.png")
     write_json(out / "train_summary.json", summary)
@@ -320,6 +322,16 @@ def _start_from(source: str) -> tuple[Tokenizer, dict[str, Any], torch.nn.Module
     for param in model.parameters():
         param.requires_grad_(True)
     return tok, config_dict, model
+
+
+def _source_summary(source: str) -> dict[str, Any] | None:
+    """train_summary.json of the checkpoint a run continued from (None when it has none)."""
+    import json
+
+    from ..weights import resolve_checkpoint
+
+    path = resolve_checkpoint(source) / "train_summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _tail_mean(losses: Sequence[float], n: int = 50) -> float | None:
