@@ -329,10 +329,8 @@ def constraint_for(tokenizer: ChatTokenizer, *, tools: Sequence[Mapping[str, Any
     Raises:
         ValueError: neither tools nor schema, or a schema llguidance cannot compile (the message says why).
     """
-    if not required:
-        if not tools:
-            raise ValueError("an optional tool call needs at least one tool")
-        grammar = tool_call_grammar(tools, reasoning=max_reasoning_tokens != 0, required=False)
+    if not required:  # (tool_call_grammar refuses an empty tool list)
+        grammar = tool_call_grammar(tools or [], reasoning=max_reasoning_tokens != 0, required=False)
         return Constraint(tokenizer, grammar, max_new_tokens=max_new_tokens, max_reasoning_tokens=max_reasoning_tokens,
                           free_text=True)
     budget = max_new_tokens // 2 if max_reasoning_tokens is None else max_reasoning_tokens

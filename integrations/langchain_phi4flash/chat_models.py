@@ -361,10 +361,10 @@ class ChatPhi4Flash(BaseChatModel):
         if (forced or schema is not None) and tokenizer is not None:
             constraint = constraint_for(tokenizer, tools=forced, schema=schema, max_new_tokens=max_tokens,
                                         max_reasoning_tokens=self.reasoning_budget)
-        else:
-            if tokenizer is not None:  # tool_choice "auto": any call the model opens is a valid one
-                constraint = optional_calls(tokenizer, tools_for_prompt, max_new_tokens=max_tokens)
-            if tokenizer is not None and (self.require_answer or self.reasoning_budget is not None):
+        elif tokenizer is not None:
+            # tool_choice "auto": any call the model opens is a valid one (None without tools)
+            constraint = optional_calls(tokenizer, tools_for_prompt, max_new_tokens=max_tokens)
+            if self.require_answer or self.reasoning_budget is not None:
                 processor = AnswerGuard(tokenizer, max_new_tokens=max_tokens,
                                         max_reasoning_tokens=self.reasoning_budget, require_answer=self.require_answer)
         config = self._config(stop, max_tokens, processor, constraint)

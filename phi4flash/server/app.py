@@ -90,6 +90,7 @@ class PreparedChat:
     messages: list[dict[str, Any]]
     config: GenerationConfig
     tools_mod: Any = None  # phi4flash.tools when the answer may hold tool calls
+    tools: list[dict[str, Any]] | None = None  # the request's tools as dicts, when they go into the prompt
     forced: list[dict[str, Any]] | None = None  # the tools one of which must be called
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -196,8 +197,7 @@ def _constrain_calls(engine: Engine, req: PreparedChat) -> None:
         return
     from phi4flash.constrained import optional_calls  # noqa: PLC0415
 
-    tools = [tool.model_dump(exclude_none=True) for tool in req.body.tools or []]
-    req.config.constraint = optional_calls(tokenizer, tools, max_new_tokens=req.config.max_new_tokens)
+    req.config.constraint = optional_calls(tokenizer, req.tools or [], max_new_tokens=req.config.max_new_tokens)
 
 
 def _prepare(body: ChatCompletionRequest) -> PreparedChat:
@@ -208,7 +208,7 @@ def _prepare(body: ChatCompletionRequest) -> PreparedChat:
         if req.tools_mod is None:
             raise APIError(400, "Tool calling is not available on this server.", param="tools",
                            code="unsupported_parameter")
-        tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+        tools = req.tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
         req.messages = req.tools_mod.attach_tools(req.messages, tools)
         try:
             req.forced = req.tools_mod.forced_tools(tools, body.tool_choice)

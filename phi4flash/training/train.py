@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import random
@@ -225,8 +226,9 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
     n_examples = cfg.steps * cfg.batch_size if cfg.init_from else max(cfg.steps * cfg.batch_size,
                                                                           cfg.tokenizer_examples)
     examples = data_mod.generate(n_examples, seed=cfg.seed, split="train", weights=cfg.weights)
+    source_summary = None
     if cfg.init_from:
-        tok, config_dict, model = _start_from(cfg.init_from)
+        tok, config_dict, model, source_summary = _start_from(cfg.init_from)
     else:
         texts = (data_mod.render_prompt(ex.messages) + ex.completion + "<|end|>"
                  for ex in examples[:cfg.tokenizer_examples])
@@ -300,17 +302,16 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
         "torch": torch.__version__,
     }
     if cfg.init_from:  # the run it continues, so that the checkpoint keeps its whole history
-        summary["continued_from"] = _source_summary(cfg.init_from)
+        summary["continued_from"] = source_summary
     if losses:
         plot_losses(losses, out / "loss_curve.png")
     write_json(out / "train_summary.json", summary)
     return TrainResult(out, losses, train_seconds, n_params, summary)
 
 
-def _start_from(source: str) -> tuple[Tokenizer, dict[str, Any], torch.nn.Module]:
-    """The tokenizer, config.json and float32 weights (trainable) of the checkpoint ``source`` continues from."""
-    import json
-
+def _start_from(source: str) -> tuple[Tokenizer, dict[str, Any], torch.nn.Module, dict[str, Any] | None]:
+    """The tokenizer, config.json, float32 weights (trainable) and train_summary.json (None when it has none) of
+    the checkpoint ``source`` continues from."""
     from ..weights import load_model, resolve_checkpoint
 
     path = resolve_checkpoint(source)
@@ -321,17 +322,8 @@ def _start_from(source: str) -> tuple[Tokenizer, dict[str, Any], torch.nn.Module
     model = load_model(path, dtype=torch.float32)
     for param in model.parameters():
         param.requires_grad_(True)
-    return tok, config_dict, model
-
-
-def _source_summary(source: str) -> dict[str, Any] | None:
-    """train_summary.json of the checkpoint a run continued from (None when it has none)."""
-    import json
-
-    from ..weights import resolve_checkpoint
-
-    path = resolve_checkpoint(source) / "train_summary.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    summary = path / "train_summary.json"
+    return tok, config_dict, model, json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None
 
 
 def _tail_mean(losses: Sequence[float], n: int = 50) -> float | None:
