@@ -224,9 +224,11 @@ class Constraint:
             allowed: the grammar's mask of the row ([vocab] bool).
         """
         left = None if self.max_new_tokens is None else self.max_new_tokens - self._seen
-        token = self.reasoning.forced(None if self.free_text else left, reserve=self._closing_cost + 1)
-        if token is not None or self.reasoning.thinking or (self.reasoning.thinking is None and self._seen):
-            return None if token is None else [token]  # (undecided: the head may be a partial "<think>")
+        closing = self.reasoning.closing(None if self.free_text else left, reserve=self._closing_cost + 1)
+        if closing is not None:  # the tag as the model writes it, where the grammar takes that
+            return [t for t in closing if t < len(allowed) and allowed[t]] or closing
+        if self.reasoning.thinking or (self.reasoning.thinking is None and self._seen):
+            return None  # (undecided: the head may be a partial "<think>")
         forced_text = self.matcher.compute_ff_tokens()
         if forced_text or left is None or left > 2 * self._closing_cost + _BUDGET_MARGIN:
             return forced_text[:1] or None

@@ -24,6 +24,7 @@ generation uses it through :class:`phi4flash.constrained.Constraint`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -208,6 +209,9 @@ THINK_OPEN, THINK_CLOSE = b"<think>", b"</think>"
 LINE_GRACE = 24  # reasoning tokens a capped line may run on before ``</think>`` is forced anyway
 CLOSE_AT = ("token", "line")
 
+# per tokenizer: (lead, rest of the tag) -> ids of the tokens that write them (see ReasoningBudget._closing_ids)
+_CLOSING_IDS: weakref.WeakKeyDictionary[Any, dict[tuple[bytes, bytes], list[int]]] = weakref.WeakKeyDictionary()
+
 
 class ReasoningBudget:
     """Follows the ``<think>`` block at the start of one generation by its token bytes and says when to force
@@ -251,12 +255,20 @@ class ReasoningBudget:
             self.thinking, data = False, self._text[self._text.index(THINK_CLOSE) + len(THINK_CLOSE):]
         return b"" if self.thinking else (data or b"")
 
-    def forced(self, tokens_left: int | None = None, reserve: int = 0) -> int | None:
-        """The next token of ``</think>`` when it must come now, else None.
+    def closing(self, tokens_left: int | None = None, reserve: int = 0, next_id: int | None = None) -> list[int] | None:
+        """The tokens allowed next when ``</think>`` must come now, else None.
+
+        The tag is written the way the model writes it itself, its logits choosing among the tokens that go on
+        with it: a BPE vocabulary merges the tag with what surrounds it (``</think>\\n``, ``\\n</think>\\n``), so
+        the tag's own encoding (``<``, ``/``, ``thin``, ``k``, ``>``) is a sequence the model never saw, after which
+        the embedded model wrote a second ``</think>`` into the answer.
 
         Args:
             tokens_left: the generation's remaining token budget, if it has one.
             reserve: tokens to keep free after the tag (for the answer).
+            next_id: the model's likeliest next token. In "line" mode a capped reasoning whose line it ends (a
+                token that starts with a newline) is closed right there, by a token that writes the newline and
+                the tag together, if the vocabulary has one.
         """
         if not self.thinking:
             return None
@@ -264,12 +276,27 @@ class ReasoningBudget:
                     if self._text.endswith(THINK_CLOSE[:n]))
         ids = self.tokenizer.encode(rest.decode())
         over = self.budget is not None and self.tokens >= self.budget
-        if over and self.close_at == "line" and rest == THINK_CLOSE:
+        if over and self.close_at == "line" and rest == THINK_CLOSE and not self._text.endswith(b"\n"):
             # Let the model finish the line it is writing (its last step), within a few tokens.
-            over = self._text.endswith(b"\n") or self.tokens >= self.budget + LINE_GRACE
+            next_bytes = self.bytes_of[next_id] if next_id is not None and next_id < len(self.bytes_of) else None
+            ends_line = (next_bytes or b"").startswith(b"\n")
+            merged = self._closing_ids(b"\n", rest) if ends_line else []
+            if merged:
+                return merged
+            over = self.tokens >= self.budget + LINE_GRACE  # (or the model writes the newline itself first)
         if over or (tokens_left is not None and tokens_left <= len(ids) + reserve):
-            return ids[0]
+            return self._closing_ids(b"", rest) or ids[:1]
         return None
+
+    def _closing_ids(self, lead: bytes, rest: bytes) -> list[int]:
+        """Ids of the tokens that write ``lead`` and then go on with ``rest`` (the tag's unwritten tail): they
+        end inside it (``</``) or write all of it and go on (``</think>\\n``). Built once per tokenizer."""
+        table = _CLOSING_IDS.setdefault(self.tokenizer, {})
+        if (lead, rest) not in table:
+            table[lead, rest] = [i for i, data in enumerate(self.bytes_of)
+                                 if data and data.startswith(lead) and len(data) > len(lead)
+                                 and (rest.startswith(data[len(lead):]) or data[len(lead):].startswith(rest))]
+        return table[lead, rest]
 
 
 class AnswerGuard:
@@ -301,10 +328,12 @@ class AnswerGuard:
             self.answered = self.answered or bool(self.reasoning.feed(int(token_id)).strip())
         self._seen = len(generated_ids)
         left = None if self.max_new_tokens is None else self.max_new_tokens - self._seen
-        forced = self.reasoning.forced(left, reserve=4)  # leave a few tokens for the answer
-        if forced is not None:
+        closing = self.reasoning.closing(left, reserve=4, next_id=int(torch.argmax(logits)))  # (4: for an answer)
+        if closing is not None:
+            index = torch.tensor(closing, device=logits.device)
+            chosen = logits[index]
             out = torch.full_like(logits, float("-inf"))
-            out[forced] = 0.0
+            out[index] = chosen if bool(torch.isfinite(chosen).any()) else 0.0
             return out
         if self.require_answer and not self.answered:
             logits = logits.index_fill(0, torch.tensor(self.stop_ids, device=logits.device), float("-inf"))

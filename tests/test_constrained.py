@@ -13,6 +13,8 @@ from _tiny_tokenizer import tiny_chat_tokenizer
 
 from phi4flash.constrained import Constraint, constraint_for, json_grammar, mask_logits
 from phi4flash.reasoning import LINE_GRACE, AnswerGuard
+from phi4flash.tokenizer import ChatTokenizer
+from phi4flash.weights import EMBEDDED_DIR
 
 JOKE = {"type": "object", "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}},
         "required": ["setup", "punchline"]}
@@ -166,7 +168,9 @@ def test_answer_guard_masks_stop_until_answer_and_caps_reasoning():
     ids = tok.encode("<think>") + tok.encode(" x y")
     forced = guard(ids, zeros)
     allowed = {tok.decode([i]) for i in torch.nonzero(forced == 0).flatten().tolist()}
-    assert len(allowed) == 1 and "</think>".startswith(allowed.pop())
+    # the tag's own first token, or any other token that goes on with it
+    assert tok.decode(tok.encode("</think>")[:1]) in allowed
+    assert all("</think>".startswith(text) or text.startswith("</think>") for text in allowed), allowed
     ids += tok.encode("</think>Hi")
     assert all(guard(ids, zeros)[i] == 0 for i in tok.stop_token_ids)
 
@@ -186,6 +190,30 @@ def test_answer_guard_can_close_a_capped_reasoning_at_the_end_of_its_line():
     assert closes(AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200, close_at="line"), long_line)
     with pytest.raises(ValueError, match="close_at"):
         AnswerGuard(tok, close_at="word")
+
+
+def test_a_capped_reasoning_is_closed_with_the_tokens_the_model_writes_the_tag_with():
+    # The embedded tokenizer merges the tag with its newlines ("</think>\n", "\n</think>\n"): the model never saw
+    # the tag's own encoding ("<", "/", "thin", "k", ">"), and after it wrote a second "</think>" into the answer.
+    tok = ChatTokenizer.from_pretrained(EMBEDDED_DIR)
+    merged, merged_line = tok.encode("</think>\n\\boxed")[0], tok.encode("x\n</think>\nx")[1]
+    assert tok.decode([merged]) == "</think>\n" and tok.decode([merged_line]) == "\n</think>\n"
+    newline = tok.encode("\n")[0]
+    head = tok.encode("<think>\n12+7=19") + tok.encode(", so far 19, left 0")  # over a cap of 2, mid-line
+
+    def prefers(token: int) -> torch.Tensor:
+        logits = torch.zeros(tok.vocab_size)
+        logits[token] = 5.0
+        return logits
+
+    capped = AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200)
+    out = capped(head, prefers(merged))
+    assert int(out.argmax()) == merged and out[tok.encode(" q")[0]] == float("-inf")
+    by_line = AnswerGuard(tok, max_reasoning_tokens=2, max_new_tokens=200, close_at="line")
+    assert by_line(head, prefers(tok.encode(" q")[0]))[tok.encode(" q")[0]] == 5.0  # the line goes on
+    out = by_line(head, prefers(newline))  # the model ends the line: the newline and the tag in one token
+    assert out[newline] == float("-inf") and out[merged_line] > float("-inf")
+    assert all(tok.decode([i]).startswith("\n") for i in torch.nonzero(out > float("-inf")).flatten().tolist())
 
 
 def _optional_calls(text: str) -> tuple[str, list[dict]]:

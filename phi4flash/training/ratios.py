@@ -140,14 +140,6 @@ def _fraction_of(rng: random.Random) -> Made:
                 str(value))
 
 
-def _sum_line(x: int, op: str, y: int) -> tuple[list[str], int]:
-    """``x op y`` recalled when both have one digit, else worked by :func:`column`."""
-    if x < 10 and y < 10:
-        return [], x + y if op == "+" else x - y
-    work, value = column(x, op, y)
-    return work, value
-
-
 def _fraction_sum(rng: random.Random) -> Made:
     while True:
         b, d = rng.choice(DENOMINATORS), rng.choice(DENOMINATORS)
@@ -160,7 +152,9 @@ def _fraction_sum(rng: random.Random) -> Made:
         if op == "-" and x <= y:
             continue
         break
-    lines = []
+    # The denominators side by side first: the model decided "same" or "different" from the question alone,
+    # and went looking for a common multiple of 4 and 4.
+    lines = [f"Denominators {b} and {d}: {'the same' if b == d else 'different'}"]
     if b != d:
         # worked, not recalled: the first edition's wrong answers were mostly a wrong common denominator
         big, small = max(b, d), min(b, d)
@@ -170,7 +164,8 @@ def _fraction_sum(rng: random.Random) -> Made:
         for num, den, new in ((a, b, x), (c, d, y)):
             if den != common:
                 lines.append(f"{num}/{den} = {num}×{common // den}/{common} = {new}/{common}")
-    work, s = _sum_line(x, op, y)
+    # worked digit by digit even for one-digit numerators: recalled, 4 + 1 came out as 7
+    work, s = column(x, op, y)
     lines += [*work, f"{x}/{common} {op} {y}/{common} = {s}/{common}"]
     n, den = reduce_fraction(s, common)
     g = common // den

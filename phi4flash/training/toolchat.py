@@ -57,7 +57,7 @@ def _styled(words: list[str], rng: random.Random) -> str:
 # Share of training tools named letter by letter: a name no part of which means anything can only be got right
 # by copying it from the tool list, which is what an unseen name needs (built from parts alone, the first
 # trained model wrote names after the parts it knew: `values_sub` for a tool listed as `difference`).
-SPELLED_NAME_PERCENT = 35
+SPELLED_NAME_PERCENT = 60
 _CONSONANTS = "bcdfghjklmnprstvwxz"
 _VOWELS = "aeiouy"
 
@@ -422,6 +422,12 @@ def draw_expression(rng: random.Random) -> tuple[str, list[tuple[str, int | None
     return f"{c} {sym[op2]} ({a} {sym[op1]} {b})", [(op1, a, b), (op2, c, None)]
 
 
+def _substituted(expr: str, value: int) -> str:
+    """``expr`` with its bracketed part replaced by ``value``: ``(3 + 4) * 5`` -> ``7 * 5``."""
+    start, end = expr.find("("), expr.find(")")
+    return expr if start < 0 else f"{expr[:start]}{value}{expr[end + 1:]}"
+
+
 _ARITH_QUESTIONS = ("What is {e}?", "Compute {e}.", "Use the tools to work out {e}.", "Calculate {e} with the tools.",
                     "What is {e}? Use the tools.", "{e} = ?")
 _WORDED = {"+": ("Add {a} and {b}.", "What is the sum of {a} and {b}?"),
@@ -433,6 +439,7 @@ _WORDED = {"+": ("Add {a} and {b}.", "What is the sum of {a} and {b}?"),
 def arithmetic_chat(rng: random.Random, held_out: bool, stage: int | None = None) -> Made:
     """Arithmetic with arithmetic tools: the call of step ``stage`` (after the earlier ones), or the answer."""
     expr, steps = draw_expression(rng)
+    remaining = expr  # the expression once its bracket is worked out (two steps at most)
     needed = list(dict.fromkeys(op for op, _, _ in steps))
     plain = not held_out and rng.random() < 0.35
     tools_by_op = {op: arithmetic_tool(op, rng, held_out, plain) for op in needed}
@@ -455,13 +462,15 @@ def arithmetic_chat(rng: random.Random, held_out: bool, stage: int | None = None
         if i == stage:
             if i == 0:
                 thought = f"{expr}: first {lhs} {op} {rhs}, with {tool.name}."
-            else:
-                thought = f"{done[-1][0]} gave {results[-1]}. Next {lhs} {op} {rhs}, with {tool.name}."
+            else:  # the expression restated with the result in place, so the next operation is read off it
+                thought = (f"{done[-1][0]} gave {results[-1]}, so {expr} = {remaining}. Next {lhs} {op} {rhs}, "
+                           f"with {tool.name}.")
             messages = (system_message(tools, rng), {"role": "user", "content": question}, *_history(done))
             return Made(f"tool:{expr}:{i}", question, thought, call_text(tool.name, args),
                         expected_call(tool.name, args), messages=messages)
         value = apply_op(op, lhs, rhs)
         results.append(value)
+        remaining = _substituted(expr, value)
         result_text = str(value) if rng.random() < 0.85 else json.dumps({"result": value})
         done.append((tool.name, args, result_text))
     messages = (system_message(tools, rng), {"role": "user", "content": question}, *_history(done))

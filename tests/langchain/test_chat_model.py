@@ -245,8 +245,6 @@ def test_docs_agent_example_runs():
 
 
 @pytest.mark.skipif(not embedded_available(), reason="needs the shipped embedded model")
-@pytest.mark.xfail(reason="measured: the embedded model calls add(3, 4), then add(7, 5), and answers 12: its reasoning "
-                          "reads the next step as another sum (docs/embedded.md, Limits)", strict=False)
 def test_readme_agent_answers_35_through_the_tools():
     """The README's agent, as written there, on the embedded model: add(3, 4), then multiply(7, 5), then 35."""
     import re
