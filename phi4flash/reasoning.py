@@ -255,7 +255,8 @@ class ReasoningBudget:
             self.thinking, data = False, self._text[self._text.index(THINK_CLOSE) + len(THINK_CLOSE):]
         return b"" if self.thinking else (data or b"")
 
-    def closing(self, tokens_left: int | None = None, reserve: int = 0, next_id: int | None = None) -> list[int] | None:
+    def closing(self, tokens_left: int | None = None, reserve: int = 0,
+                logits: torch.Tensor | None = None) -> list[int] | None:
         """The tokens allowed next when ``</think>`` must come now, else None.
 
         The tag is written the way the model writes it itself, its logits choosing among the tokens that go on
@@ -266,9 +267,9 @@ class ReasoningBudget:
         Args:
             tokens_left: the generation's remaining token budget, if it has one.
             reserve: tokens to keep free after the tag (for the answer).
-            next_id: the model's likeliest next token. In "line" mode a capped reasoning whose line it ends (a
-                token that starts with a newline) is closed right there, by a token that writes the newline and
-                the tag together, if the vocabulary has one.
+            logits: the model's next-token logits ([vocab]). In "line" mode a capped reasoning whose line its
+                likeliest token ends (one that starts with a newline) is closed right there, by a token that writes
+                the newline and the tag together, if the vocabulary has one.
         """
         if not self.thinking:
             return None
@@ -278,6 +279,7 @@ class ReasoningBudget:
         over = self.budget is not None and self.tokens >= self.budget
         if over and self.close_at == "line" and rest == THINK_CLOSE and not self._text.endswith(b"\n"):
             # Let the model finish the line it is writing (its last step), within a few tokens.
+            next_id = None if logits is None else int(torch.argmax(logits))
             next_bytes = self.bytes_of[next_id] if next_id is not None and next_id < len(self.bytes_of) else None
             ends_line = (next_bytes or b"").startswith(b"\n")
             merged = self._closing_ids(b"\n", rest) if ends_line else []
@@ -328,7 +330,7 @@ class AnswerGuard:
             self.answered = self.answered or bool(self.reasoning.feed(int(token_id)).strip())
         self._seen = len(generated_ids)
         left = None if self.max_new_tokens is None else self.max_new_tokens - self._seen
-        closing = self.reasoning.closing(left, reserve=4, next_id=int(torch.argmax(logits)))  # (4: for an answer)
+        closing = self.reasoning.closing(left, reserve=4, logits=logits)  # (4: for an answer)
         if closing is not None:
             index = torch.tensor(closing, device=logits.device)
             chosen = logits[index]

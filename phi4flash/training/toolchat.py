@@ -423,7 +423,8 @@ def draw_expression(rng: random.Random) -> tuple[str, list[tuple[str, int | None
 
 
 def _substituted(expr: str, value: int) -> str:
-    """``expr`` with its bracketed part replaced by ``value``: ``(3 + 4) * 5`` -> ``7 * 5``."""
+    """``expr`` with its bracketed part (the first step; expressions have two at most) replaced by its ``value``:
+    ``(3 + 4) * 5`` -> ``7 * 5``."""
     start, end = expr.find("("), expr.find(")")
     return expr if start < 0 else f"{expr[:start]}{value}{expr[end + 1:]}"
 
@@ -439,7 +440,6 @@ _WORDED = {"+": ("Add {a} and {b}.", "What is the sum of {a} and {b}?"),
 def arithmetic_chat(rng: random.Random, held_out: bool, stage: int | None = None) -> Made:
     """Arithmetic with arithmetic tools: the call of step ``stage`` (after the earlier ones), or the answer."""
     expr, steps = draw_expression(rng)
-    remaining = expr  # the expression once its bracket is worked out (two steps at most)
     needed = list(dict.fromkeys(op for op, _, _ in steps))
     plain = not held_out and rng.random() < 0.35
     tools_by_op = {op: arithmetic_tool(op, rng, held_out, plain) for op in needed}
@@ -463,14 +463,13 @@ def arithmetic_chat(rng: random.Random, held_out: bool, stage: int | None = None
             if i == 0:
                 thought = f"{expr}: first {lhs} {op} {rhs}, with {tool.name}."
             else:  # the expression restated with the result in place, so the next operation is read off it
-                thought = (f"{done[-1][0]} gave {results[-1]}, so {expr} = {remaining}. Next {lhs} {op} {rhs}, "
-                           f"with {tool.name}.")
+                thought = (f"{done[-1][0]} gave {results[-1]}, so {expr} = {_substituted(expr, results[-1])}. "
+                           f"Next {lhs} {op} {rhs}, with {tool.name}.")
             messages = (system_message(tools, rng), {"role": "user", "content": question}, *_history(done))
             return Made(f"tool:{expr}:{i}", question, thought, call_text(tool.name, args),
                         expected_call(tool.name, args), messages=messages)
         value = apply_op(op, lhs, rhs)
         results.append(value)
-        remaining = _substituted(expr, value)
         result_text = str(value) if rng.random() < 0.85 else json.dumps({"result": value})
         done.append((tool.name, args, result_text))
     messages = (system_message(tools, rng), {"role": "user", "content": question}, *_history(done))
