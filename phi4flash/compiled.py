@@ -55,8 +55,15 @@ class CompiledDecoder:
     def __init__(self, model: Phi4FlashForCausalLM) -> None:
         self.model = model
         cuda = model.device.type == "cuda"
-        # on CUDA, "reduce-overhead" replays the step as CUDA graphs
-        self._step = torch.compile(self._static_step, dynamic=True, mode="reduce-overhead" if cuda else None)
+        # On CUDA, "reduce-overhead" replays the step as CUDA graphs. On the CPU, where a small model's step takes
+        # a millisecond or two, what runs around the kernels counts: the C++ wrapper calls them without the
+        # Python one's per-buffer checks, and the guards leave out the modules' attributes (the engine owns the
+        # model and changes none of them after compiling; tensors, shapes and dtypes are still checked). Both
+        # measured on the embedded model: 2.32 -> 2.06 ms per step of 8 rows, 1.54 -> 1.31 ms for one row.
+        options = None if cuda else {"cpp_wrapper": True,
+                                     "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self._step = torch.compile(self._static_step, dynamic=True, mode="reduce-overhead" if cuda else None,
+                                   options=options)
         self.ready = False
         self.error: str | None = None
         self.seconds: float | None = None
@@ -73,7 +80,9 @@ class CompiledDecoder:
             scratch = self.model.new_cache(rows, max_length)
             prompt = torch.zeros(rows, 4, dtype=torch.long, device=self.model.device)
             self.model(prompt, cache=scratch, logits_to_keep=1)
-            for batch in (min(2, rows), 1):  # two sizes, so that the graph is general in the number of rows
+            # dynamo compiles a batch of one row apart, and a batch of every cache row (a slice of the whole cache):
+            # with these three sizes compiled here, no later batch size recompiles
+            for batch in dict.fromkeys((min(2, rows), 1, rows)):
                 self._step(torch.zeros(batch, dtype=torch.long, device=self.model.device), scratch)
         except Exception as err:  # noqa: BLE001 - no compiler, an unsupported op: stay on the eager step, say why
             first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""

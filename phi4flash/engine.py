@@ -129,6 +129,7 @@ class _Request:
     pending: str = ""  # text held back because it may start a stop string
     channel: str = "answer"
     unresolved: dict[str, int] = field(default_factory=dict)  # tokens counted before their text came out
+    prefilling: bool = True  # until the step that feeds the prompt's last token gives the first logits
     finished: bool = False
 
 
@@ -346,7 +347,8 @@ class LocalEngine:
         request.channel = request.splitter.channel
         self._running.append(request)
         # Prefill all but the last prompt token and keep that state: a retry of the same prompt or a
-        # next turn that extends it then starts from there. The last token gives the first logits.
+        # next turn that extends it then starts from there. The last token goes through the next decode step
+        # with the running rows (and the compiled graph), whose logits are the request's first.
         body_end = len(prompt) - 1
         for start in range(reused, body_end, self.prefill_chunk):
             if request.cancel.is_set():
@@ -361,11 +363,7 @@ class LocalEngine:
             return
         if body_end > reused:
             self._keep(tuple(prompt[:body_end]), row)
-        logits = self.model(torch.tensor([prompt[-1:]], device=self.torch_device), cache=self._cache, rows=[row],
-                            logits_to_keep=1)[:, -1]
-        self._sync()
-        request.recorder.prefill_done()
-        self._emit_token(request, self._constrain([request], logits)[0])
+        request.next_token = prompt[-1]
 
     def _restore(self, row: int, prompt: list[int]) -> int:
         """Load the longest kept state whose tokens are a proper prefix of ``prompt``; return its length."""
@@ -407,6 +405,11 @@ class LocalEngine:
         else:
             logits = self.model.step(ids, self._cache, rows=None if rows == list(range(self.max_batch)) else rows)
         self._sync()
+        for request in self._running:
+            if request.prefilling:
+                assert request.recorder is not None
+                request.recorder.prefill_done()
+                request.prefilling = False
         logits = self._constrain(self._running, logits)
         greedy = self._greedy_tokens(self._running, logits)
         for request, row_logits, token in zip(list(self._running), logits, greedy, strict=True):

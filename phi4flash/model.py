@@ -69,15 +69,25 @@ class _Context:
     static: bool = False
 
 
+# Rows are told apart by their type: torch.compile reads a slice compared by identity or isinstance as a
+# constant, which fixes its symbolic length (one compiled step per batch size); a type test leaves it symbolic.
+def _every_row(rows: torch.Tensor | slice | None) -> bool:
+    return type(rows) is type(None)
+
+
+def _is_run(rows: torch.Tensor | slice | None) -> bool:
+    return type(rows) is slice
+
+
 def _take(t: torch.Tensor, rows: torch.Tensor | slice | None) -> torch.Tensor:
-    return t if rows is None else t[rows]
+    return t if _every_row(rows) else t[rows]
 
 
 def _row_index(rows: torch.Tensor | slice | None, batch: int, device: torch.device) -> torch.Tensor:
     """The (b,) cache rows as an index tensor."""
-    if rows is None:
+    if _every_row(rows):
         return torch.arange(batch, device=device)
-    if isinstance(rows, slice):
+    if _is_run(rows):
         return torch.arange(rows.start, rows.stop, device=device)
     return rows
 
@@ -91,7 +101,7 @@ def _as_rows(rows: list[int] | torch.Tensor, device: torch.device) -> torch.Tens
 
 
 def _put(t: torch.Tensor, rows: torch.Tensor | slice | None, value: torch.Tensor) -> None:
-    if rows is None:
+    if _every_row(rows):
         t.copy_(value)
     else:
         t[rows] = value
@@ -252,12 +262,12 @@ class Phi4FlashModel(nn.Module):
             if attention_mask is not None:
                 raise ValueError("attention_mask is for the stateless full forward; a cache keeps each row's "
                                  "own length, so pass unpadded rows instead")
-            row_index = rows if rows is None or isinstance(rows, slice) else _as_rows(rows, device)
+            row_index = rows if _every_row(rows) or _is_run(rows) else _as_rows(rows, device)
             start = _take(cache.lengths, row_index)
             if start.shape[0] != batch:
                 raise ValueError(f"input has {batch} rows but the cache selection has {start.shape[0]}")
             if static:
-                if length != 1 or isinstance(row_index, torch.Tensor):
+                if length != 1 or not (_every_row(row_index) or _is_run(row_index)):
                     raise ValueError("a static step takes one token per row and rows as None or a slice")
             else:
                 if length > 1 and bool((start != start[0]).any()):
@@ -280,7 +290,7 @@ class Phi4FlashModel(nn.Module):
                 ctx = _Context(query_pos=ctx.query_pos[:, -1:], key_valid=None, cache=ctx.cache, rows=ctx.rows)
             x, memory, shared_kv = layer(x, ctx, memory, shared_kv)
         if cache is not None:
-            if ctx.rows is None:
+            if _every_row(ctx.rows):
                 cache.lengths += length
             else:
                 cache.lengths[ctx.rows] += length
@@ -430,7 +440,7 @@ class Mamba(nn.Module):
         delta, b, c = self._delta_b_c(x)
         A = -torch.exp(self.A_log.to(acc_dtype(x.dtype)))
         y = selective_scan_step_auto(x, delta, A, b, c, self.D, ssm)  # (B, E)
-        if rows is not None:
+        if not _every_row(rows):
             state.conv[rows], state.ssm[rows] = conv, ssm
         gated, memory = self._gate(y, z)
         out = self.out_proj(gated)[:, None]

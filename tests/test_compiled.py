@@ -74,6 +74,25 @@ def test_engine_decodes_through_the_compiled_graph_with_the_same_tokens(engines)
     assert calls and max(calls) >= 2 and 1 in calls  # the graph ran for a batch and for one row
 
 
+def test_every_batch_size_takes_a_graph_compiled_while_loading(engines) -> None:
+    """The compile while loading serves every batch size up to max_batch, at any cache length: no request waits for
+    a recompile (the model told its rows apart by identity, and dynamo then compiled one graph per batch size)."""
+    compiled, eager = engines
+    model, decoder = compiled.model, compiled._compiled
+    rows = compiled.max_batch
+    cache, reference = model.new_cache(rows, 16), model.new_cache(rows, 16)
+    prompt = torch.randint(0, 500, (rows, 12))
+    with torch.no_grad():
+        model(prompt, cache=cache, logits_to_keep=1)
+        model(prompt, cache=reference, logits_to_keep=1)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for n in [*range(1, rows + 1), rows, 3, 1]:  # the cache grows past 16 on the way
+                token = torch.arange(n) + 7
+                got = decoder(token, cache)
+                expected = model.step(token, reference, rows=list(range(n)))
+                assert (got - expected).abs().max().item() <= 1e-4
+
+
 def test_a_step_that_cannot_compile_leaves_the_eager_step(monkeypatch) -> None:
     def broken(self, ids, cache):  # noqa: ANN001, ANN202
         raise RuntimeError("no compiler here")

@@ -153,11 +153,12 @@ def test_decode_linear_runs_the_kernel_for_decode_only(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("batch, heads, kv_heads, head_dim, keys", [
-    (1, 40, 20, 64, 700),  # the real model's heads (the vectorised path: head width 64 or 32)
-    (3, 4, 2, 32, 70),     # the embedded model's
+    (1, 40, 20, 64, 700),  # the real model's heads (whole vectors: head width 64 or 32)
+    (3, 4, 2, 44, 300),    # the embedded model's: a head width of 44, its last lanes masked, two blocks
+    (3, 4, 2, 32, 70),     # the first embedded model's
     (2, 6, 2, 64, 40),     # phi4flash bench's: three query heads per kv head (six rows, padded to eight)
     (1, 4, 4, 64, 17),     # one query head per kv head
-    (2, 4, 2, 16, 9),      # any other head width: the portable loops
+    (2, 4, 2, 16, 9),      # other head widths: masked lanes (the portable loops without AVX-512)
     (2, 12, 4, 24, 33),    # the same, three query heads per kv head
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -174,6 +175,8 @@ def test_decode_attention_equals_the_definition(batch: int, heads: int, kv_heads
     if valid is not None:
         valid[:, 0] = True
         valid[:, 256:512] = False  # with 700 keys: a whole block of positions has nothing to attend
+        valid[0, keys // 2:] = False  # a free tail, as a static step's mask leaves it: the blocks end early
+        valid[-1, :keys // 3], valid[-1, keys // 3] = False, True  # and blocks that start late
     scale = head_dim**-0.5
     got = torch.ops.phi4flash.diff_attention_decode(q, k, v, valid, scale)
     expected = decode_attention_reference(q, k, v, valid, scale)
@@ -194,7 +197,7 @@ def test_decode_attention_refuses_bad_inputs_with_a_message() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hidden", [64, 128])  # head width 16 (portable loops) and 32 (vectorised)
+@pytest.mark.parametrize("hidden", [64, 128])  # head width 16 (masked lanes) and 32 (whole vectors)
 def test_model_decode_with_and_without_the_native_attention(monkeypatch, dtype: torch.dtype, hidden: int) -> None:
     """Decode steps past the window (the ring wraps) and a continued batch agree with the PyTorch path."""
     model = tiny_model(hidden_size=hidden).to_dtype(dtype)

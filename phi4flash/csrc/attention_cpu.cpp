@@ -34,9 +34,18 @@ inline void load_floats(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) { return load_bf16x16(p); }
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define PHI4FLASH_AVX512_ATTENTION 1
+// the first n (at most 16) lanes; loads under a mask read nothing past them, so any head width takes the
+// vector path (the embedded model's is 44)
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
 
 // lane 4 i of the result = the sum of a_i's lanes (i = 0..3): four horizontal sums for the price of one
 inline __m512 sum_each(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
@@ -111,8 +120,8 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
       continue;
     }
     const T* key = k + s * k_stride;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-    if (Dh % 16 == 0) {
+#if defined(PHI4FLASH_AVX512_ATTENTION)
+    {
       // the values of this position, into L2 while the keys are scored: the value pass then reads them per kv
       // pair from there, with its sums in registers
       const char* value_row = reinterpret_cast<const char*>(v + s * v_stride);
@@ -145,8 +154,11 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
         for (int i = 0; i < 4; ++i) {
           const T* kh = key + key_head(std::min(h0 + i, H - 1), g) * Dh;  // a padding row reads real keys
           const float* qh = queries + (h0 + i) * Dh;
-          sum[i] = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(kh));
-          for (int64_t d = 16; d < Dh; d += 16) sum[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), load16(kh + d), sum[i]);
+          sum[i] = _mm512_setzero_ps();
+          for (int64_t d = 0; d < Dh; d += 16) {
+            const __mmask16 m = first_lanes(Dh - d);
+            sum[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qh + d), load16(kh + d, m), sum[i]);
+          }
         }
         _mm512_store_ps(lanes, sum_each(sum[0], sum[1], sum[2], sum[3]));
         for (int i = 0; i < 4; ++i) scores[(h0 + i) * len + s] = lanes[4 * i];
@@ -166,13 +178,15 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
     block_max[h] = best;
     block_sum[h] = best == none ? 0.f : exp_shifted(row, len, best);
   }
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  if (width % 64 == 0) {
+#if defined(PHI4FLASH_AVX512_ATTENTION)
+  {
     // per kv pair, four of its heads by 64 outputs at a time: 16 sums in registers over the block's positions
     for (int64_t p = 0; p < pairs; ++p)
       for (int64_t r0 = 0; r0 < 2 * g; r0 += 4)
         for (int64_t d0 = 0; d0 < width; d0 += 64) {
           const int64_t first = 2 * p * g + r0, heads = std::min<int64_t>(4, 2 * g - r0);
+          __mmask16 live[4];
+          for (int c = 0; c < 4; ++c) live[c] = first_lanes(width - d0 - 16 * c);
           __m512 sum[4][4];
           for (int i = 0; i < 4; ++i)
             for (int c = 0; c < 4; ++c) sum[i][c] = _mm512_setzero_ps();
@@ -181,7 +195,7 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
             const T* vp = v + s * v_stride + 2 * p * Dh + d0;
             __m512 x[4];
 #pragma GCC unroll 4
-            for (int c = 0; c < 4; ++c) x[c] = load16(vp + 16 * c);
+            for (int c = 0; c < 4; ++c) x[c] = load16(vp + 16 * c, live[c]);
 #pragma GCC unroll 4
             for (int i = 0; i < 4; ++i) {
               const __m512 w = _mm512_set1_ps(i < heads ? scores[(first + i) * len + s] : 0.f);
@@ -190,7 +204,7 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
             }
           }
           for (int64_t i = 0; i < heads; ++i)
-            for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + (first + i) * width + d0 + 16 * c, sum[i][c]);
+            for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(acc + (first + i) * width + d0 + 16 * c, live[c], sum[i][c]);
         }
     return;
   }
@@ -230,8 +244,17 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t b = job / blocks, s0 = (job % blocks) * kPositions, len = std::min(kPositions, S - s0);
-      if (len <= 0) {  // S = 0: nothing to attend
+      const int64_t b = job / blocks;
+      int64_t s0 = (job % blocks) * kPositions, len = std::min(kPositions, S - s0);
+      if (valid != nullptr && len > 0) {  // leave out the block's invalid ends: a static step's mask marks the
+        const bool* live = valid + b * S + s0;  // whole free tail of the cache (or ring) invalid
+        int64_t lead = 0;
+        while (lead < len && !live[lead]) ++lead;
+        while (len > lead && !live[len - 1]) --len;
+        s0 += lead;
+        len -= lead;
+      }
+      if (len <= 0) {  // nothing to attend in this block
         std::fill(maxima.begin() + job * H, maxima.begin() + (job + 1) * H, -std::numeric_limits<float>::infinity());
         std::fill(sums.begin() + job * H, sums.begin() + (job + 1) * H, 0.f);
         continue;

@@ -24,15 +24,17 @@ void scan_block(const float* u, const float* delta, const float* A, const float*
                 const float* state_in, float* state_out, float* y, int64_t T, int64_t E, int64_t e0) {
   const int64_t lanes = std::min<int64_t>(16, E - e0);
   const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
-  alignas(64) float a_t[N][16] = {}, s_t[N][16] = {};
-  for (int64_t l = 0; l < lanes; ++l)
-    for (int n = 0; n < N; ++n) {
-      a_t[n][l] = A[(e0 + l) * N + n];
-      s_t[n][l] = state_in ? state_in[(e0 + l) * N + n] : 0.f;
-    }
+  // lane l holds channel e0 + l: state n of the 16 channels is every N-th float of the (E, N) layouts, gathered
+  // (a one-token decode step is mostly this load and the store back)
+  const __m512i channel = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(N));
   __m512 a[N], s[N];
 #pragma GCC unroll 16
-  for (int n = 0; n < N; ++n) a[n] = _mm512_load_ps(a_t[n]), s[n] = _mm512_load_ps(s_t[n]);
+  for (int n = 0; n < N; ++n) {
+    a[n] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, channel, A + e0 * N + n, 4);
+    s[n] = state_in ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, channel, state_in + e0 * N + n, 4)
+                    : _mm512_setzero_ps();
+  }
   const __m512 d = D ? _mm512_maskz_loadu_ps(mask, D + e0) : _mm512_setzero_ps();
   for (int64_t t = 0; t < T; ++t) {
     const __m512 dt = _mm512_maskz_loadu_ps(mask, delta + t * E + e0);
@@ -48,9 +50,7 @@ void scan_block(const float* u, const float* delta, const float* A, const float*
     _mm512_mask_storeu_ps(y + t * E + e0, mask, out);
   }
 #pragma GCC unroll 16
-  for (int n = 0; n < N; ++n) _mm512_store_ps(s_t[n], s[n]);
-  for (int64_t l = 0; l < lanes; ++l)
-    for (int n = 0; n < N; ++n) state_out[(e0 + l) * N + n] = s_t[n][l];
+  for (int n = 0; n < N; ++n) _mm512_mask_i32scatter_ps(state_out + e0 * N + n, mask, channel, s[n], 4);
 }
 #endif
 
