@@ -74,6 +74,49 @@ def disabled() -> bool:
     return os.environ.get("PHI4FLASH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
+# PyTorch's build lock holds no process id and is waited for forever: a build killed while it held it (Ctrl-C on
+# a first start) would hang every later start. A lock no process holds open is removed at once where /proc shows
+# that (Linux); elsewhere, one older than this (a build takes a minute or two).
+STALE_LOCK_SECONDS = 600
+
+
+def _lock_is_held(lock: Path) -> bool | None:
+    """Whether a process holds ``lock`` open (PyTorch keeps it open while it builds); None where /proc cannot
+    tell."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    target = str(lock.resolve())
+    for fds in proc.glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == target for fd in fds.iterdir()):
+                return True
+        except OSError:  # a process that ended meanwhile, or another user's
+            continue
+    return False
+
+
+def wait_for_build_lock(build_dir: Path, poll_seconds: float = 0.5) -> None:
+    """Wait while another process builds the kernels in ``build_dir`` (saying so once); remove a lock that an
+    interrupted build left."""
+    lock = build_dir / "lock"
+    said = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        held = _lock_is_held(lock)
+        if held is False or (held is None and age > STALE_LOCK_SECONDS):
+            logger.warning("removing %s, left by a build of phi4flash's kernels that was interrupted", lock)
+            lock.unlink(missing_ok=True)
+            return
+        if not said:
+            logger.info("waiting for another process that builds phi4flash's kernels (%s)", lock)
+            said = True
+        time.sleep(poll_seconds)
+
+
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled kernels, building them on first use; None (with one log line why) when they cannot be."""
@@ -85,6 +128,7 @@ def load() -> ModuleType | None:
 
         _put_ninja_on_path()
         start = time.perf_counter()
+        wait_for_build_lock(Path(cpp_extension._get_build_directory(build_name(), verbose=False)))
         module = cpp_extension.load(
             name=build_name(), sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)

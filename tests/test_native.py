@@ -244,3 +244,34 @@ def test_loading_says_that_the_native_kernels_run(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="phi4flash.weights"):
         load_model("embedded")
     assert "phi4flash on cpu: float32 weights; phi4flash's C++ kernels" in caplog.text
+
+
+def test_a_build_lock_left_by_an_interrupted_build_is_removed(tmp_path: Path, monkeypatch, caplog) -> None:
+    """PyTorch waits forever for the lock of a build that was killed (Ctrl-C on a first start hung every later
+    start, silently); the loader waits for a live build and removes a lock no process holds."""
+    import threading
+    import time
+
+    native.wait_for_build_lock(tmp_path)  # no lock: no wait
+    lock = tmp_path / "lock"
+    lock.touch()  # left behind: nobody holds it open
+    with caplog.at_level("WARNING", logger="phi4flash.native"):
+        native.wait_for_build_lock(tmp_path)
+    assert not lock.exists() and "interrupted" in caplog.text
+
+    def build_in_progress() -> None:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # as PyTorch's FileBaton holds it while it builds
+        threading.Timer(0.3, lambda: (os.close(fd), lock.unlink())).start()
+
+    for where_proc_cannot_tell in (False, True):
+        if where_proc_cannot_tell:
+            monkeypatch.setattr(native, "_lock_is_held", lambda lock: None)
+        build_in_progress()
+        started = time.perf_counter()
+        native.wait_for_build_lock(tmp_path, poll_seconds=0.05)
+        assert 0.25 <= time.perf_counter() - started < 5 and not lock.exists()
+    lock.touch()  # where /proc cannot tell: by its age
+    stale = time.time() - native.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (stale, stale))
+    native.wait_for_build_lock(tmp_path)
+    assert not lock.exists()
