@@ -75,8 +75,8 @@ def disabled() -> bool:
 
 
 # PyTorch's build lock holds no process id and is waited for forever: a build killed while it held it (Ctrl-C on
-# a first start) would hang every later start. A lock no process holds open is removed at once where /proc shows
-# that (Linux); elsewhere, one older than this (a build takes a minute or two).
+# a first start) would hang every later start. A lock that no process holds open, at two looks half a second
+# apart, is removed where /proc shows that (Linux); elsewhere, one older than this (a build takes a minute or two).
 STALE_LOCK_SECONDS = 600
 
 
@@ -101,17 +101,19 @@ def wait_for_build_lock(build_dir: Path, poll_seconds: float = 0.5) -> None:
     interrupted build left."""
     lock = build_dir / "lock"
     said = False
+    unheld = 0  # looks in a row that found no holder: a build that finishes closes the lock, then deletes it
     while True:
         try:
             age = time.time() - lock.stat().st_mtime
         except FileNotFoundError:
             return
         held = _lock_is_held(lock)
-        if held is False or (held is None and age > STALE_LOCK_SECONDS):
+        unheld = unheld + 1 if held is False else 0
+        if unheld >= 2 or (held is None and age > STALE_LOCK_SECONDS):
             logger.warning("removing %s, left by a build of phi4flash's kernels that was interrupted", lock)
             lock.unlink(missing_ok=True)
             return
-        if not said:
+        if not said and held is not False:
             logger.info("waiting for another process that builds phi4flash's kernels (%s)", lock)
             said = True
         time.sleep(poll_seconds)

@@ -254,9 +254,9 @@ def test_a_build_lock_left_by_an_interrupted_build_is_removed(tmp_path: Path, mo
 
     native.wait_for_build_lock(tmp_path)  # no lock: no wait
     lock = tmp_path / "lock"
-    lock.touch()  # left behind: nobody holds it open
+    lock.touch()  # left behind: nobody holds it open (removed on the second look, a poll later)
     with caplog.at_level("WARNING", logger="phi4flash.native"):
-        native.wait_for_build_lock(tmp_path)
+        native.wait_for_build_lock(tmp_path, poll_seconds=0.05)
     assert not lock.exists() and "interrupted" in caplog.text
 
     def build_in_progress() -> None:
