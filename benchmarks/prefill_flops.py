@@ -54,8 +54,8 @@ def attention_flops_per_token(hidden: int, layers: int, window: int, length: int
     seen_window = sum(min(i + 1, window) for i in range(length)) / length
     sliding = ours_config.layer_kinds[: ours_config.kv_layer + 1].count(SLIDING_ATTENTION)
     ours = per_key_ours * (sliding * seen_window + (length + 1) / 2)
-    baseline_heads = max(1, hidden // 64)
-    baseline = layers * 2 * baseline_heads * 2 * 64 * (length + 1) / 2
+    # every query head scores its head width and sums as many values: 2 x hidden multiply-adds per key, any GQA
+    baseline = layers * 2 * 2 * hidden * (length + 1) / 2
     return ours, baseline
 
 

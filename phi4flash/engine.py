@@ -129,7 +129,6 @@ class _Request:
     pending: str = ""  # text held back because it may start a stop string
     channel: str = "answer"
     unresolved: dict[str, int] = field(default_factory=dict)  # tokens counted before their text came out
-    prefilling: bool = True  # until the step that feeds the prompt's last token gives the first logits
     finished: bool = False
 
 
@@ -406,10 +405,9 @@ class LocalEngine:
             logits = self.model.step(ids, self._cache, rows=None if rows == list(range(self.max_batch)) else rows)
         self._sync()
         for request in self._running:
-            if request.prefilling:
+            if not request.generated:  # this step fed the prompt's last token: its logits are the first
                 assert request.recorder is not None
                 request.recorder.prefill_done()
-                request.prefilling = False
         logits = self._constrain(self._running, logits)
         greedy = self._greedy_tokens(self._running, logits)
         for request, row_logits, token in zip(list(self._running), logits, greedy, strict=True):

@@ -42,10 +42,7 @@ inline __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
 }
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
-  const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) { return load_bf16x16(p, m); }
 
 // lane 4 i of the result = the sum of a_i's lanes (i = 0..3): four horizontal sums for the price of one
 inline __m512 sum_each(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {

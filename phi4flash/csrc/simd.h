@@ -8,10 +8,20 @@
 namespace phi4flash {
 
 // 16 bfloat16 -> 16 floats (a bfloat16 is the top half of a float's bits)
-inline __m512 load_bf16x16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+inline __m512 bf16x16_to_floats(__m256i raw) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+
+inline __m512 load_bf16x16(const at::BFloat16* p) {
+  return bf16x16_to_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+// the lanes of ``mask`` only (nothing past them is read); the others 0
+inline __m512 load_bf16x16(const at::BFloat16* p, __mmask16 mask) {
+  return bf16x16_to_floats(_mm256_maskz_loadu_epi16(mask, p));
+}
+#endif
 
 // exp(x) for x <= 0 (decays): 2^k p(r) with k = round(x log2 e), r = x - k ln 2, p a degree-6 Taylor
 // polynomial (|r| <= ln2/2: relative error below 2e-7); x below -87 gives 0, as expf underflows.
