@@ -82,7 +82,7 @@ def main() -> int:
     tune_ids = torch.randint(0, vocab, (4, 256))
 
     def train_step() -> None:
-        with train_mod._fast_scan():
+        with train_mod._training_kernels():
             _step(model, optimizer, train_ids, bf16=True)
 
     def tune_step() -> None:

@@ -1,4 +1,5 @@
-"""The training loop of the embedded model, end to end on a tiny budget, and its fast scan."""
+"""The training loop of the embedded model, end to end on a tiny budget, its compiled step, and its scan and
+convolution."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from safetensors import safe_open
 from phi4flash import native, ops
 from phi4flash.config import Phi4FlashConfig
 from phi4flash.training import data
+from phi4flash.training.scan import training_conv1d
 from phi4flash.training.train import EMBEDDED_DIR, TrainConfig, lr_at, main, make_batches, train, training_scan
 
 TINY = {
@@ -68,7 +70,7 @@ def test_lr_schedule_warms_up_then_decays() -> None:
 
 def test_a_time_budget_stops_the_run_in_time(tmp_path: Path) -> None:
     cfg = TrainConfig(steps=400, minutes=0.05, batch_size=4, warmup_steps=2, vocab_size=384, tokenizer_examples=400,
-                      model=dict(TINY), seed=2)
+                      model=dict(TINY), seed=2, compile=False)
     result = train(cfg, tmp_path)
     assert 0 < len(result.losses) < 400 and result.summary["steps"] == len(result.losses)
     assert result.seconds < 0.05 * 60 + 5  # the last step may run over a little
@@ -98,9 +100,9 @@ def test_a_token_budget_puts_long_chats_in_smaller_batches() -> None:
 def test_training_continues_from_a_checkpoint_with_its_tokenizer_and_weights(tmp_path: Path) -> None:
     source, continued = tmp_path / "source", tmp_path / "continued"
     first = train(TrainConfig(steps=30, minutes=None, batch_size=8, lr=5e-3, warmup_steps=3, vocab_size=384,
-                              tokenizer_examples=600, model=dict(TINY), seed=1), source)
+                              tokenizer_examples=600, model=dict(TINY), seed=1, compile=False), source)
     more = train(TrainConfig(steps=4, minutes=None, batch_size=8, lr=1e-4, warmup_steps=1, seed=2,
-                             init_from=str(source)), continued)
+                             init_from=str(source), compile=False), continued)
     assert (continued / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
     assert json.loads((continued / "config.json").read_text()) == json.loads((source / "config.json").read_text())
     # it starts where the source ended (new chats, same kind), far below a fresh model's first loss
@@ -114,13 +116,36 @@ def test_training_continues_from_a_checkpoint_with_its_tokenizer_and_weights(tmp
         train(TrainConfig(steps=1, minutes=None, init_from=str(half)), tmp_path / "nowhere")
 
 
-def test_training_runs_end_to_end_and_the_loss_goes_down(tmp_path: Path) -> None:
-    cfg = TrainConfig(steps=30, minutes=None, batch_size=8, lr=5e-3, warmup_steps=3, vocab_size=384,
-                      tokenizer_examples=600, model=dict(TINY), seed=1)
-    result = train(cfg, tmp_path)
+def test_training_runs_end_to_end_and_the_loss_goes_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the compiled step (the default): the chats' batches come in many shapes, and one graph (two: short
+    and long batches attend differently) takes them all."""
+    from torch._dynamo.utils import counters
+
+    from phi4flash.training import train as train_mod
+
+    shapes: set[tuple[int, ...]] = set()
+
+    def batches_seen(*args: object, **kwargs: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = make_batches(*args, **kwargs)  # type: ignore[arg-type]
+        shapes.update(tuple(x.shape) for x, _ in batches[:30])
+        return batches
+
+    monkeypatch.setattr(train_mod, "make_batches", batches_seen)
+    # at most 2,048 tokens a batch: inductor's C++ code also splits its graphs at 4,096 elements per row of a
+    # reduction, which real batches cross (measured: four graphs at most, in a real run's 1-2 minutes of compile)
+    cfg = TrainConfig(steps=30, minutes=None, batch_size=8, batch_tokens=2048, lr=5e-3, warmup_steps=3,
+                      vocab_size=384, tokenizer_examples=600, model=dict(TINY), seed=1)
+    assert cfg.compile
+    torch._dynamo.reset()
+    counters.clear()
+    # graphs cached by earlier runs of other code may carry narrower shape guards of their own
+    with torch._inductor.config.patch(force_disable_caches=True):
+        result = train(cfg, tmp_path)
     losses = result.losses
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert result.summary["compiled"] is True
+    assert len(shapes) >= 10 and 1 <= counters["stats"]["unique_graphs"] <= 2, (shapes, counters["stats"])
 
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "loss_curve.png", "train_summary.json"):
@@ -189,9 +214,30 @@ def test_training_attention_path_matches_the_fused_one(window: int | None) -> No
     args = (q, k, v, torch.tensor(0.3), 0.2, torch.ones(2 * dh), 1e-5, mask, mask is None)
     assert t >= ops.FUSED_MIN_QUERIES
     fused = ops.differential_attention(*args)
-    from phi4flash.training.train import _fast_scan
+    from phi4flash.training.train import _training_kernels
 
-    with _fast_scan():
+    with _training_kernels():
         explicit = ops.differential_attention(*args)
     torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
     assert ops.FUSED_MIN_QUERIES == 32  # restored
+
+
+@pytest.mark.parametrize("length", [1, 3, 10])
+def test_training_convolution_matches_the_models_values_and_gradients(length: int) -> None:
+    from phi4flash.ops import causal_conv1d
+
+    g = torch.Generator().manual_seed(length)
+    x, weight, bias = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+                       for shape in ((2, 6, length), (6, 1, 4), (6,)))
+    expected, expected_state = causal_conv1d(x, weight, bias)
+    got, state = training_conv1d(x, weight, bias, None)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(state, expected_state)
+    upstream = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((got * upstream).sum(), (x, weight, bias))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (x, weight, bias))
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+    # a given state (never in training) goes through the model's own convolution
+    history = torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(training_conv1d(x, weight, bias, history)[0], causal_conv1d(x, weight, bias, history)[0])

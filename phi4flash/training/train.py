@@ -20,8 +20,9 @@ import json
 import logging
 import math
 import random
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from tokenizers import Tokenizer
 
 from ..cli import HelpFormatter
 from . import data as data_mod
-from .scan import training_scan
+from .scan import training_conv1d, training_scan
 from .tokenizer_train import generation_config, model_config, save_tokenizer_files, train_tokenizer, write_json
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
@@ -72,6 +73,9 @@ class TrainConfig:
     tokenizer_examples: int = 20000
     threads: int = 2  # both cores of the 2-core machine it was made on
     bf16: bool = True
+    # torch.compile the model's training forward and backward (one graph for every batch shape; see
+    # _training_kernels): its first step also compiles, inside the time budget.
+    compile: bool = True
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
     weights: dict[str, float] | None = None  # family mix; None means data.DEFAULT_WEIGHTS
     # Continue from this checkpoint (a folder or "embedded"): its tokenizer, sizes and weights instead of new ones,
@@ -90,13 +94,13 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-TRAINING_FUSED_MIN_QUERIES = 256  # batches of this many tokens or more attend through SDPA (see _fast_scan)
+TRAINING_FUSED_MIN_QUERIES = 256  # batches of this many tokens or more attend through SDPA (see _training_kernels)
 
 
 @contextlib.contextmanager
-def _fast_scan() -> Iterator[None]:
-    """Use :func:`training_scan` inside the model while training, and the explicit attention matmuls for short
-    batches.
+def _training_kernels() -> Iterator[None]:
+    """Use :func:`training_scan` and :func:`training_conv1d` inside the model while training, and the explicit
+    attention matmuls for short batches.
 
     The model's chunked scan is built for long prompts at inference; for training chats of a few hundred
     tokens on a CPU it is ~20x slower than this recurrence. SDPA's fused CPU kernel (forward and backward) is
@@ -108,12 +112,14 @@ def _fast_scan() -> Iterator[None]:
     from .. import model as model_mod
     from .. import ops
 
-    # The model module imports the scan under one of these names (the dispatching one first).
-    names = [n for n in ("selective_scan_auto", "selective_scan") if hasattr(model_mod, n)]
-    saved = {n: getattr(model_mod, n) for n in names}
+    # The model module imports the scan and the convolution under these names (the dispatching ones first).
+    swaps = {n: fn for names, fn in ((("selective_scan_auto", "selective_scan"), training_scan),
+                                     (("causal_conv1d_auto", "causal_conv1d"), training_conv1d))
+             for n in names if hasattr(model_mod, n)}
+    saved = {n: getattr(model_mod, n) for n in swaps}
     fused = ops.FUSED_MIN_QUERIES
-    for n in names:
-        setattr(model_mod, n, training_scan)
+    for n, fn in swaps.items():
+        setattr(model_mod, n, fn)
     ops.FUSED_MIN_QUERIES = TRAINING_FUSED_MIN_QUERIES
     try:
         yield
@@ -256,9 +262,10 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
 
         bar = tqdm(total=len(batches), desc="train", unit="step", dynamic_ncols=True)
     model.train()
+    forward = _compiled(model) if cfg.compile else model
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     train_started = time.perf_counter()
-    with _fast_scan():
+    with _training_kernels():
         warm_done = None  # when the warmup ended: the time budget's decay runs from there
         for step, (x, y) in enumerate(batches):
             progress = None
@@ -274,7 +281,15 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
-                logits = model(x)
+                try:
+                    logits = forward(x)
+                except Exception as err:  # noqa: BLE001 - no compiler, an unsupported op: train eagerly, say why
+                    if forward is model:
+                        raise
+                    logger.warning("training step not compiled (%s: %s); training eagerly", type(err).__name__,
+                                   str(err).strip().splitlines()[0][:200] if str(err).strip() else "")
+                    forward = model
+                    logits = model(x)
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -306,6 +321,7 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
         "total_seconds": round(time.perf_counter() - started, 1),
         "final_loss": _tail_mean(losses),
         "first_loss": losses[0] if losses else None,
+        "compiled": forward is not model,
         "torch": torch.__version__,
     }
     if cfg.init_from:  # the run it continues, so that the checkpoint keeps its whole history
@@ -314,6 +330,20 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
         plot_losses(losses, out / "loss_curve.png")
     write_json(out / "train_summary.json", summary)
     return TrainResult(out, losses, train_seconds, n_params, summary)
+
+
+def _compiled(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` under torch.compile with dynamic shapes: every batch length and size runs one graph (two: short
+    and long batches attend differently), where static shapes would compile once per length."""
+    from .. import native
+
+    native.ready()  # the kernels' first load must not happen while dynamo traces (it would split the graph)
+    for module in model.modules():
+        # Attention over more queries than this goes block by block in a Python loop, which would fix each graph's
+        # length; one masked call takes any length (a training batch's (T, T) mask is small).
+        if hasattr(module, "query_block"):
+            module.query_block = sys.maxsize
+    return torch.compile(model, dynamic=True)
 
 
 def _start_from(source: str) -> tuple[Tokenizer, dict[str, Any], torch.nn.Module, dict[str, Any] | None]:
@@ -401,6 +431,8 @@ def build_parser(prog: str = "phi4flash train") -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (warmup, then cosine)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="train the model eagerly instead of through torch.compile (no compiler needed)")
     parser.add_argument("--hidden-size", type=int, default=DEFAULT_MODEL["hidden_size"],
                         help="model width (the MLP is 4x)")
     parser.add_argument("--layers", type=int, default=DEFAULT_MODEL["num_hidden_layers"], help="decoder layers")
@@ -422,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = dict(DEFAULT_MODEL, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
                  num_hidden_layers=args.layers)
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes or None, seed=args.seed, batch_size=args.batch_size,
-                      lr=args.lr, threads=args.threads, bf16=not args.no_bf16, model=model,
+                      lr=args.lr, threads=args.threads, bf16=not args.no_bf16, compile=not args.no_compile, model=model,
                       vocab_size=args.vocab_size, init_from=args.init_from)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     result = train(cfg, out, progress=True)
