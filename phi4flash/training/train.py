@@ -333,8 +333,12 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
 
 
 def _compiled(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``model`` under torch.compile with dynamic shapes: every batch length and size runs one graph (two: short
-    and long batches attend differently), where static shapes would compile once per length."""
+    """``model`` under torch.compile with dynamic shapes, where static shapes would compile once per batch length.
+
+    A handful of graphs take every batch: one per attention branch (under or over the training attention's 256
+    queries and the 512-token window) and per side of inductor's 4,096-element split of its reductions. The
+    model's attention modules stop splitting long batches into query blocks (see below).
+    """
     from .. import native
 
     native.ready()  # the kernels' first load must not happen while dynamo traces (it would split the graph)
