@@ -73,8 +73,8 @@ class TrainConfig:
     tokenizer_examples: int = 20000
     threads: int = 2  # both cores of the 2-core machine it was made on
     bf16: bool = True
-    # torch.compile the model's training forward and backward (one graph for every batch shape; see
-    # _training_kernels): its first step also compiles, inside the time budget.
+    # torch.compile the model's training forward and backward (a handful of graphs for every batch shape; see
+    # _compiled): its first steps also compile, inside the time budget.
     compile: bool = True
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
     weights: dict[str, float] | None = None  # family mix; None means data.DEFAULT_WEIGHTS
