@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from phi4flash.config import Phi4FlashConfig
@@ -48,15 +47,7 @@ def _trainer(tok: Tokenizer, compiled: bool) -> Callable[[Batch], float]:
     forward = train_mod._compiled(model) if compiled else model
 
     def step(batch: Batch) -> float:
-        x, y = batch
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = forward(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        return loss.item()
+        return train_mod.train_step(forward, model, optimizer, *batch)
 
     return step
 

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from phi4flash import ops
 from phi4flash.config import Phi4FlashConfig
@@ -47,13 +46,11 @@ def _model(vocab: int) -> Phi4FlashForCausalLM:
     return model.train()
 
 
-def _step(model: Phi4FlashForCausalLM, optimizer: torch.optim.Optimizer, ids: torch.Tensor, bf16: bool) -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = model(ids)
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+def _next_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """The targets of ``ids``: each position's next token, none (-100) after the last."""
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = -100
+    return targets
 
 
 def _timed(fn: Callable[[], None], native: bool) -> float:
@@ -81,12 +78,14 @@ def main() -> int:
     train_ids = torch.randint(0, vocab, (20, 512))
     tune_ids = torch.randint(0, vocab, (4, 256))
 
+    train_targets, tune_targets = _next_tokens(train_ids), _next_tokens(tune_ids)
+
     def train_step() -> None:
         with train_mod._training_kernels():
-            _step(model, optimizer, train_ids, bf16=True)
+            train_mod.train_step(model, model, optimizer, train_ids, train_targets, bf16=True)
 
     def tune_step() -> None:
-        _step(model, optimizer, tune_ids, bf16=False)
+        train_mod.train_step(model, model, optimizer, tune_ids, tune_targets, bf16=False)
 
     cases = {"train": train_step, "fine-tune": tune_step}
     times: dict[tuple[str, bool], list[float]] = {}

@@ -204,6 +204,29 @@ def test_the_default_output_is_a_new_folder(tmp_path: Path, monkeypatch: pytest.
     assert seen["out"].resolve() != EMBEDDED_DIR.resolve()
 
 
+def test_the_mix_option_changes_the_named_families_and_keeps_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    seen = {}
+
+    def fake_train(cfg: TrainConfig, out: Path, *, progress: bool = False) -> object:
+        seen["weights"] = cfg.weights
+        raise SystemExit(0)
+
+    monkeypatch.setattr("phi4flash.training.train.train", fake_train)
+    with pytest.raises(SystemExit):
+        main(["--steps", "0", "--out", str(tmp_path / "m"), "--mix", "tool=0.35, percent=0.15"])
+    assert seen["weights"] == {**data.DEFAULT_WEIGHTS, "tool": 0.35, "percent": 0.15}
+    with pytest.raises(SystemExit):
+        main(["--steps", "0", "--out", str(tmp_path / "m")])
+    assert seen["weights"] is None  # the defaults, as data.generate reads them
+    for bad, says in (("tools=0.3", "FAMILY one of addition"), ("tool:0.3", "FAMILY=WEIGHT"),
+                      ("tool=lots", "must be a number"), ("tool=-1", ">= 0"),
+                      (",".join(f"{f}=0" for f in data.DEFAULT_WEIGHTS), "every family a weight of 0")):
+        with pytest.raises(SystemExit):
+            main(["--steps", "0", "--out", str(tmp_path / "m"), "--mix", bad])
+        assert says in capsys.readouterr().err, bad
+
+
 @pytest.mark.parametrize("window", [None, 8])
 def test_training_attention_path_matches_the_fused_one(window: int | None) -> None:
     g = torch.Generator().manual_seed(3)

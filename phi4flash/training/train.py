@@ -263,7 +263,6 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
         bar = tqdm(total=len(batches), desc="train", unit="step", dynamic_ncols=True)
     model.train()
     forward = _compiled(model) if cfg.compile else model
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     train_started = time.perf_counter()
     with _training_kernels():
         warm_done = None  # when the warmup ended: the time budget's decay runs from there
@@ -280,22 +279,16 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
             lr = lr_at(step, cfg, progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast:
-                try:
-                    logits = forward(x)
-                except Exception as err:  # noqa: BLE001 - no compiler, an unsupported op: train eagerly, say why
-                    if forward is model:
-                        raise
-                    logger.warning("training step not compiled (%s: %s); training eagerly", type(err).__name__,
-                                   str(err).strip().splitlines()[0][:200] if str(err).strip() else "")
-                    forward = model
-                    logits = model(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
+            try:
+                loss = train_step(forward, model, optimizer, x, y, bf16=cfg.bf16, grad_clip=cfg.grad_clip)
+            except Exception as err:  # noqa: BLE001 - no compiler, an unsupported op: train eagerly, say why
+                if forward is model:
+                    raise
+                logger.warning("training step not compiled (%s: %s); training eagerly", type(err).__name__,
+                               str(err).strip().splitlines()[0][:200] if str(err).strip() else "")
+                forward = model
+                loss = train_step(model, model, optimizer, x, y, bf16=cfg.bf16, grad_clip=cfg.grad_clip)
+            losses.append(loss)
             if (step + 1) % LOG_EVERY == 0:
                 recent = losses[-LOG_EVERY:]
                 logger.info("step %d/%d loss %.4f lr %.2e %.0f s", step + 1, len(batches), sum(recent) / len(recent),
@@ -330,6 +323,33 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
         plot_losses(losses, out / "loss_curve.png")
     write_json(out / "train_summary.json", summary)
     return TrainResult(out, losses, train_seconds, n_params, summary)
+
+
+def train_step(forward: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, bf16: bool = True,
+               grad_clip: float = 1.0) -> float:
+    """One optimizer step of ``phi4flash train`` (the benchmarks time this same function).
+
+    Args:
+        forward: ``model`` or its compiled forward (:func:`_compiled`).
+        model: the model whose parameters ``optimizer`` updates.
+        optimizer: the optimizer; its learning rate is set by the caller.
+        x: ``(batch, length)`` token ids.
+        y: ``(batch, length)`` next-token targets, -100 where no loss is taken (outside the assistant turn).
+        bf16: run the forward under bfloat16 autocast.
+        grad_clip: the gradients' largest total norm.
+
+    Returns:
+        The batch's mean cross-entropy.
+    """
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = forward(x)  # (batch, length, vocab)
+    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
 
 
 def _compiled(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -445,7 +465,33 @@ def build_parser(prog: str = "phi4flash train") -> argparse.ArgumentParser:
                         help="continue from this checkpoint ('embedded' or a folder): its tokenizer, sizes and "
                              "weights (--hidden-size, --layers and --vocab-size are then ignored); use a --seed "
                              "other than its run's for new chats, and a lower --lr")
+    parser.add_argument("--mix", type=parse_mix, default=None, metavar="FAMILY=WEIGHT,...",
+                        help="change the shares of some families in the training mix (the others keep "
+                             "data.DEFAULT_WEIGHTS), e.g. tool=0.3,percent=0.15")
     return parser
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """``"tool=0.3,percent=0.15"`` -> the default family mix with those shares changed.
+
+    Raises:
+        argparse.ArgumentTypeError: an unknown family, a missing ``=`` or a weight that is not a number >= 0.
+    """
+    weights = dict(data_mod.DEFAULT_WEIGHTS)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        family, sep, value = item.partition("=")
+        if not sep or family not in weights:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected FAMILY=WEIGHT with FAMILY one of {', '.join(weights)}")
+        try:
+            weights[family] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be a number") from None
+        if not weights[family] >= 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be >= 0")
+    if not any(weights.values()):
+        raise argparse.ArgumentTypeError("the mix gives every family a weight of 0")
+    return weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -459,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  num_hidden_layers=args.layers)
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes or None, seed=args.seed, batch_size=args.batch_size,
                       lr=args.lr, threads=args.threads, bf16=not args.no_bf16, compile=not args.no_compile, model=model,
-                      vocab_size=args.vocab_size, init_from=args.init_from)
+                      vocab_size=args.vocab_size, init_from=args.init_from, weights=args.mix)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     result = train(cfg, out, progress=True)
     s = result.summary
