@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -189,41 +190,39 @@ def test_the_command_never_writes_into_the_shipped_model_by_default(capsys: pyte
     assert "phi4flash train" in help_text or "training.train" in help_text
 
 
-def test_the_default_output_is_a_new_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    seen = {}
+def _run_command(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[TrainConfig, Path]:
+    """The config and output folder that ``phi4flash train ARGV`` would train with (nothing is trained)."""
+    seen: dict[str, Any] = {}
 
     def fake_train(cfg: TrainConfig, out: Path, *, progress: bool = False) -> object:
-        seen["out"] = Path(out)
+        seen.update(cfg=cfg, out=Path(out))
         raise SystemExit(0)
 
     monkeypatch.setattr("phi4flash.training.train.train", fake_train)
     with pytest.raises(SystemExit):
-        main(["--steps", "0"])
-    assert seen["out"].parent == tmp_path and seen["out"].name.startswith("phi4flash-embedded-")
-    assert seen["out"].resolve() != EMBEDDED_DIR.resolve()
+        main(argv)
+    return seen["cfg"], seen["out"]
+
+
+def test_the_default_output_is_a_new_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _, out = _run_command(["--steps", "0"], monkeypatch)
+    assert out.parent == tmp_path and out.name.startswith("phi4flash-embedded-")
+    assert out.resolve() != EMBEDDED_DIR.resolve()
 
 
 def test_the_mix_option_changes_the_named_families_and_keeps_the_others(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    seen = {}
-
-    def fake_train(cfg: TrainConfig, out: Path, *, progress: bool = False) -> object:
-        seen["weights"] = cfg.weights
-        raise SystemExit(0)
-
-    monkeypatch.setattr("phi4flash.training.train.train", fake_train)
-    with pytest.raises(SystemExit):
-        main(["--steps", "0", "--out", str(tmp_path / "m"), "--mix", "tool=0.35, percent=0.15"])
-    assert seen["weights"] == {**data.DEFAULT_WEIGHTS, "tool": 0.35, "percent": 0.15}
-    with pytest.raises(SystemExit):
-        main(["--steps", "0", "--out", str(tmp_path / "m")])
-    assert seen["weights"] is None  # the defaults, as data.generate reads them
+    argv = ["--steps", "0", "--out", str(tmp_path / "m")]
+    cfg, _ = _run_command([*argv, "--mix", "tool=0.35, percent=0.15"], monkeypatch)
+    assert cfg.weights == {**data.DEFAULT_WEIGHTS, "tool": 0.35, "percent": 0.15}
+    cfg, _ = _run_command(argv, monkeypatch)
+    assert cfg.weights is None  # the defaults, as data.generate reads them
     for bad, says in (("tools=0.3", "FAMILY one of addition"), ("tool:0.3", "FAMILY=WEIGHT"),
                       ("tool=lots", "must be a number"), ("tool=-1", ">= 0"),
                       (",".join(f"{f}=0" for f in data.DEFAULT_WEIGHTS), "every family a weight of 0")):
         with pytest.raises(SystemExit):
-            main(["--steps", "0", "--out", str(tmp_path / "m"), "--mix", bad])
+            main([*argv, "--mix", bad])
         assert says in capsys.readouterr().err, bad
 
 
