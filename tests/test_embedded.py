@@ -73,14 +73,14 @@ def test_answers_held_out_problems_with_its_reasoning_apart(engine, family: str)
 
 
 def test_tool_grammar_lets_it_call_tools_it_never_saw(engine) -> None:
-    """Held-out tool names: free, the model often writes a name it learned instead of the listed one (3 of the
-    first 8 right when measured); under tool_choice "auto"'s grammar, as the server and ChatPhi4Flash run it,
-    6 of 8 (7 before the second continuation, which is right more often on the eval's 50: 78% from 72%),
-    and the chats where no tool fits are answered as before (8 of 8 both ways)."""
+    """Held-out tool names, under tool_choice "auto"'s grammar as the server and ChatPhi4Flash run it: 7 of the
+    first 8 right when measured (the eval's 4 x 100: 86.5%), and never fewer than free (7 of 8; the tool-heavy
+    continuations taught it to copy listed names, so the grammar now adds 2 points on the eval's 200, where it
+    added 24 to the second edition); the chats where no tool fits are answered as before (8 of 8 both ways)."""
     free = evaluate.evaluate(engine=engine, n_per_family=PER_FAMILY, families=["tool", "notool"],
                              constrain_tools=False)["families"]
     constrained = evaluate.evaluate(engine=engine, n_per_family=PER_FAMILY, families=["tool", "notool"])["families"]
-    assert constrained["tool"]["correct"] >= 6 and constrained["tool"]["correct"] >= free["tool"]["correct"] + 3
+    assert constrained["tool"]["correct"] >= 7 and constrained["tool"]["correct"] >= free["tool"]["correct"]
     assert constrained["notool"]["correct"] >= free["notool"]["correct"] - 1
 
 
