@@ -4,6 +4,7 @@ convolution."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,16 @@ from phi4flash import native, ops
 from phi4flash.config import Phi4FlashConfig
 from phi4flash.training import data
 from phi4flash.training.scan import training_conv1d
-from phi4flash.training.train import EMBEDDED_DIR, TrainConfig, lr_at, main, make_batches, train, training_scan
+from phi4flash.training.train import (
+    EMBEDDED_DIR,
+    PYTHON_CALL,
+    TrainConfig,
+    lr_at,
+    main,
+    make_batches,
+    train,
+    training_scan,
+)
 
 TINY = {
     "hidden_size": 32,
@@ -103,13 +113,15 @@ def test_training_continues_from_a_checkpoint_with_its_tokenizer_and_weights(tmp
     first = train(TrainConfig(steps=30, minutes=None, batch_size=8, lr=5e-3, warmup_steps=3, vocab_size=384,
                               tokenizer_examples=600, model=dict(TINY), seed=1, compile=False), source)
     more = train(TrainConfig(steps=4, minutes=None, batch_size=8, lr=1e-4, warmup_steps=1, seed=2,
-                             init_from=str(source), compile=False), continued)
+                             init_from=str(source), compile=False), continued, command="phi4flash train --seed 2")
     assert (continued / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
     assert json.loads((continued / "config.json").read_text()) == json.loads((source / "config.json").read_text())
     # it starts where the source ended (new chats, same kind), far below a fresh model's first loss
     assert more.losses[0] < first.losses[0] - 1.0 and more.losses[0] < sum(first.losses[-5:]) / 5 + 0.5
     assert more.summary["train_config"]["init_from"] == str(source)
     assert more.summary["continued_from"] == json.loads((source / "train_summary.json").read_text())
+    # each run keeps the command that asked for it (a call from Python: the call, its settings beside it)
+    assert more.summary["command"] == "phi4flash train --seed 2" and first.summary["command"] == PYTHON_CALL
     half = tmp_path / "no-tokenizer"  # a checkpoint phi4flash train did not write (no tokenizer.json)
     half.mkdir()
     (half / "config.json").write_text((source / "config.json").read_text())
@@ -190,23 +202,24 @@ def test_the_command_never_writes_into_the_shipped_model_by_default(capsys: pyte
     assert "phi4flash train" in help_text or "training.train" in help_text
 
 
-def _run_command(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[TrainConfig, Path]:
-    """The config and output folder that ``phi4flash train ARGV`` would train with (nothing is trained)."""
+def _run_command(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[TrainConfig, Path, str]:
+    """The config, output folder and recorded command line that ``phi4flash train ARGV`` would train with
+    (nothing is trained)."""
     seen: dict[str, Any] = {}
 
-    def fake_train(cfg: TrainConfig, out: Path, *, progress: bool = False) -> object:
-        seen.update(cfg=cfg, out=Path(out))
+    def fake_train(cfg: TrainConfig, out: Path, *, progress: bool = False, command: str | None = None) -> object:
+        seen.update(cfg=cfg, out=Path(out), command=command)
         raise SystemExit(0)
 
     monkeypatch.setattr("phi4flash.training.train.train", fake_train)
     with pytest.raises(SystemExit):
         main(argv)
-    return seen["cfg"], seen["out"]
+    return seen["cfg"], seen["out"], seen["command"]
 
 
 def test_the_default_output_is_a_new_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    _, out = _run_command(["--steps", "0"], monkeypatch)
+    _, out, _ = _run_command(["--steps", "0"], monkeypatch)
     assert out.parent == tmp_path and out.name.startswith("phi4flash-embedded-")
     assert out.resolve() != EMBEDDED_DIR.resolve()
 
@@ -214,9 +227,11 @@ def test_the_default_output_is_a_new_folder(tmp_path: Path, monkeypatch: pytest.
 def test_the_mix_option_changes_the_named_families_and_keeps_the_others(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--steps", "0", "--out", str(tmp_path / "m")]
-    cfg, _ = _run_command([*argv, "--mix", "tool=0.35, percent=0.15"], monkeypatch)
+    cfg, _, command = _run_command([*argv, "--mix", "tool=0.35, percent=0.15"], monkeypatch)
     assert cfg.weights == {**data.DEFAULT_WEIGHTS, "tool": 0.35, "percent": 0.15}
-    cfg, _ = _run_command(argv, monkeypatch)
+    # the command train_summary.json keeps, quoted as a shell reads it back
+    assert shlex.split(command) == ["phi4flash", "train", *argv, "--mix", "tool=0.35, percent=0.15"]
+    cfg, _, _ = _run_command(argv, monkeypatch)
     assert cfg.weights is None  # the defaults, as data.generate reads them
     for bad, says in (("tools=0.3", "FAMILY one of addition"), ("tool:0.3", "FAMILY=WEIGHT"),
                       ("tool=lots", "must be a number"), ("tool=-1", ">= 0"),

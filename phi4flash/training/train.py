@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import random
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +39,7 @@ from .tokenizer_train import generation_config, model_config, save_tokenizer_fil
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 LOG_EVERY = 50  # steps between progress lines in the log
+PYTHON_CALL = "phi4flash.training.train.train(cfg)"  # train_summary.json's command for a run started from Python
 
 logger = logging.getLogger(__name__)
 
@@ -208,13 +210,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 # ----------------------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = False, command: str | None = None
+          ) -> TrainResult:
     """Run one training and write the checkpoint into ``out_dir``.
 
     Args:
         cfg: The run's settings (``cfg.steps == 0`` writes a random-weight checkpoint).
         out_dir: Checkpoint folder (created if needed; existing checkpoint files are replaced).
         progress: Show a tqdm progress bar.
+        command: The command line that asked for the run, kept in train_summary.json (default: a call from
+            Python, whose settings are the summary's ``train_config``).
 
     Returns:
         The losses per step, wall time and a summary (also written to train_summary.json).
@@ -224,12 +229,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = False) -> T
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, out, progress)
+        return _train(cfg, out, progress, command or PYTHON_CALL)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
+def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainResult:
     from ..config import Phi4FlashConfig
     from ..model import Phi4FlashForCausalLM
 
@@ -304,7 +309,7 @@ def _train(cfg: TrainConfig, out: Path, progress: bool) -> TrainResult:
 
     save_all(model, tok, config_dict, out)
     summary = {
-        "command": "python -m phi4flash.training.train",
+        "command": command,
         "train_config": asdict(cfg),
         "parameters": n_params,
         "steps": len(losses),
@@ -507,7 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       lr=args.lr, threads=args.threads, bf16=not args.no_bf16, compile=not args.no_compile, model=model,
                       vocab_size=args.vocab_size, init_from=args.init_from, weights=args.mix)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = train(cfg, out, progress=True)
+    command = shlex.join(["phi4flash", "train", *(argv if argv is not None else sys.argv[1:])])
+    result = train(cfg, out, progress=True, command=command)
     s = result.summary
     print(f"trained {s['parameters']:,} parameters for {s['steps']} steps ({s['examples']:,} chats) "  # noqa: T201
           f"in {s['train_seconds'] / 60:.1f} min; loss {s['first_loss']} -> {s['final_loss']}")
