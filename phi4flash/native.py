@@ -119,6 +119,21 @@ def wait_for_build_lock(build_dir: Path, poll_seconds: float = 0.5) -> None:
         time.sleep(poll_seconds)
 
 
+def build_needed(build_dir: Path) -> bool:
+    """Whether loading the kernels from ``build_dir`` compiles them first: nothing built there yet, a source newer
+    than the library, or a build file written for another checkout's sources or another environment's PyTorch
+    (ninja then rebuilds it all, silently: about a minute on 2 cores)."""
+    try:
+        built = (build_dir / f"{build_dir.name}.so").stat().st_mtime
+        recipe = (build_dir / "build.ninja").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True
+    import torch
+
+    inputs = [*SOURCES, Path(torch.__file__).parent]
+    return any(str(path) not in recipe for path in inputs) or any(s.stat().st_mtime > built for s in SOURCES)
+
+
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled kernels, building them on first use; None (with one log line why) when they cannot be."""
@@ -130,7 +145,11 @@ def load() -> ModuleType | None:
 
         _put_ninja_on_path()
         start = time.perf_counter()
-        wait_for_build_lock(Path(cpp_extension._get_build_directory(build_name(), verbose=False)))
+        build_dir = Path(cpp_extension._get_build_directory(build_name(), verbose=False))
+        wait_for_build_lock(build_dir)
+        if build_needed(build_dir):
+            logger.info("building phi4flash's C++ kernels for this CPU (about a minute, then cached in %s)",
+                        build_dir)
         module = cpp_extension.load(
             name=build_name(), sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)

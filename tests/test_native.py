@@ -275,3 +275,30 @@ def test_a_build_lock_left_by_an_interrupted_build_is_removed(tmp_path: Path, mo
     os.utime(lock, (stale, stale))
     native.wait_for_build_lock(tmp_path)
     assert not lock.exists()
+
+
+def test_a_build_that_will_run_is_told_apart_from_a_cached_one(tmp_path: Path) -> None:
+    """A first start, or one after another checkout or environment built the kernels (ninja then rebuilds for
+    1-2 silent minutes), is announced; a cached build is not."""
+    from torch.utils import cpp_extension
+
+    if native.ready():  # the real cache, as PyTorch wrote it for this checkout: nothing left to build
+        built_here = Path(cpp_extension._get_build_directory(native.build_name(), verbose=False))
+        assert not native.build_needed(built_here)
+    build_dir = tmp_path / "phi4flash_cpu_0123456789ab"
+    build_dir.mkdir()
+    assert native.build_needed(build_dir)  # nothing built yet
+    recipe = f"cflags = -isystem {Path(torch.__file__).parent / 'include'}\n" + "".join(
+        f"build {source.stem}.o: compile {source}\n" for source in native.SOURCES)
+    (build_dir / "build.ninja").write_text(recipe)
+    library = build_dir / f"{build_dir.name}.so"
+    library.write_bytes(b"")
+    assert not native.build_needed(build_dir)
+    (build_dir / "build.ninja").write_text(recipe.replace(str(native.SOURCES[0].parent), "/another/checkout/csrc"))
+    assert native.build_needed(build_dir)  # another checkout's sources
+    (build_dir / "build.ninja").write_text(recipe.replace(str(Path(torch.__file__).parent), "/another/venv/torch"))
+    assert native.build_needed(build_dir)  # another environment's PyTorch
+    (build_dir / "build.ninja").write_text(recipe)
+    older = min(source.stat().st_mtime for source in native.SOURCES) - 60
+    os.utime(library, (older, older))
+    assert native.build_needed(build_dir)  # a source changed since the build
