@@ -119,6 +119,13 @@ def wait_for_build_lock(build_dir: Path, poll_seconds: float = 0.5) -> None:
         time.sleep(poll_seconds)
 
 
+def build_directory(name: str) -> Path:
+    """The folder where PyTorch builds and caches the extension ``name`` (``~/.cache/torch_extensions/...``)."""
+    from torch.utils import cpp_extension
+
+    return Path(cpp_extension._get_build_directory(name, verbose=False))
+
+
 def build_needed(build_dir: Path) -> bool:
     """Whether loading the kernels from ``build_dir`` compiles them first: nothing built there yet, a source newer
     than the library, or a build file written for another checkout's sources or another environment's PyTorch
@@ -145,13 +152,14 @@ def load() -> ModuleType | None:
 
         _put_ninja_on_path()
         start = time.perf_counter()
-        build_dir = Path(cpp_extension._get_build_directory(build_name(), verbose=False))
+        name = build_name()  # hashes every source: once
+        build_dir = build_directory(name)
         wait_for_build_lock(build_dir)
         if build_needed(build_dir):
             logger.info("building phi4flash's C++ kernels for this CPU (about a minute, then cached in %s)",
                         build_dir)
         module = cpp_extension.load(
-            name=build_name(), sources=[str(s) for s in SOURCES],
+            name=name, sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back, say why
         reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__

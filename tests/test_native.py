@@ -280,11 +280,8 @@ def test_a_build_lock_left_by_an_interrupted_build_is_removed(tmp_path: Path, mo
 def test_a_build_that_will_run_is_told_apart_from_a_cached_one(tmp_path: Path) -> None:
     """A first start, or one after another checkout or environment built the kernels (ninja then rebuilds for
     1-2 silent minutes), is announced; a cached build is not."""
-    from torch.utils import cpp_extension
-
     if native.ready():  # the real cache, as PyTorch wrote it for this checkout: nothing left to build
-        built_here = Path(cpp_extension._get_build_directory(native.build_name(), verbose=False))
-        assert not native.build_needed(built_here)
+        assert not native.build_needed(native.build_directory(native.build_name()))
     build_dir = tmp_path / "phi4flash_cpu_0123456789ab"
     build_dir.mkdir()
     assert native.build_needed(build_dir)  # nothing built yet
