@@ -184,6 +184,35 @@ def test_tool_chats_are_written_as_the_library_reads_and_writes_them(train_examp
     assert later, "no call made after an earlier result"
 
 
+def test_a_tool_session_asks_one_tool_list_for_a_different_tool_in_each_request() -> None:
+    assert not any(e.trained_history for e in data.generate(300, seed=3, families=["tool"]))  # off by default
+    sessions = data.generate(300, seed=3, families=["tool"], tool_sessions=1.0)
+    assert all(e.trained_history and "<|tool_call|>" in e.completion + e.messages[-2]["content"] for e in sessions)
+    for ex in sessions:
+        listed = {d["name"]: d for d in json.loads(ex.messages[0]["tools"])}
+        requests = [m for m in ex.messages if m["role"] == "user"]
+        assert len(requests) in toolchat.SESSION_REQUESTS
+        called = []
+        history = [*ex.messages, {"role": "assistant", "content": ex.completion}]
+        for i, m in enumerate(history):
+            if m["role"] != "assistant":
+                continue
+            assert m["content"].startswith("<think>\n")
+            _, calls, invalid = parse_tool_calls(m["content"].split("</think>")[-1])
+            assert not invalid and len(calls) <= 1
+            question = next(u["content"] for u in reversed(history[:i]) if u["role"] == "user")
+            for call in calls:
+                # a tool of the list, every argument it declares, each value copied from the request
+                assert set(call.arguments) == set(listed[call.name]["parameters"]["required"])
+                assert all(str(v) in question for v in call.arguments.values()), (question, call)
+                called.append(call.name)
+            boxed = data.extract_boxed(m["content"])
+            if boxed is not None:  # an arithmetic report: the value its tool returned
+                result = history[i - 1]["content"]
+                assert boxed == str(json.loads(result)["result"] if result.startswith("{") else result)
+        assert len(called) == len(set(called)) == len(requests)  # a different tool each time
+
+
 def test_offdomain_prompts_get_the_honest_reply_and_the_eval_prompts_are_unseen() -> None:
     generated = data.generate(3000, seed=2, families=["offdomain"], extras=False)
     assert all(offdomain.HONEST_MARK in e.answer and "\\boxed" not in e.answer for e in generated)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors import safe_open
+from tokenizers import Tokenizer
 
 from phi4flash import native, ops
 from phi4flash.config import Phi4FlashConfig
@@ -20,6 +22,7 @@ from phi4flash.training.train import (
     EMBEDDED_DIR,
     PYTHON_CALL,
     TrainConfig,
+    encode_example,
     lr_at,
     main,
     make_batches,
@@ -88,7 +91,8 @@ def test_a_time_budget_stops_the_run_in_time(tmp_path: Path) -> None:
 
 
 def test_batches_put_the_loss_on_the_assistant_turn_only() -> None:
-    encoded = [([1, 2, 3, 4, 5], 3), ([1, 2, 6, 7], 2), ([9, 9, 9, 9, 9, 9], 4), ([5, 6, 7], 1)]
+    encoded = [([1, 2, 3, 4, 5], [(3, 5)]), ([1, 2, 6, 7], [(2, 4)]), ([9, 9, 9, 9, 9, 9], [(4, 6)]),
+               ([5, 6, 7], [(1, 3)])]
     batches = make_batches(encoded, batch_size=2, pad_id=0, seed=0)
     rows = {}
     for x, y in batches:
@@ -98,9 +102,29 @@ def test_batches_put_the_loss_on_the_assistant_turn_only() -> None:
     assert rows[(1, 2, 6, 7)][:4] == [-100, 6, 7, -100]
 
 
+def test_batches_put_the_loss_on_every_trained_span() -> None:
+    (x, y), = make_batches([([1, 2, 3, 4, 5, 6, 7, 8], [(2, 4), (6, 8)])], batch_size=1, pad_id=0, seed=0)
+    assert x[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert y[0].tolist() == [-100, 3, 4, -100, -100, 7, 8, -100]
+
+
+def test_a_tool_session_trains_every_assistant_turn_and_its_ids_are_the_whole_texts() -> None:
+    tok = Tokenizer.from_file(str(EMBEDDED_DIR / "tokenizer.json"))
+    sessions = data.generate(40, seed=4, families=["tool"], tool_sessions=1.0)
+    assert all(ex.trained_history for ex in sessions)
+    for ex in sessions:
+        ids, spans = encode_example(tok, ex)
+        assert ids == tok.encode(data.render_prompt(ex.messages) + ex.completion + "<|end|>").ids
+        trained = [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in spans]
+        replies = [m["content"] for m in ex.messages if m["role"] == "assistant"] + [ex.completion]
+        assert len(replies) >= 2 and trained == [reply + "<|end|>" for reply in replies]
+        # without the flag only the completion is trained, on the same ids
+        assert encode_example(tok, replace(ex, trained_history=False)) == (ids, spans[-1:])
+
+
 def test_a_token_budget_puts_long_chats_in_smaller_batches() -> None:
     rng = torch.Generator().manual_seed(0)
-    encoded = [([1] * n, 1) for n in torch.randint(5, 120, (300,), generator=rng).tolist()]
+    encoded = [([1] * n, [(1, n)]) for n in torch.randint(5, 120, (300,), generator=rng).tolist()]
     batches = make_batches(encoded, batch_size=16, pad_id=0, seed=0, max_tokens=400)
     assert sum(len(x) for x, _ in batches) == len(encoded)  # every chat is used once
     assert all(x.numel() <= 400 and len(x) <= 16 for x, _ in batches)
@@ -233,6 +257,13 @@ def test_the_mix_option_changes_the_named_families_and_keeps_the_others(
     assert shlex.split(command) == ["phi4flash", "train", *argv, "--mix", "tool=0.35, percent=0.15"]
     cfg, _, _ = _run_command(argv, monkeypatch)
     assert cfg.weights is None  # the defaults, as data.generate reads them
+    assert cfg.tool_sessions == 0  # the data of the runs before sessions existed
+    cfg, _, _ = _run_command([*argv, "--tool-sessions", "0.4"], monkeypatch)
+    assert cfg.tool_sessions == 0.4
+    for bad in ("1.5", "-0.1", "half"):
+        with pytest.raises(SystemExit):
+            main([*argv, "--tool-sessions", bad])
+        assert "between 0 and 1" in capsys.readouterr().err, bad
     for bad, says in (("tools=0.3", "FAMILY one of addition"), ("tool:0.3", "FAMILY=WEIGHT"),
                       ("tool=lots", "must be a number"), ("tool=-1", ">= 0"),
                       (",".join(f"{f}=0" for f in data.DEFAULT_WEIGHTS), "every family a weight of 0")):

@@ -39,7 +39,7 @@ from .steps import Made, addition_steps, column, division_steps, multiplication_
 __all__ = [
     "DEMO_SPLITS", "FAMILIES", "MATH_FAMILIES", "Example", "addition_steps", "column", "demo_examples",
     "division_steps", "exact_value", "extract_all_boxed", "extract_boxed", "generate", "is_held_out",
-    "make_example", "multiplication_steps", "render_prompt", "subtraction_steps",
+    "make_example", "multiplication_steps", "render_message", "render_prompt", "subtraction_steps",
 ]
 
 FIRST_EDITION = ("addition", "subtraction", "multiplication", "equation", "percentage", "word")
@@ -95,6 +95,8 @@ class Example:
         value: The true answer (see :class:`~.steps.Made`); "" where nothing is graded.
         split: The key whose hash decides the split.
         cut: The reasoning was cut short: ``</think>`` follows it directly.
+        trained_history: The earlier assistant turns in ``messages`` are trained too, not only the completion
+            (a session of several tool requests, :func:`~.toolchat.session_chat`).
     """
 
     family: str
@@ -105,6 +107,7 @@ class Example:
     value: str
     split: str = ""
     cut: bool = False
+    trained_history: bool = False
 
     @property
     def question(self) -> str:
@@ -123,13 +126,15 @@ class Example:
         return [dict(m) for m in self.messages]
 
 
+def render_message(m: dict[str, str]) -> str:
+    """One message as the chat template of the real model (tokenizer_config.json) writes it."""
+    tools = f"<|tool|>{m['tools']}<|/tool|>" if m["role"] == "system" and m.get("tools") is not None else ""
+    return f"<|{m['role']}|>{m['content']}{tools}<|end|>"
+
+
 def render_prompt(messages: Sequence[dict[str, str]]) -> str:
     """The chat template of the real model (tokenizer_config.json) with ``add_generation_prompt=True``."""
-    parts = []
-    for m in messages:
-        tools = f"<|tool|>{m['tools']}<|/tool|>" if m["role"] == "system" and m.get("tools") is not None else ""
-        parts.append(f"<|{m['role']}|>{m['content']}{tools}<|end|>")
-    return "".join(parts) + "<|assistant|>"
+    return "".join(render_message(m) for m in messages) + "<|assistant|>"
 
 
 def extract_boxed(text: str) -> str | None:
@@ -251,18 +256,22 @@ def make_example(family: str, rng: random.Random) -> Example:
     return _example(family, _MAKERS[family](rng))
 
 
-def _draw(family: str, rng: random.Random, held_out: bool) -> Example:
+def _draw(family: str, rng: random.Random, held_out: bool, tool_sessions: float = 0.0) -> Example:
     """Draw examples of ``family`` until one falls on the requested side of the split."""
     if family == "tool":
-        return _tool_example(rng, held_out)
+        return _tool_example(rng, held_out, tool_sessions)
     while True:
         ex = make_example(family, rng)
         if is_held_out(ex.split) == held_out:
             return ex
 
 
-def _tool_example(rng: random.Random, held_out: bool) -> Example:
-    """A tool chat: a call, a report after a result, or (training only) a question no tool fits."""
+def _tool_example(rng: random.Random, held_out: bool, tool_sessions: float = 0.0) -> Example:
+    """A tool chat: a call, a report after a result, or (training only) a question no tool fits or, a share
+    ``tool_sessions`` of the time, a session of several requests with every reply trained."""
+    if not held_out and tool_sessions and rng.random() < tool_sessions:
+        made = toolchat.session_chat(rng)
+        return replace(_example("tool", made._replace(split=f"tool:train:{made.key}")), trained_history=True)
     if not held_out and rng.random() < NO_TOOL_RATE:
         return _no_tool_fits(rng)
     maker = toolchat.intent_chat if rng.random() < 0.5 else toolchat.arithmetic_chat
@@ -295,6 +304,7 @@ def generate(
     families: Sequence[str] | None = None,
     weights: dict[str, float] | None = None,
     extras: bool = True,
+    tool_sessions: float = 0.0,
 ) -> list[Example]:
     """Generate ``n`` examples, deterministically for a given ``seed``.
 
@@ -306,6 +316,8 @@ def generate(
         families: Families to draw from (default: all for train, :data:`MATH_FAMILIES` for heldout).
         weights: Mix of the families (default :data:`DEFAULT_WEIGHTS`); for heldout, families rotate evenly.
         extras: For train, add the occasional system message, earlier exchange or cut reasoning.
+        tool_sessions: For train, the share of tool chats that are sessions of several requests on one tool
+            list with every reply trained (:func:`~.toolchat.session_chat`); 0 keeps the data of older runs.
 
     Returns:
         The examples, in generation order.
@@ -327,7 +339,7 @@ def generate(
         if demos and rng.random() < DEMO_RATE:
             ex = rng.choice(demos)
         else:
-            ex = _draw(family, rng, held_out)
+            ex = _draw(family, rng, held_out, tool_sessions)
         if not held_out and extras:
             ex = _decorate(ex, rng)
         out.append(ex)

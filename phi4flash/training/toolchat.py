@@ -12,7 +12,9 @@ Conversations:
   report the result once it comes back;
 - **arithmetic with arithmetic tools**, one call per operation: ``(3 + 4) * 5`` calls add, then multiply with
   add's result, then answers 35;
-- **no tool fits** (a math question with unrelated tools, or a question no tool answers): answer directly.
+- **no tool fits** (a math question with unrelated tools, or a question no tool answers): answer directly;
+- **sessions** (training only, when asked for): several requests on one tool list, each for another of its
+  tools, every reply trained, so that the list is read once for several calls.
 
 Tool names and argument names are drawn from large pools built from parts (``get_weather``,
 ``fetchForecast``, ``weather_lookup``, ...); a name's hash decides its side of the split, so the held-out
@@ -475,6 +477,75 @@ def arithmetic_chat(rng: random.Random, held_out: bool, stage: int | None = None
     messages = (system_message(tools, rng), {"role": "user", "content": question}, *_history(done))
     return Made(f"tool:{expr}:answer", question, f"{done[-1][0]} gave {results[-1]}, the last step.",
                 f"{expr} = \\boxed{{{results[-1]}}}", str(results[-1]), messages=messages)
+
+
+def _single_operation(op: str, rng: random.Random) -> tuple[str, str, int, int]:
+    """A request for one operation: its question, the expression, and the two operands."""
+    if op == "/":
+        b = rng.randint(2, 12)
+        a = b * rng.randint(1, 20)
+    elif op == "*":
+        a, b = rng.randint(2, 30), rng.randint(2, 12)
+    else:
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        if op == "-" and a < b:
+            a, b = b, a
+    expr = f"{a} {rng.choice(_SYMBOLS[op])} {b}"
+    if rng.random() < 0.3:
+        return rng.choice(_WORDED[op]).format(a=a, b=b), expr, a, b
+    return rng.choice(_ARITH_QUESTIONS).format(e=expr), expr, a, b
+
+
+def _turn(reasoning: str, answer: str) -> dict[str, str]:
+    """An assistant turn written whole, reasoning included (as the completion of a chat is)."""
+    return {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n{answer}"}
+
+
+SESSION_REQUESTS = (2, 3, 3, 4)
+
+
+def session_chat(rng: random.Random) -> Made:
+    """Several requests on one tool list (training side only), each for a different tool of the list: the call,
+    the result, the report, then the next request; the last request's call (or, at times, its report) is the
+    turn to write.
+
+    Every assistant turn of a session is meant to be trained (``Example.trained_history``): the tool list, the
+    longest part of a tool chat, is then read once for several calls, so a minute of training sees more of
+    what an unseen tool name needs, finding the tool that fits a request in the list.
+    """
+    n = rng.choice(SESSION_REQUESTS)
+    kinds: list[Intent | str] = rng.sample([*INTENTS, *ARITHMETIC], n)
+    targets = [arithmetic_tool(k, rng, False) if isinstance(k, str) else intent_tool(k, rng, False) for k in kinds]
+    avoid = {k if isinstance(k, str) else k.kind for k in kinds}
+    tools = [*targets, *_distractors(rng, False, avoid, rng.choice([0, 0, 1]))]
+    rng.shuffle(tools)
+    messages: list[dict[str, str]] = [system_message(tools, rng)]
+    for i, tool in enumerate(targets):
+        if tool.op is not None:
+            question, expr, a, b = _single_operation(tool.op, rng)
+            args: dict[str, Any] = {tool.arg_names[0]: a, tool.arg_names[1]: b}
+            thought = f"{expr}: first {a} {tool.op} {b}, with {tool.name}."
+            value = apply_op(tool.op, a, b)
+            result = str(value) if rng.random() < 0.85 else json.dumps({"result": value})
+            report = (f"{tool.name} gave {value}, the last step.", f"{expr} = \\boxed{{{value}}}")
+        else:
+            assert tool.intent is not None
+            values = [p.draw(rng) for p in tool.intent.params]
+            question = rng.choice(tool.intent.questions).format(*values, name=tool.name)
+            args = dict(zip(tool.arg_names, values, strict=True))
+            thought = f"Call {tool.name}."
+            result = rng.choice(tool.intent.results)
+            report = (f"{tool.name} returned a result.", f"{tool.name} returned: {result}")
+        messages.append({"role": "user", "content": question})
+        call = call_text(tool.name, args)
+        if i == n - 1 and rng.random() < 0.8:
+            return Made(f"session:{tool.name}:{question}", question, thought, call, expected_call(tool.name, args),
+                        messages=tuple(messages))
+        messages += [_turn(thought, call), tool_format.tool_result_message(result)]
+        if i == n - 1:
+            return Made(f"session:{tool.name}:answer", question, *report, "", messages=tuple(messages))
+        messages.append(_turn(*report))
+    raise AssertionError("unreachable")
 
 
 def unrelated_tools(rng: random.Random, held_out: bool, exclude: set[str]) -> list[Tool]:

@@ -80,6 +80,9 @@ class TrainConfig:
     compile: bool = True
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
     weights: dict[str, float] | None = None  # family mix; None means data.DEFAULT_WEIGHTS
+    # Share of the tool chats that are sessions of several requests on one tool list, every reply trained
+    # (data.generate's tool_sessions; 0 gives the data of the runs before it existed).
+    tool_sessions: float = 0.0
     # Continue from this checkpoint (a folder or "embedded"): its tokenizer, sizes and weights instead of new ones,
     # so that a run can teach a trained model more without paying again for what it knows.
     init_from: str | None = None
@@ -136,14 +139,32 @@ def _training_kernels() -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def encode_example(tok: Tokenizer, ex: data_mod.Example) -> tuple[list[int], int]:
-    """Token ids of prompt + completion + ``<|end|>``, and the prompt length (the loss starts there)."""
-    prompt = tok.encode(data_mod.render_prompt(ex.messages)).ids
+def encode_example(tok: Tokenizer, ex: data_mod.Example) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of prompt + completion + ``<|end|>``, and the ``[start, end)`` spans of the ids that carry the
+    loss: the completion, and every earlier assistant turn too when ``ex.trained_history`` is set.
+
+    The text is encoded in pieces cut at special tokens (``<|assistant|>``, ``<|end|>``), which the tokenizer
+    never merges across, so the ids are those of the whole text.
+    """
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    pending = ""  # prompt text not encoded yet
+    for m in ex.messages:
+        if ex.trained_history and m["role"] == "assistant":
+            ids += tok.encode(pending + "<|assistant|>").ids
+            turn = tok.encode(m["content"] + "<|end|>").ids
+            spans.append((len(ids), len(ids) + len(turn)))
+            ids += turn
+            pending = ""
+        else:
+            pending += data_mod.render_message(m)
+    ids += tok.encode(pending + "<|assistant|>").ids
     completion = tok.encode(ex.completion + "<|end|>").ids
-    return prompt + completion, len(prompt)
+    spans.append((len(ids), len(ids) + len(completion)))
+    return ids + completion, spans
 
 
-def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int,
+def make_batches(encoded: Sequence[tuple[list[int], list[tuple[int, int]]]], batch_size: int, pad_id: int, seed: int,
                  max_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Group chats of similar length (less padding), right-pad, and shuffle the batch order.
 
@@ -151,7 +172,8 @@ def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_
     padding included, so a batch of long chats has fewer of them: every step costs about the same, and the
     longest chats do not blow up the memory.
 
-    Returns (input_ids (B, T), labels (B, T)) pairs; labels are -100 on the prompt and the padding.
+    Returns (input_ids (B, T), labels (B, T)) pairs; labels are -100 outside the chats' loss spans (the prompt,
+    untrained turns) and on the padding.
     Right padding needs no attention mask: causal layers never look ahead, and padded positions carry no loss.
     """
     rng = random.Random(seed)
@@ -176,10 +198,11 @@ def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_
             length = max(len(ids) for ids, _ in rows)
             x = torch.full((len(rows), length), pad_id, dtype=torch.long)
             y = torch.full((len(rows), length), -100, dtype=torch.long)
-            for r, (ids, plen) in enumerate(rows):
+            for r, (ids, spans) in enumerate(rows):
                 x[r, :len(ids)] = torch.tensor(ids)
-                # Targets are the next tokens; the first target is the first token after the prompt.
-                y[r, plen - 1:len(ids) - 1] = torch.tensor(ids[plen:])
+                # Targets are the next tokens: a span's first token is the target at the position before it.
+                for start, end in spans:
+                    y[r, start - 1:end - 1] = torch.tensor(ids[start:end])
             batches.append((x, y))
     rng.shuffle(batches)
     return batches
@@ -243,7 +266,8 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
 
     n_examples = cfg.steps * cfg.batch_size if cfg.init_from else max(cfg.steps * cfg.batch_size,
                                                                           cfg.tokenizer_examples)
-    examples = data_mod.generate(n_examples, seed=cfg.seed, split="train", weights=cfg.weights)
+    examples = data_mod.generate(n_examples, seed=cfg.seed, split="train", weights=cfg.weights,
+                                 tool_sessions=cfg.tool_sessions)
     source_summary = None
     if cfg.init_from:
         tok, config_dict, model, source_summary = _start_from(cfg.init_from)
@@ -473,7 +497,21 @@ def build_parser(prog: str = "phi4flash train") -> argparse.ArgumentParser:
     parser.add_argument("--mix", type=parse_mix, default=None, metavar="FAMILY=WEIGHT,...",
                         help="change the shares of some families in the training mix (the others keep "
                              "data.DEFAULT_WEIGHTS), e.g. tool=0.3,percent=0.15")
+    parser.add_argument("--tool-sessions", type=_share, default=defaults.tool_sessions, metavar="SHARE",
+                        help="share of the tool chats that are sessions of several requests on one tool list, "
+                             "every reply trained (0 to 1)")
     return parser
+
+
+def _share(text: str) -> float:
+    """A share between 0 and 1 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number between 0 and 1") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number between 0 and 1")
+    return value
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -510,7 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  num_hidden_layers=args.layers)
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes or None, seed=args.seed, batch_size=args.batch_size,
                       lr=args.lr, threads=args.threads, bf16=not args.no_bf16, compile=not args.no_compile, model=model,
-                      vocab_size=args.vocab_size, init_from=args.init_from, weights=args.mix)
+                      vocab_size=args.vocab_size, init_from=args.init_from, weights=args.mix,
+                      tool_sessions=args.tool_sessions)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = shlex.join(["phi4flash", "train", *(argv if argv is not None else sys.argv[1:])])
     result = train(cfg, out, progress=True, command=command)
