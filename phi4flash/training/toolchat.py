@@ -390,22 +390,23 @@ def apply_op(op: str, a: int, b: int) -> int:
     return a // b
 
 
+def _operands(op: str, rng: random.Random) -> tuple[int, int]:
+    """The two operands of a first operation ``op``: an exact division, a small product, no negative difference."""
+    if op == "/":
+        b = rng.randint(2, 12)
+        return b * rng.randint(1, 20), b
+    if op == "*":
+        return rng.randint(2, 30), rng.randint(2, 12)
+    a, b = rng.randint(1, 99), rng.randint(1, 99)
+    return (b, a) if op == "-" and a < b else (a, b)
+
+
 def draw_expression(rng: random.Random) -> tuple[str, list[tuple[str, int | None, int | None]]]:
     """An expression and its steps: (op, left, right), where None stands for the previous step's result."""
-    def operands(op: str) -> tuple[int, int]:
-        if op == "/":
-            b = rng.randint(2, 12)
-            return b * rng.randint(1, 20), b
-        if op == "*":
-            return rng.randint(2, 30), rng.randint(2, 12)
-        return rng.randint(1, 99), rng.randint(1, 99)
-
     ops = list(ARITHMETIC)
     op1 = rng.choice(ops)
     sym = {op: rng.choice(_SYMBOLS[op]) for op in ops}
-    a, b = operands(op1)
-    if op1 == "-" and a < b:
-        a, b = b, a
+    a, b = _operands(op1, rng)
     form = rng.random()
     if form < 0.35:
         return f"{a} {sym[op1]} {b}", [(op1, a, b)]
@@ -481,15 +482,7 @@ def arithmetic_chat(rng: random.Random, held_out: bool, stage: int | None = None
 
 def _single_operation(op: str, rng: random.Random) -> tuple[str, str, int, int]:
     """A request for one operation: its question, the expression, and the two operands."""
-    if op == "/":
-        b = rng.randint(2, 12)
-        a = b * rng.randint(1, 20)
-    elif op == "*":
-        a, b = rng.randint(2, 30), rng.randint(2, 12)
-    else:
-        a, b = rng.randint(1, 99), rng.randint(1, 99)
-        if op == "-" and a < b:
-            a, b = b, a
+    a, b = _operands(op, rng)
     expr = f"{a} {rng.choice(_SYMBOLS[op])} {b}"
     if rng.random() < 0.3:
         return rng.choice(_WORDED[op]).format(a=a, b=b), expr, a, b
@@ -502,6 +495,24 @@ def _turn(reasoning: str, answer: str) -> dict[str, str]:
 
 
 SESSION_REQUESTS = (2, 3, 3, 4)
+
+
+def _session_request(tool: Tool, rng: random.Random) -> tuple[str, str, dict[str, Any], str, tuple[str, str]]:
+    """One request of a session for ``tool``: the question, the thought, the arguments, the tool's result, and
+    the report (reasoning, answer) written after it."""
+    if tool.op is not None:
+        question, expr, a, b = _single_operation(tool.op, rng)
+        value = apply_op(tool.op, a, b)
+        result = str(value) if rng.random() < 0.85 else json.dumps({"result": value})
+        return (question, f"{expr}: first {a} {tool.op} {b}, with {tool.name}.",
+                {tool.arg_names[0]: a, tool.arg_names[1]: b}, result,
+                (f"{tool.name} gave {value}, the last step.", f"{expr} = \\boxed{{{value}}}"))
+    assert tool.intent is not None
+    values = [p.draw(rng) for p in tool.intent.params]
+    question = rng.choice(tool.intent.questions).format(*values, name=tool.name)
+    result = rng.choice(tool.intent.results)
+    return (question, f"Call {tool.name}.", dict(zip(tool.arg_names, values, strict=True)), result,
+            (f"{tool.name} returned a result.", f"{tool.name} returned: {result}"))
 
 
 def session_chat(rng: random.Random) -> Made:
@@ -520,32 +531,19 @@ def session_chat(rng: random.Random) -> Made:
     tools = [*targets, *_distractors(rng, False, avoid, rng.choice([0, 0, 1]))]
     rng.shuffle(tools)
     messages: list[dict[str, str]] = [system_message(tools, rng)]
-    for i, tool in enumerate(targets):
-        if tool.op is not None:
-            question, expr, a, b = _single_operation(tool.op, rng)
-            args: dict[str, Any] = {tool.arg_names[0]: a, tool.arg_names[1]: b}
-            thought = f"{expr}: first {a} {tool.op} {b}, with {tool.name}."
-            value = apply_op(tool.op, a, b)
-            result = str(value) if rng.random() < 0.85 else json.dumps({"result": value})
-            report = (f"{tool.name} gave {value}, the last step.", f"{expr} = \\boxed{{{value}}}")
-        else:
-            assert tool.intent is not None
-            values = [p.draw(rng) for p in tool.intent.params]
-            question = rng.choice(tool.intent.questions).format(*values, name=tool.name)
-            args = dict(zip(tool.arg_names, values, strict=True))
-            thought = f"Call {tool.name}."
-            result = rng.choice(tool.intent.results)
-            report = (f"{tool.name} returned a result.", f"{tool.name} returned: {result}")
-        messages.append({"role": "user", "content": question})
-        call = call_text(tool.name, args)
-        if i == n - 1 and rng.random() < 0.8:
-            return Made(f"session:{tool.name}:{question}", question, thought, call, expected_call(tool.name, args),
-                        messages=tuple(messages))
-        messages += [_turn(thought, call), tool_format.tool_result_message(result)]
-        if i == n - 1:
-            return Made(f"session:{tool.name}:answer", question, *report, "", messages=tuple(messages))
-        messages.append(_turn(*report))
-    raise AssertionError("unreachable")
+    for tool in targets[:-1]:
+        question, thought, args, result, report = _session_request(tool, rng)
+        messages += [{"role": "user", "content": question}, _turn(thought, call_text(tool.name, args)),
+                     tool_format.tool_result_message(result), _turn(*report)]
+    last = targets[-1]
+    question, thought, args, result, report = _session_request(last, rng)
+    messages.append({"role": "user", "content": question})
+    call = call_text(last.name, args)
+    if rng.random() < 0.8:
+        return Made(f"session:{last.name}:{question}", question, thought, call, expected_call(last.name, args),
+                    messages=tuple(messages))
+    messages += [_turn(thought, call), tool_format.tool_result_message(result)]
+    return Made(f"session:{last.name}:answer", question, *report, "", messages=tuple(messages))
 
 
 def unrelated_tools(rng: random.Random, held_out: bool, exclude: set[str]) -> list[Tool]:
