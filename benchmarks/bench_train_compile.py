@@ -27,7 +27,7 @@ from phi4flash.training import data
 from phi4flash.training import train as train_mod
 from phi4flash.training.tokenizer_train import model_config
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = train_mod.Batch
 
 
 def _batches(tok: Tokenizer, count: int, seed: int) -> list[Batch]:

@@ -21,12 +21,14 @@ from phi4flash.training.scan import training_conv1d
 from phi4flash.training.train import (
     EMBEDDED_DIR,
     PYTHON_CALL,
+    Batch,
     TrainConfig,
     encode_example,
     lr_at,
     main,
     make_batches,
     train,
+    train_step,
     training_scan,
 )
 
@@ -95,7 +97,8 @@ def test_batches_put_the_loss_on_the_assistant_turn_only() -> None:
                ([5, 6, 7], [(1, 3)])]
     batches = make_batches(encoded, batch_size=2, pad_id=0, seed=0)
     rows = {}
-    for x, y in batches:
+    for x, y, weights in batches:
+        assert weights is None  # every trained token counts the same unless tool names weigh more
         for xi, yi in zip(x.tolist(), y.tolist(), strict=True):
             rows[tuple(v for v in xi if v)] = yi
     assert rows[(1, 2, 3, 4, 5)][:5] == [-100, -100, 4, 5, -100]
@@ -103,7 +106,7 @@ def test_batches_put_the_loss_on_the_assistant_turn_only() -> None:
 
 
 def test_batches_put_the_loss_on_every_trained_span() -> None:
-    (x, y), = make_batches([([1, 2, 3, 4, 5, 6, 7, 8], [(2, 4), (6, 8)])], batch_size=1, pad_id=0, seed=0)
+    (x, y, _), = make_batches([([1, 2, 3, 4, 5, 6, 7, 8], [(2, 4), (6, 8)])], batch_size=1, pad_id=0, seed=0)
     assert x[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
     assert y[0].tolist() == [-100, 3, 4, -100, -100, 7, 8, -100]
 
@@ -113,22 +116,66 @@ def test_a_tool_session_trains_every_assistant_turn_and_its_ids_are_the_whole_te
     sessions = data.generate(40, seed=4, families=["tool"], tool_sessions=1.0)
     assert all(ex.trained_history for ex in sessions)
     for ex in sessions:
-        ids, spans = encode_example(tok, ex)
+        ids, spans, _ = encode_example(tok, ex)
         assert ids == tok.encode(data.render_prompt(ex.messages) + ex.completion + "<|end|>").ids
         trained = [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in spans]
         replies = [m["content"] for m in ex.messages if m["role"] == "assistant"] + [ex.completion]
         assert len(replies) >= 2 and trained == [reply + "<|end|>" for reply in replies]
         # without the flag only the completion is trained, on the same ids
-        assert encode_example(tok, replace(ex, trained_history=False)) == (ids, spans[-1:])
+        assert encode_example(tok, replace(ex, trained_history=False))[:2] == (ids, spans[-1:])
+
+
+def test_the_tool_name_that_a_thought_picks_is_marked_in_every_trained_turn() -> None:
+    tok = Tokenizer.from_file(str(EMBEDDED_DIR / "tokenizer.json"))
+    marked = 0
+    for ex in data.generate(120, seed=6, families=["tool"], tool_sessions=0.5):
+        ids, spans, names = encode_example(tok, ex)
+        turns = [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in spans]
+        picks = []  # (turn, called name) of the trained calls whose thought names the tool; a cut thought may not
+        for turn in turns:
+            thought, call, rest = turn.partition("<|tool_call|>")
+            called = json.loads(rest.split("<|/tool_call|>")[0])[0]["name"] if call else None
+            if called and called in thought:
+                picks.append((turn, called))
+        assert len(names) == len(picks)  # none for reports, plain answers and cut thoughts
+        for (a, b), (turn, called) in zip(names, picks, strict=True):
+            assert any(s <= a < b <= e for s, e in spans)
+            picked = tok.decode(ids[a:b]).strip()
+            # the name's tokens, in the thought, before the call
+            assert called in picked and len(picked) <= len(called) + 2, (picked, called)
+            assert turn.index(picked) < turn.index("<|tool_call|>")
+            marked += 1
+    assert marked > 100
+
+
+def test_tool_names_weigh_more_in_the_loss_and_the_reported_loss_stays_the_plain_mean() -> None:
+    (x, y, weights), = make_batches([([1, 2, 3, 4, 5, 6, 7, 8], [(2, 6)], [(3, 4)])], batch_size=1, pad_id=0,
+                                    seed=0, tool_name_weight=3.0)
+    assert y[0].tolist() == [-100, 3, 4, 5, 6, -100, -100, -100]
+    assert weights is not None and weights[0].tolist() == [0, 1, 3, 1, 1, 0, 0, 0]
+
+    def one_step(w: torch.Tensor | None) -> tuple[float, torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = train_step(model, model, optimizer, x, y, w, bf16=False, grad_clip=100.0)
+        return loss, model[1].weight.detach().clone()
+
+    plain_loss, plain = one_step(None)
+    ones_loss, ones = one_step((y != -100).float())
+    weighted_loss, weighted = one_step(weights)
+    assert ones_loss == pytest.approx(plain_loss) and torch.allclose(ones, plain)  # weights of 1: the plain mean
+    assert weighted_loss == pytest.approx(plain_loss)  # reported unweighted, comparable between runs
+    assert not torch.allclose(weighted, plain, atol=1e-4)  # but the step follows the weights
 
 
 def test_a_token_budget_puts_long_chats_in_smaller_batches() -> None:
     rng = torch.Generator().manual_seed(0)
     encoded = [([1] * n, [(1, n)]) for n in torch.randint(5, 120, (300,), generator=rng).tolist()]
     batches = make_batches(encoded, batch_size=16, pad_id=0, seed=0, max_tokens=400)
-    assert sum(len(x) for x, _ in batches) == len(encoded)  # every chat is used once
-    assert all(x.numel() <= 400 and len(x) <= 16 for x, _ in batches)
-    sizes = {x.shape[1]: len(x) for x, _ in batches}
+    assert sum(len(x) for x, *_ in batches) == len(encoded)  # every chat is used once
+    assert all(x.numel() <= 400 and len(x) <= 16 for x, *_ in batches)
+    sizes = {x.shape[1]: len(x) for x, *_ in batches}
     assert sizes[max(sizes)] < sizes[min(sizes)]  # the longest chats come fewer at a time
 
 
@@ -162,9 +209,9 @@ def test_training_runs_end_to_end_and_the_loss_goes_down(tmp_path: Path, monkeyp
 
     shapes: set[tuple[int, ...]] = set()
 
-    def batches_seen(*args: object, **kwargs: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def batches_seen(*args: object, **kwargs: object) -> list[Batch]:
         batches = make_batches(*args, **kwargs)  # type: ignore[arg-type]
-        shapes.update(tuple(x.shape) for x, _ in batches[:30])
+        shapes.update(tuple(x.shape) for x, *_ in batches[:30])
         return batches
 
     monkeypatch.setattr(train_mod, "make_batches", batches_seen)
@@ -264,6 +311,12 @@ def test_the_mix_option_changes_the_named_families_and_keeps_the_others(
         with pytest.raises(SystemExit):
             main([*argv, "--tool-sessions", bad])
         assert "between 0 and 1" in capsys.readouterr().err, bad
+    cfg, _, _ = _run_command([*argv, "--tool-name-weight", "3"], monkeypatch)
+    assert cfg.tool_name_weight == 3.0 and TrainConfig().tool_name_weight == 1.0
+    for bad in ("0.5", "heavy"):
+        with pytest.raises(SystemExit):
+            main([*argv, "--tool-name-weight", bad])
+        assert "expected a number >= 1" in capsys.readouterr().err, bad
     for bad, says in (("tools=0.3", "FAMILY one of addition"), ("tool:0.3", "FAMILY=WEIGHT"),
                       ("tool=lots", "must be a number"), ("tool=-1", ">= 0"),
                       (",".join(f"{f}=0" for f in data.DEFAULT_WEIGHTS), "every family a weight of 0")):

@@ -20,19 +20,21 @@ import json
 import logging
 import math
 import random
+import re
 import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from ..cli import HelpFormatter
+from ..tools import TOOL_CALL_OPEN
 from . import data as data_mod
 from .scan import training_conv1d, training_scan
 from .tokenizer_train import generation_config, model_config, save_tokenizer_files, train_tokenizer, write_json
@@ -83,6 +85,9 @@ class TrainConfig:
     # Share of the tool chats that are sessions of several requests on one tool list, every reply trained
     # (data.generate's tool_sessions; 0 gives the data of the runs before it existed).
     tool_sessions: float = 0.0
+    # Weight in the loss of the tokens of the tool name a thought picks ("Call get_weather.", "..., with add."),
+    # the one decision of a tool chat that the rest copies; 1 weighs every trained token the same.
+    tool_name_weight: float = 1.0
     # Continue from this checkpoint (a folder or "embedded"): its tokenizer, sizes and weights instead of new ones,
     # so that a run can teach a trained model more without paying again for what it knows.
     init_from: str | None = None
@@ -139,42 +144,80 @@ def _training_kernels() -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def encode_example(tok: Tokenizer, ex: data_mod.Example) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of prompt + completion + ``<|end|>``, and the ``[start, end)`` spans of the ids that carry the
-    loss: the completion, and every earlier assistant turn too when ``ex.trained_history`` is set.
+class Encoded(NamedTuple):
+    """A chat as token ids, the ``[start, end)`` spans of the ids that carry the loss, and the spans of the
+    tool names its thoughts pick (see :data:`TrainConfig.tool_name_weight`)."""
+
+    ids: list[int]
+    spans: list[tuple[int, int]]
+    tool_names: Sequence[tuple[int, int]] = ()
+
+
+_CALLED_NAME = re.compile(re.escape(TOOL_CALL_OPEN) + r'\[\{"name": "([^"]+)"')
+
+
+def encode_example(tok: Tokenizer, ex: data_mod.Example) -> Encoded:
+    """Token ids of prompt + completion + ``<|end|>``, the ``[start, end)`` spans of the ids that carry the
+    loss (the completion, and every earlier assistant turn too when ``ex.trained_history`` is set), and in those
+    turns the spans of the tool name that the thought picks before the call names it.
 
     The text is encoded in pieces cut at special tokens (``<|assistant|>``, ``<|end|>``), which the tokenizer
     never merges across, so the ids are those of the whole text.
     """
     ids: list[int] = []
     spans: list[tuple[int, int]] = []
+    names: list[tuple[int, int]] = []
+
+    def trained(text: str) -> None:
+        encoding = tok.encode(text)
+        spans.append((len(ids), len(ids) + len(encoding.ids)))
+        call = _CALLED_NAME.search(text)
+        start = text.find(call.group(1)) if call else -1
+        if call and 0 <= start < call.start():  # the thought picks the tool; the call then copies the name
+            end = start + len(call.group(1))
+            picked = [i for i, (a, b) in enumerate(encoding.offsets) if a < end and b > start]
+            names.append((len(ids) + picked[0], len(ids) + picked[-1] + 1))
+        ids.extend(encoding.ids)
+
     pending = ""  # prompt text not encoded yet
     for m in ex.messages:
         if ex.trained_history and m["role"] == "assistant":
-            ids += tok.encode(pending + "<|assistant|>").ids
-            turn = tok.encode(m["content"] + "<|end|>").ids
-            spans.append((len(ids), len(ids) + len(turn)))
-            ids += turn
+            ids.extend(tok.encode(pending + "<|assistant|>").ids)
+            trained(m["content"] + "<|end|>")
             pending = ""
         else:
             pending += data_mod.render_message(m)
-    ids += tok.encode(pending + "<|assistant|>").ids
-    completion = tok.encode(ex.completion + "<|end|>").ids
-    spans.append((len(ids), len(ids) + len(completion)))
-    return ids + completion, spans
+    ids.extend(tok.encode(pending + "<|assistant|>").ids)
+    trained(ex.completion + "<|end|>")
+    return Encoded(ids, spans, names)
 
 
-def make_batches(encoded: Sequence[tuple[list[int], list[tuple[int, int]]]], batch_size: int, pad_id: int, seed: int,
-                 max_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+class Batch(NamedTuple):
+    """One optimizer step's chats: ids, next-token targets (-100: no loss) and, when some tokens count more,
+    each target's weight in the loss (None: all count the same)."""
+
+    ids: torch.Tensor  # (B, T)
+    targets: torch.Tensor  # (B, T)
+    weights: torch.Tensor | None = None  # (B, T), 0 where targets is -100
+
+
+def make_batches(encoded: Sequence[Sequence[Any]], batch_size: int, pad_id: int, seed: int,
+                 max_tokens: int | None = None, tool_name_weight: float = 1.0) -> list[Batch]:
     """Group chats of similar length (less padding), right-pad, and shuffle the batch order.
 
     A batch holds at most ``batch_size`` chats and, when ``max_tokens`` is given, at most that many tokens
     padding included, so a batch of long chats has fewer of them: every step costs about the same, and the
     longest chats do not blow up the memory.
 
-    Returns (input_ids (B, T), labels (B, T)) pairs; labels are -100 outside the chats' loss spans (the prompt,
-    untrained turns) and on the padding.
-    Right padding needs no attention mask: causal layers never look ahead, and padded positions carry no loss.
+    Args:
+        encoded: :class:`Encoded` chats, or ``(ids, loss spans)`` pairs.
+        tool_name_weight: the weight in the loss of the tool names that the thoughts pick (``Encoded.tool_names``);
+            at 1 every trained token counts the same and the batches carry no weights.
+
+    Returns:
+        The batches: targets are -100 outside the chats' loss spans (the prompt, untrained turns) and on
+        the padding. Right padding needs no attention mask: causal layers never look ahead, and padded positions
+        carry no loss.
     """
     rng = random.Random(seed)
     order = list(range(len(encoded)))
@@ -195,15 +238,22 @@ def make_batches(encoded: Sequence[tuple[list[int], list[tuple[int, int]]]], bat
             groups.pop()  # fixed-size batches only
         for group in groups:
             rows = [encoded[i] for i in group]
-            length = max(len(ids) for ids, _ in rows)
+            length = max(len(row[0]) for row in rows)
             x = torch.full((len(rows), length), pad_id, dtype=torch.long)
             y = torch.full((len(rows), length), -100, dtype=torch.long)
-            for r, (ids, spans) in enumerate(rows):
+            w = torch.zeros((len(rows), length)) if tool_name_weight != 1 else None
+            for r, row in enumerate(rows):
+                ids, spans = row[0], row[1]
                 x[r, :len(ids)] = torch.tensor(ids)
                 # Targets are the next tokens: a span's first token is the target at the position before it.
-                for start, end in spans:
-                    y[r, start - 1:end - 1] = torch.tensor(ids[start:end])
-            batches.append((x, y))
+                for a, b in spans:
+                    y[r, a - 1:b - 1] = torch.tensor(ids[a:b])
+                    if w is not None:
+                        w[r, a - 1:b - 1] = 1.0
+                if w is not None:
+                    for a, b in (row[2] if len(row) > 2 else ()):
+                        w[r, a - 1:b - 1] = tool_name_weight
+            batches.append(Batch(x, y, w))
     rng.shuffle(batches)
     return batches
 
@@ -281,7 +331,8 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
     n_params = sum(p.numel() for p in model.parameters())
     pad_id = tok.token_to_id("<|endoftext|>")
     encoded = [encode_example(tok, ex) for ex in examples[:cfg.steps * cfg.batch_size]]
-    batches = make_batches(encoded, cfg.batch_size, pad_id, cfg.seed, cfg.batch_tokens)[:cfg.steps]
+    batches = make_batches(encoded, cfg.batch_size, pad_id, cfg.seed, cfg.batch_tokens,
+                           cfg.tool_name_weight)[:cfg.steps]
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     losses: list[float] = []
@@ -295,7 +346,7 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
     train_started = time.perf_counter()
     with _training_kernels():
         warm_done = None  # when the warmup ended: the time budget's decay runs from there
-        for step, (x, y) in enumerate(batches):
+        for step, (x, y, w) in enumerate(batches):
             progress = None
             if cfg.minutes is not None:
                 now = time.perf_counter()
@@ -309,14 +360,14 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
             for group in optimizer.param_groups:
                 group["lr"] = lr
             try:
-                loss = train_step(forward, model, optimizer, x, y, bf16=cfg.bf16, grad_clip=cfg.grad_clip)
+                loss = train_step(forward, model, optimizer, x, y, w, bf16=cfg.bf16, grad_clip=cfg.grad_clip)
             except Exception as err:  # noqa: BLE001 - no compiler, an unsupported op: train eagerly, say why
                 if forward is model:
                     raise
                 logger.warning("training step not compiled (%s: %s); training eagerly", type(err).__name__,
                                str(err).strip().splitlines()[0][:200] if str(err).strip() else "")
                 forward = model
-                loss = train_step(model, model, optimizer, x, y, bf16=cfg.bf16, grad_clip=cfg.grad_clip)
+                loss = train_step(model, model, optimizer, x, y, w, bf16=cfg.bf16, grad_clip=cfg.grad_clip)
             losses.append(loss)
             if (step + 1) % LOG_EVERY == 0:
                 recent = losses[-LOG_EVERY:]
@@ -337,8 +388,8 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
         "train_config": asdict(cfg),
         "parameters": n_params,
         "steps": len(losses),
-        "examples": sum(len(x) for x, _ in batches[:len(losses)]),
-        "tokens": sum(x.numel() for x, _ in batches[:len(losses)]),
+        "examples": sum(len(b.ids) for b in batches[:len(losses)]),
+        "tokens": sum(b.ids.numel() for b in batches[:len(losses)]),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "final_loss": _tail_mean(losses),
@@ -355,8 +406,8 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
 
 
 def train_step(forward: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module,
-               optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, bf16: bool = True,
-               grad_clip: float = 1.0) -> float:
+               optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               weights: torch.Tensor | None = None, *, bf16: bool = True, grad_clip: float = 1.0) -> float:
     """One optimizer step of ``phi4flash train`` (the benchmarks time this same function).
 
     Args:
@@ -365,20 +416,29 @@ def train_step(forward: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.
         optimizer: the optimizer; its learning rate is set by the caller.
         x: ``(batch, length)`` token ids.
         y: ``(batch, length)`` next-token targets, -100 where no loss is taken (outside the assistant turn).
+        weights: ``(batch, length)`` weight of each target in the loss, or None for the plain mean.
         bf16: run the forward under bfloat16 autocast.
         grad_clip: the gradients' largest total norm.
 
     Returns:
-        The batch's mean cross-entropy.
+        The batch's mean cross-entropy over its targets, unweighted (comparable between runs).
     """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = forward(x)  # (batch, length, vocab)
-    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
+    if weights is None:
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
+        reported = loss
+    else:
+        per_token = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100,
+                                    reduction="none")  # (batch * length,), 0 where y is -100
+        w = weights.view(-1)
+        loss = (per_token * w).sum() / w.sum()
+        reported = per_token.detach().sum() / (y != -100).sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return loss.item()
+    return reported.item()
 
 
 def _compiled(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -500,6 +560,9 @@ def build_parser(prog: str = "phi4flash train") -> argparse.ArgumentParser:
     parser.add_argument("--tool-sessions", type=_share, default=defaults.tool_sessions, metavar="SHARE",
                         help="share of the tool chats that are sessions of several requests on one tool list, "
                              "every reply trained (0 to 1)")
+    parser.add_argument("--tool-name-weight", type=_weight, default=defaults.tool_name_weight, metavar="W",
+                        help="weight in the loss of the tool name that a thought picks before a call "
+                             "(1: every trained token the same)")
     return parser
 
 
@@ -511,6 +574,17 @@ def _share(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number between 0 and 1") from None
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number between 0 and 1")
+    return value
+
+
+def _weight(text: str) -> float:
+    """A loss weight of at least 1 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 1") from None
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 1")
     return value
 
 
@@ -549,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes or None, seed=args.seed, batch_size=args.batch_size,
                       lr=args.lr, threads=args.threads, bf16=not args.no_bf16, compile=not args.no_compile, model=model,
                       vocab_size=args.vocab_size, init_from=args.init_from, weights=args.mix,
-                      tool_sessions=args.tool_sessions)
+                      tool_sessions=args.tool_sessions, tool_name_weight=args.tool_name_weight)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = shlex.join(["phi4flash", "train", *(argv if argv is not None else sys.argv[1:])])
     result = train(cfg, out, progress=True, command=command)
