@@ -22,6 +22,7 @@ from phi4flash.training.train import (
     EMBEDDED_DIR,
     PYTHON_CALL,
     Batch,
+    Encoded,
     TrainConfig,
     encode_example,
     lr_at,
@@ -93,8 +94,8 @@ def test_a_time_budget_stops_the_run_in_time(tmp_path: Path) -> None:
 
 
 def test_batches_put_the_loss_on_the_assistant_turn_only() -> None:
-    encoded = [([1, 2, 3, 4, 5], [(3, 5)]), ([1, 2, 6, 7], [(2, 4)]), ([9, 9, 9, 9, 9, 9], [(4, 6)]),
-               ([5, 6, 7], [(1, 3)])]
+    encoded = [Encoded([1, 2, 3, 4, 5], [(3, 5)]), Encoded([1, 2, 6, 7], [(2, 4)]),
+               Encoded([9, 9, 9, 9, 9, 9], [(4, 6)]), Encoded([5, 6, 7], [(1, 3)])]
     batches = make_batches(encoded, batch_size=2, pad_id=0, seed=0)
     rows = {}
     for x, y, weights in batches:
@@ -106,7 +107,7 @@ def test_batches_put_the_loss_on_the_assistant_turn_only() -> None:
 
 
 def test_batches_put_the_loss_on_every_trained_span() -> None:
-    (x, y, _), = make_batches([([1, 2, 3, 4, 5, 6, 7, 8], [(2, 4), (6, 8)])], batch_size=1, pad_id=0, seed=0)
+    (x, y, _), = make_batches([Encoded([1, 2, 3, 4, 5, 6, 7, 8], [(2, 4), (6, 8)])], batch_size=1, pad_id=0, seed=0)
     assert x[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
     assert y[0].tolist() == [-100, 3, 4, -100, -100, 7, 8, -100]
 
@@ -149,7 +150,7 @@ def test_the_tool_name_that_a_thought_picks_is_marked_in_every_trained_turn() ->
 
 
 def test_tool_names_weigh_more_in_the_loss_and_the_reported_loss_stays_the_plain_mean() -> None:
-    (x, y, weights), = make_batches([([1, 2, 3, 4, 5, 6, 7, 8], [(2, 6)], [(3, 4)])], batch_size=1, pad_id=0,
+    (x, y, weights), = make_batches([Encoded([1, 2, 3, 4, 5, 6, 7, 8], [(2, 6)], [(3, 4)])], batch_size=1, pad_id=0,
                                     seed=0, tool_name_weight=3.0)
     assert y[0].tolist() == [-100, 3, 4, 5, 6, -100, -100, -100]
     assert weights is not None and weights[0].tolist() == [0, 1, 3, 1, 1, 0, 0, 0]
@@ -171,7 +172,7 @@ def test_tool_names_weigh_more_in_the_loss_and_the_reported_loss_stays_the_plain
 
 def test_a_token_budget_puts_long_chats_in_smaller_batches() -> None:
     rng = torch.Generator().manual_seed(0)
-    encoded = [([1] * n, [(1, n)]) for n in torch.randint(5, 120, (300,), generator=rng).tolist()]
+    encoded = [Encoded([1] * n, [(1, n)]) for n in torch.randint(5, 120, (300,), generator=rng).tolist()]
     batches = make_batches(encoded, batch_size=16, pad_id=0, seed=0, max_tokens=400)
     assert sum(len(x) for x, *_ in batches) == len(encoded)  # every chat is used once
     assert all(x.numel() <= 400 and len(x) <= 16 for x, *_ in batches)

@@ -201,7 +201,7 @@ class Batch(NamedTuple):
     weights: torch.Tensor | None = None  # (B, T), 0 where targets is -100
 
 
-def make_batches(encoded: Sequence[Sequence[Any]], batch_size: int, pad_id: int, seed: int,
+def make_batches(encoded: Sequence[Encoded], batch_size: int, pad_id: int, seed: int,
                  max_tokens: int | None = None, tool_name_weight: float = 1.0) -> list[Batch]:
     """Group chats of similar length (less padding), right-pad, and shuffle the batch order.
 
@@ -210,7 +210,7 @@ def make_batches(encoded: Sequence[Sequence[Any]], batch_size: int, pad_id: int,
     longest chats do not blow up the memory.
 
     Args:
-        encoded: :class:`Encoded` chats, or ``(ids, loss spans)`` pairs.
+        encoded: the chats (:func:`encode_example`).
         tool_name_weight: the weight in the loss of the tool names that the thoughts pick (``Encoded.tool_names``);
             at 1 every trained token counts the same and the batches carry no weights.
 
@@ -238,20 +238,19 @@ def make_batches(encoded: Sequence[Sequence[Any]], batch_size: int, pad_id: int,
             groups.pop()  # fixed-size batches only
         for group in groups:
             rows = [encoded[i] for i in group]
-            length = max(len(row[0]) for row in rows)
+            length = max(len(row.ids) for row in rows)
             x = torch.full((len(rows), length), pad_id, dtype=torch.long)
             y = torch.full((len(rows), length), -100, dtype=torch.long)
-            w = torch.zeros((len(rows), length)) if tool_name_weight != 1 else None
             for r, row in enumerate(rows):
-                ids, spans = row[0], row[1]
-                x[r, :len(ids)] = torch.tensor(ids)
+                x[r, :len(row.ids)] = torch.tensor(row.ids)
                 # Targets are the next tokens: a span's first token is the target at the position before it.
-                for a, b in spans:
-                    y[r, a - 1:b - 1] = torch.tensor(ids[a:b])
-                    if w is not None:
-                        w[r, a - 1:b - 1] = 1.0
-                if w is not None:
-                    for a, b in (row[2] if len(row) > 2 else ()):
+                for a, b in row.spans:
+                    y[r, a - 1:b - 1] = torch.tensor(row.ids[a:b])
+            w = None
+            if tool_name_weight != 1:
+                w = (y != -100).float()
+                for r, row in enumerate(rows):
+                    for a, b in row.tool_names:
                         w[r, a - 1:b - 1] = tool_name_weight
             batches.append(Batch(x, y, w))
     rng.shuffle(batches)
@@ -425,12 +424,12 @@ def train_step(forward: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.
     """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = forward(x)  # (batch, length, vocab)
+    flat = logits.float().view(-1, logits.shape[-1])  # (batch * length, vocab)
     if weights is None:
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
+        loss = F.cross_entropy(flat, y.view(-1), ignore_index=-100)
         reported = loss
     else:
-        per_token = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100,
-                                    reduction="none")  # (batch * length,), 0 where y is -100
+        per_token = F.cross_entropy(flat, y.view(-1), ignore_index=-100, reduction="none")  # 0 where y is -100
         w = weights.view(-1)
         loss = (per_token * w).sum() / w.sum()
         reported = per_token.detach().sum() / (y != -100).sum()
@@ -566,26 +565,22 @@ def build_parser(prog: str = "phi4flash train") -> argparse.ArgumentParser:
     return parser
 
 
-def _share(text: str) -> float:
-    """A share between 0 and 1 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number between 0 and 1") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number between 0 and 1")
-    return value
+def _number_type(expected: str, fits: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: a number for which ``fits`` holds, else an error saying ``expected``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
+        if not fits(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+        return value
+
+    return parse
 
 
-def _weight(text: str) -> float:
-    """A loss weight of at least 1 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 1") from None
-    if not value >= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 1")
-    return value
+_share = _number_type("a number between 0 and 1", lambda value: 0 <= value <= 1)
+_weight = _number_type("a number >= 1", lambda value: value >= 1)  # a loss weight
 
 
 def parse_mix(text: str) -> dict[str, float]:
