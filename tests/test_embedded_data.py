@@ -184,33 +184,45 @@ def test_tool_chats_are_written_as_the_library_reads_and_writes_them(train_examp
     assert later, "no call made after an earlier result"
 
 
-def test_a_tool_session_asks_one_tool_list_for_a_different_tool_in_each_request() -> None:
+def test_a_tool_session_asks_one_tool_list_for_calls_calculations_and_a_question_no_tool_fits() -> None:
     assert not any(e.trained_history for e in data.generate(300, seed=3, families=["tool"]))  # off by default
     sessions = data.generate(300, seed=3, families=["tool"], tool_sessions=1.0)
-    assert all(e.trained_history and "<|tool_call|>" in e.completion + e.messages[-2]["content"] for e in sessions)
+    assert all(e.trained_history for e in sessions)
+    calculations = direct = 0
     for ex in sessions:
         listed = {d["name"]: d for d in json.loads(ex.messages[0]["tools"])}
-        requests = [m for m in ex.messages if m["role"] == "user"]
-        assert len(requests) in toolchat.SESSION_REQUESTS
-        called = []
         history = [*ex.messages, {"role": "assistant", "content": ex.completion}]
-        for i, m in enumerate(history):
-            if m["role"] != "assistant":
-                continue
-            assert m["content"].startswith("<think>\n")
-            _, calls, invalid = parse_tool_calls(m["content"].split("</think>")[-1])
-            assert not invalid and len(calls) <= 1
-            question = next(u["content"] for u in reversed(history[:i]) if u["role"] == "user")
+        starts = [i for i, m in enumerate(history) if m["role"] == "user"]
+        assert len(starts) in toolchat.SESSION_REQUESTS
+        answered_directly = 0
+        for start, end in zip(starts, [*starts[1:], len(history)], strict=True):
+            question = history[start]["content"]
+            replies = [m["content"] for m in history[start + 1:end] if m["role"] == "assistant"]
+            results = [m["content"] for m in history[start + 1:end] if m["role"] == "tool"]
+            calls = []
+            for reply in replies:
+                assert reply.startswith("<think>\n")
+                _, made, invalid = parse_tool_calls(reply.split("</think>")[-1])
+                assert not invalid and len(made) <= 1
+                calls += made
             for call in calls:
-                # a tool of the list, every argument it declares, each value copied from the request
+                # a tool of the list, every argument it declares, each value copied from the request or (the
+                # next step of a calculation) from a result that came back
                 assert set(call.arguments) == set(listed[call.name]["parameters"]["required"])
-                assert all(str(v) in question for v in call.arguments.values()), (question, call)
-                called.append(call.name)
-            boxed = data.extract_boxed(m["content"])
-            if boxed is not None:  # an arithmetic report: the value its tool returned
-                result = history[i - 1]["content"]
-                assert boxed == str(json.loads(result)["result"] if result.startswith("{") else result)
-        assert len(called) == len(set(called)) == len(requests)  # a different tool each time
+                assert all(str(v) in question or any(str(v) in r for r in results) for v in call.arguments.values())
+            boxed = data.extract_boxed(replies[-1])
+            if not calls:  # no tool fits: the answer or the honest reply, as without tools
+                answered_directly += 1
+                assert boxed is not None or "tiny demo model" in replies[-1], replies[-1]
+            elif boxed is not None:  # a calculation's report: the expression's value, as the last call returned it
+                expression = replies[-1].split("</think>\n")[-1].split(" = \\boxed")[0]
+                assert int(boxed) == eval(expression.replace("×", "*").replace("/", "//"))  # noqa: S307
+                assert boxed == str(json.loads(results[-1])["result"] if results[-1].startswith("{") else results[-1])
+                calculations += len(calls) == 2
+        assert answered_directly <= 1
+        direct += answered_directly
+    assert calculations >= 20
+    assert 0.2 * len(sessions) <= direct <= 0.4 * len(sessions)  # SESSION_DIRECT_PERCENT of the sessions
 
 
 def test_offdomain_prompts_get_the_honest_reply_and_the_eval_prompts_are_unseen() -> None:

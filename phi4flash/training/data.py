@@ -71,6 +71,8 @@ SYSTEM_RATE = 0.04  # share of training chats that start with a system message
 # wrote a clean answer after a forced </think> in 5-14 of 60 chats
 TRUNCATE_RATE = 0.10
 NO_TOOL_RATE = 0.25  # share of tool chats in which no tool fits the question
+# tools that would answer an off-domain question (a fact, a translation, the weather), kept out of its tool list
+OFFDOMAIN_TOOL_KINDS = frozenset({"weather", "search", "translate", "time", "email", "stock", "reminder"})
 
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -270,7 +272,7 @@ def _tool_example(rng: random.Random, held_out: bool, tool_sessions: float = 0.0
     """A tool chat: a call, a report after a result, or (training only) a question no tool fits or, a share
     ``tool_sessions`` of the time, a session of several requests with every reply trained."""
     if not held_out and tool_sessions and rng.random() < tool_sessions:
-        made = toolchat.session_chat(rng)
+        made = toolchat.session_chat(rng, _direct_question)
         return replace(_example("tool", made._replace(split=f"tool:train:{made.key}")), trained_history=True)
     if not held_out and rng.random() < NO_TOOL_RATE:
         return _no_tool_fits(rng)
@@ -280,18 +282,26 @@ def _tool_example(rng: random.Random, held_out: bool, tool_sessions: float = 0.0
     return _example("tool", made._replace(split=f"tool:{'held-out' if held_out else 'train'}:{made.key}"))
 
 
+def _unfit_question(rng: random.Random) -> tuple[Example, frozenset[str]]:
+    """A training question to ask with tools that do not fit it, and the tool kinds (intents and operations)
+    that would fit it."""
+    if rng.random() < 0.6:
+        family = rng.choice(MATH_FAMILIES)
+        # Arithmetic tools that do not do what the question needs, or other tools.
+        return _draw(family, rng, False), frozenset({"+", "-", "*", "/"} if family != "addition" else {"+"})
+    return _draw("offdomain", rng, False), OFFDOMAIN_TOOL_KINDS
+
+
+def _direct_question(rng: random.Random) -> toolchat.DirectQuestion:
+    """A session's request that no tool fits (:func:`~.toolchat.session_chat`), answered as without tools."""
+    base, fits = _unfit_question(rng)
+    return base.question, base.reasoning, base.answer, base.value, fits
+
+
 def _no_tool_fits(rng: random.Random) -> Example:
     """A question asked with tools that do not fit it, answered as without tools."""
-    kind = rng.random()
-    if kind < 0.6:
-        family = rng.choice(MATH_FAMILIES)
-        base = _draw(family, rng, False)
-        # Arithmetic tools that do not do what the question needs, or other tools.
-        exclude = {"+", "-", "*", "/"} if family != "addition" else {"+"}
-    else:
-        base = _draw("offdomain", rng, False)
-        exclude = {"weather", "search", "translate", "time", "email", "stock", "reminder"}
-    tools = toolchat.unrelated_tools(rng, False, exclude)
+    base, exclude = _unfit_question(rng)
+    tools = toolchat.unrelated_tools(rng, False, set(exclude))
     made = toolchat.with_tools(Made(base.key, base.question, base.reasoning, base.answer, base.value), tools, rng)
     return Example("tool", f"notool:{base.key}", made.messages or (), base.reasoning, base.answer, base.value,
                    base.split)

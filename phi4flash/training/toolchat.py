@@ -28,7 +28,7 @@ import hashlib
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import tools as tool_format
@@ -440,6 +440,50 @@ _WORDED = {"+": ("Add {a} and {b}.", "What is the sum of {a} and {b}?"),
            "/": ("Divide {a} by {b}.", "What is {a} divided by {b}?")}
 
 
+@dataclass(frozen=True)
+class Reply:
+    """One assistant turn of a request: the thought, the text after it (a call or an answer), the value it is
+    graded against, and for a call the tool, its arguments and the result that comes back."""
+
+    thought: str
+    text: str
+    value: str
+    tool: str = ""
+    arguments: dict[str, Any] | None = None
+    result: str | None = None
+
+
+def _calculation(expr: str, steps: list[tuple[str, int | None, int | None]], tools_by_op: dict[str, Tool],
+                 rng: random.Random, upto: int) -> list[Reply]:
+    """The replies of a calculation with arithmetic tools up to step ``upto``: each step's call (the ones before
+    ``upto`` with their results), or at ``upto == len(steps)`` every call and then the boxed answer."""
+    replies: list[Reply] = []
+    results: list[int] = []
+    for i, (op, left, right) in enumerate(steps[:upto + 1]):
+        lhs = results[-1] if left is None else left
+        rhs = results[-1] if right is None else right
+        tool = tools_by_op[op]
+        args = {tool.arg_names[0]: lhs, tool.arg_names[1]: rhs}
+        if i == 0:
+            thought = f"{expr}: first {lhs} {op} {rhs}, with {tool.name}."
+        else:  # the expression restated with the result in place, so the next operation is read off it
+            thought = (f"{replies[-1].tool} gave {results[-1]}, so {expr} = {_substituted(expr, results[-1])}. "
+                       f"Next {lhs} {op} {rhs}, with {tool.name}.")
+        call = Reply(thought, call_text(tool.name, args), expected_call(tool.name, args), tool.name, args)
+        if i == upto:
+            return [*replies, call]
+        results.append(apply_op(op, lhs, rhs))
+        result = str(results[-1]) if rng.random() < 0.85 else json.dumps({"result": results[-1]})
+        replies.append(replace(call, result=result))
+    return [*replies, Reply(f"{replies[-1].tool} gave {results[-1]}, the last step.",
+                            f"{expr} = \\boxed{{{results[-1]}}}", str(results[-1]))]
+
+
+def _calls_written_back(replies: list[Reply]) -> list[dict[str, str]]:
+    """Earlier calls of a request and their results, as the LangChain model and the server send them back."""
+    return _history([(r.tool, r.arguments or {}, r.result or "") for r in replies])
+
+
 def arithmetic_chat(rng: random.Random, held_out: bool, stage: int | None = None) -> Made:
     """Arithmetic with arithmetic tools: the call of step ``stage`` (after the earlier ones), or the answer."""
     expr, steps = draw_expression(rng)
@@ -453,31 +497,12 @@ def arithmetic_chat(rng: random.Random, held_out: bool, stage: int | None = None
         question = rng.choice(_WORDED[op]).format(a=a, b=b)
     else:
         question = rng.choice(_ARITH_QUESTIONS).format(e=expr)
-    done: list[tuple[str, dict[str, Any], str]] = []
-    results: list[int] = []
     if stage is None:
         stage = rng.randrange(len(steps) + (0 if held_out else 1))
-    for i, (op, left, right) in enumerate(steps):
-        lhs = results[-1] if left is None else left
-        rhs = results[-1] if right is None else right
-        tool = tools_by_op[op]
-        args = {tool.arg_names[0]: lhs, tool.arg_names[1]: rhs}
-        if i == stage:
-            if i == 0:
-                thought = f"{expr}: first {lhs} {op} {rhs}, with {tool.name}."
-            else:  # the expression restated with the result in place, so the next operation is read off it
-                thought = (f"{done[-1][0]} gave {results[-1]}, so {expr} = {_substituted(expr, results[-1])}. "
-                           f"Next {lhs} {op} {rhs}, with {tool.name}.")
-            messages = (system_message(tools, rng), {"role": "user", "content": question}, *_history(done))
-            return Made(f"tool:{expr}:{i}", question, thought, call_text(tool.name, args),
-                        expected_call(tool.name, args), messages=messages)
-        value = apply_op(op, lhs, rhs)
-        results.append(value)
-        result_text = str(value) if rng.random() < 0.85 else json.dumps({"result": value})
-        done.append((tool.name, args, result_text))
-    messages = (system_message(tools, rng), {"role": "user", "content": question}, *_history(done))
-    return Made(f"tool:{expr}:answer", question, f"{done[-1][0]} gave {results[-1]}, the last step.",
-                f"{expr} = \\boxed{{{results[-1]}}}", str(results[-1]), messages=messages)
+    *done, last = _calculation(expr, steps, tools_by_op, rng, stage)
+    messages = (system_message(tools, rng), {"role": "user", "content": question}, *_calls_written_back(done))
+    key = f"tool:{expr}:{stage if stage < len(steps) else 'answer'}"
+    return Made(key, question, last.thought, last.text, last.value, messages=messages)
 
 
 def _single_operation(op: str, rng: random.Random) -> tuple[str, str, int, int]:
@@ -495,55 +520,104 @@ def _turn(reasoning: str, answer: str) -> dict[str, str]:
 
 
 SESSION_REQUESTS = (2, 3, 3, 4)
+# Share of a session's arithmetic requests that are calculations of two steps (the first call's result is the
+# next call's argument), and share of sessions with one request that no tool of the list fits: without them,
+# a large session share took those two lessons, which only the single tool chats teach, away from the model
+# (the ninth run: agent chains 23 of 30, no tool fits 86%).
+SESSION_CALCULATION_PERCENT = 40
+SESSION_DIRECT_PERCENT = 30
+
+DirectQuestion = tuple[str, str, str, str, frozenset[str]]
+"""A question no tool of a list fits: (question, reasoning, answer, value, the tool kinds that would fit it)."""
 
 
-def _session_request(tool: Tool, rng: random.Random) -> tuple[str, str, dict[str, Any], str, tuple[str, str]]:
-    """One request of a session for ``tool``: the question, the thought, the arguments, the tool's result, and
-    the report (reasoning, answer) written after it."""
+def _two_step_expression(op: str, rng: random.Random) -> tuple[str, list[tuple[str, int | None, int | None]]]:
+    """An expression of two operations, one of them ``op`` (a single operation if none is drawn in 200 tries)."""
+    for _ in range(200):
+        expr, steps = draw_expression(rng)
+        if len(steps) == 2 and op in (steps[0][0], steps[1][0]):
+            return expr, steps
+    _, expr, a, b = _single_operation(op, rng)
+    return expr, [(op, a, b)]
+
+
+def _session_plan(kind: Intent | str, tool: Tool, rng: random.Random, tools_by_op: dict[str, Tool]) -> \
+        Callable[[], tuple[str, list[Reply]]]:
+    """How one request of a session for ``tool`` is written: tools a calculation needs join ``tools_by_op``
+    now (the tool list is written before the requests), the request itself later."""
+    if isinstance(kind, str) and rng.randrange(100) < SESSION_CALCULATION_PERCENT:
+        expr, steps = _two_step_expression(kind, rng)
+        for op, _, _ in steps:
+            tools_by_op.setdefault(op, arithmetic_tool(op, rng, False))
+        question = rng.choice(_ARITH_QUESTIONS).format(e=expr)
+        return lambda: (question, _calculation(expr, steps, tools_by_op, rng, len(steps)))
+    return lambda: _session_request(tool, rng)
+
+
+def _session_request(tool: Tool, rng: random.Random) -> tuple[str, list[Reply]]:
+    """One request of a session for ``tool`` alone: the question, the call (with the tool's result) and the
+    report written after it."""
     if tool.op is not None:
         question, expr, a, b = _single_operation(tool.op, rng)
-        value = apply_op(tool.op, a, b)
-        result = str(value) if rng.random() < 0.85 else json.dumps({"result": value})
-        return (question, f"{expr}: first {a} {tool.op} {b}, with {tool.name}.",
-                {tool.arg_names[0]: a, tool.arg_names[1]: b}, result,
-                (f"{tool.name} gave {value}, the last step.", f"{expr} = \\boxed{{{value}}}"))
+        return question, _calculation(expr, [(tool.op, a, b)], {tool.op: tool}, rng, 1)
     assert tool.intent is not None
     values = [p.draw(rng) for p in tool.intent.params]
     question = rng.choice(tool.intent.questions).format(*values, name=tool.name)
     result = rng.choice(tool.intent.results)
-    return (question, f"Call {tool.name}.", dict(zip(tool.arg_names, values, strict=True)), result,
-            (f"{tool.name} returned a result.", f"{tool.name} returned: {result}"))
+    args = dict(zip(tool.arg_names, values, strict=True))
+    return question, [Reply(f"Call {tool.name}.", call_text(tool.name, args), expected_call(tool.name, args),
+                            tool.name, args, result),
+                      Reply(f"{tool.name} returned a result.", f"{tool.name} returned: {result}", "")]
 
 
-def session_chat(rng: random.Random) -> Made:
-    """Several requests on one tool list (training side only), each for a different tool of the list: the call,
-    the result, the report, then the next request; the last request's call (or, at times, its report) is the
-    turn to write.
+def _answered_directly(unfit: DirectQuestion) -> Callable[[], tuple[str, list[Reply]]]:
+    """The request that no tool of the session's list fits, answered without a call."""
+    question, reasoning, answer, value, _ = unfit
+    return lambda: (question, [Reply(reasoning, answer, value)])
+
+
+def session_chat(rng: random.Random, direct: Callable[[random.Random], DirectQuestion] | None = None) -> Made:
+    """Several requests on one tool list (training side only): each for a different tool of the list (or, for
+    an arithmetic tool, at times a calculation of two steps with it), and in some sessions one request that no
+    tool fits (drawn by ``direct``), answered without a call. Every reply of the earlier requests is written
+    out; of the last request, the turn to write is one of its calls (or, at times, its report).
 
     Every assistant turn of a session is meant to be trained (``Example.trained_history``): the tool list, the
     longest part of a tool chat, is then read once for several calls, so a minute of training sees more of
     what an unseen tool name needs, finding the tool that fits a request in the list.
     """
     n = rng.choice(SESSION_REQUESTS)
-    kinds: list[Intent | str] = rng.sample([*INTENTS, *ARITHMETIC], n)
+    unfit = direct(rng) if direct is not None and rng.randrange(100) < SESSION_DIRECT_PERCENT else None
+    pool: list[Intent | str] = [*INTENTS, *ARITHMETIC]
+    if unfit is not None:
+        pool = [k for k in pool if (k if isinstance(k, str) else k.kind) not in unfit[4]]
+    kinds = rng.sample(pool, n - (unfit is not None))
     targets = [arithmetic_tool(k, rng, False) if isinstance(k, str) else intent_tool(k, rng, False) for k in kinds]
-    avoid = {k if isinstance(k, str) else k.kind for k in kinds}
-    tools = [*targets, *_distractors(rng, False, avoid, rng.choice([0, 0, 1]))]
+    tools_by_op = {t.op: t for t in targets if t.op is not None}
+    plans = [_session_plan(k, t, rng, tools_by_op) for k, t in zip(kinds, targets, strict=True)]
+    if unfit is not None:
+        plans.insert(rng.randint(0, len(plans)), _answered_directly(unfit))
+    avoid = {k if isinstance(k, str) else k.kind for k in kinds} | set(tools_by_op) | (unfit[4] if unfit else set())
+    tools = [*tools_by_op.values(), *(t for t in targets if t.op is None),
+             *_distractors(rng, False, avoid, rng.choice([0, 0, 1]))]
     rng.shuffle(tools)
     messages: list[dict[str, str]] = [system_message(tools, rng)]
-    for tool in targets[:-1]:
-        question, thought, args, result, report = _session_request(tool, rng)
-        messages += [{"role": "user", "content": question}, _turn(thought, call_text(tool.name, args)),
-                     tool_format.tool_result_message(result), _turn(*report)]
-    last = targets[-1]
-    question, thought, args, result, report = _session_request(last, rng)
-    messages.append({"role": "user", "content": question})
-    call = call_text(last.name, args)
-    if rng.random() < 0.8:
-        return Made(f"session:{last.name}:{question}", question, thought, call, expected_call(last.name, args),
-                    messages=tuple(messages))
-    messages += [_turn(thought, call), tool_format.tool_result_message(result)]
-    return Made(f"session:{last.name}:answer", question, *report, "", messages=tuple(messages))
+    for i, plan in enumerate(plans):
+        question, replies = plan()
+        messages.append({"role": "user", "content": question})
+        if i < len(plans) - 1:
+            cut = len(replies)
+        elif len(replies) == 1 or rng.random() < 0.8:  # one of the calls, else the report
+            cut = rng.randrange(max(1, len(replies) - 1))
+        else:
+            cut = len(replies) - 1
+        for reply in replies[:cut]:
+            messages.append(_turn(reply.thought, reply.text))
+            if reply.result is not None:
+                messages.append(tool_format.tool_result_message(reply.result))
+    last = replies[cut]
+    key = f"session:{last.tool or 'answer'}:{question}"
+    return Made(key, question, last.thought, last.text, last.value, messages=tuple(messages))
 
 
 def unrelated_tools(rng: random.Random, held_out: bool, exclude: set[str]) -> list[Tool]:
