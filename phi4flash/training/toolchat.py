@@ -529,6 +529,8 @@ SESSION_DIRECT_PERCENT = 30
 
 DirectQuestion = tuple[str, str, str, str, frozenset[str]]
 """A question no tool of a list fits: (question, reasoning, answer, value, the tool kinds that would fit it)."""
+Plan = Callable[[], tuple[str, list[Reply]]]
+"""A request of a session, written when its turn comes (after the tool list): its question and replies."""
 
 
 def _two_step_expression(op: str, rng: random.Random) -> tuple[str, list[tuple[str, int | None, int | None]]]:
@@ -541,8 +543,7 @@ def _two_step_expression(op: str, rng: random.Random) -> tuple[str, list[tuple[s
     return expr, [(op, a, b)]
 
 
-def _session_plan(kind: Intent | str, tool: Tool, rng: random.Random, tools_by_op: dict[str, Tool]) -> \
-        Callable[[], tuple[str, list[Reply]]]:
+def _session_plan(kind: Intent | str, tool: Tool, rng: random.Random, tools_by_op: dict[str, Tool]) -> Plan:
     """How one request of a session for ``tool`` is written: tools a calculation needs join ``tools_by_op``
     now (the tool list is written before the requests), the request itself later."""
     if isinstance(kind, str) and rng.randrange(100) < SESSION_CALCULATION_PERCENT:
@@ -570,7 +571,7 @@ def _session_request(tool: Tool, rng: random.Random) -> tuple[str, list[Reply]]:
                       Reply(f"{tool.name} returned a result.", f"{tool.name} returned: {result}", "")]
 
 
-def _answered_directly(unfit: DirectQuestion) -> Callable[[], tuple[str, list[Reply]]]:
+def _answered_directly(unfit: DirectQuestion) -> Plan:
     """The request that no tool of the session's list fits, answered without a call."""
     question, reasoning, answer, value, _ = unfit
     return lambda: (question, [Reply(reasoning, answer, value)])
