@@ -295,7 +295,7 @@ def _unfit_question(rng: random.Random) -> tuple[Example, frozenset[str]]:
 def _direct_question(rng: random.Random) -> toolchat.DirectQuestion:
     """A session's request that no tool fits (:func:`~.toolchat.session_chat`), answered as without tools."""
     base, fits = _unfit_question(rng)
-    return base.question, base.reasoning, base.answer, base.value, fits
+    return toolchat.DirectQuestion(base.question, base.reasoning, base.answer, base.value, fits)
 
 
 def _no_tool_fits(rng: random.Random) -> Example:

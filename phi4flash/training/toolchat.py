@@ -29,7 +29,7 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import tools as tool_format
 from .steps import Made
@@ -527,8 +527,18 @@ SESSION_REQUESTS = (2, 3, 3, 4)
 SESSION_CALCULATION_PERCENT = 40
 SESSION_DIRECT_PERCENT = 30
 
-DirectQuestion = tuple[str, str, str, str, frozenset[str]]
-"""A question no tool of a list fits: (question, reasoning, answer, value, the tool kinds that would fit it)."""
+
+class DirectQuestion(NamedTuple):
+    """A question no tool of a list fits, answered as without tools, and the tool kinds (intents and
+    operations) that would fit it."""
+
+    question: str
+    reasoning: str
+    answer: str
+    value: str
+    fits: frozenset[str]
+
+
 Plan = Callable[[], tuple[str, list[Reply]]]
 """A request of a session, written when its turn comes (after the tool list): its question and replies."""
 
@@ -573,8 +583,23 @@ def _session_request(tool: Tool, rng: random.Random) -> tuple[str, list[Reply]]:
 
 def _answered_directly(unfit: DirectQuestion) -> Plan:
     """The request that no tool of the session's list fits, answered without a call."""
-    question, reasoning, answer, value, _ = unfit
-    return lambda: (question, [Reply(reasoning, answer, value)])
+    return lambda: (unfit.question, [Reply(unfit.reasoning, unfit.answer, unfit.value)])
+
+
+def _kind_name(kind: Intent | str) -> str:
+    """An intent's kind or an operation's symbol: what ``_distractors`` and ``DirectQuestion.fits`` name."""
+    return kind if isinstance(kind, str) else kind.kind
+
+
+def _written_out(replies: list[Reply]) -> list[dict[str, str]]:
+    """A session's replies as its turns: each reply whole (reasoning included), each call followed by its
+    result."""
+    turns = []
+    for reply in replies:
+        turns.append(_turn(reply.thought, reply.text))
+        if reply.result is not None:
+            turns.append(tool_format.tool_result_message(reply.result))
+    return turns
 
 
 def session_chat(rng: random.Random, direct: Callable[[random.Random], DirectQuestion] | None = None) -> Made:
@@ -591,31 +616,27 @@ def session_chat(rng: random.Random, direct: Callable[[random.Random], DirectQue
     unfit = direct(rng) if direct is not None and rng.randrange(100) < SESSION_DIRECT_PERCENT else None
     pool: list[Intent | str] = [*INTENTS, *ARITHMETIC]
     if unfit is not None:
-        pool = [k for k in pool if (k if isinstance(k, str) else k.kind) not in unfit[4]]
+        pool = [k for k in pool if _kind_name(k) not in unfit.fits]
     kinds = rng.sample(pool, n - (unfit is not None))
     targets = [arithmetic_tool(k, rng, False) if isinstance(k, str) else intent_tool(k, rng, False) for k in kinds]
     tools_by_op = {t.op: t for t in targets if t.op is not None}
     plans = [_session_plan(k, t, rng, tools_by_op) for k, t in zip(kinds, targets, strict=True)]
     if unfit is not None:
         plans.insert(rng.randint(0, len(plans)), _answered_directly(unfit))
-    avoid = {k if isinstance(k, str) else k.kind for k in kinds} | set(tools_by_op) | (unfit[4] if unfit else set())
+    avoid = {_kind_name(k) for k in kinds} | set(tools_by_op) | (unfit.fits if unfit else set())
     tools = [*tools_by_op.values(), *(t for t in targets if t.op is None),
              *_distractors(rng, False, avoid, rng.choice([0, 0, 1]))]
     rng.shuffle(tools)
     messages: list[dict[str, str]] = [system_message(tools, rng)]
-    for i, plan in enumerate(plans):
+    for plan in plans[:-1]:
         question, replies = plan()
-        messages.append({"role": "user", "content": question})
-        if i < len(plans) - 1:
-            cut = len(replies)
-        elif len(replies) == 1 or rng.random() < 0.8:  # one of the calls, else the report
-            cut = rng.randrange(max(1, len(replies) - 1))
-        else:
-            cut = len(replies) - 1
-        for reply in replies[:cut]:
-            messages.append(_turn(reply.thought, reply.text))
-            if reply.result is not None:
-                messages.append(tool_format.tool_result_message(reply.result))
+        messages += [{"role": "user", "content": question}, *_written_out(replies)]
+    question, replies = plans[-1]()
+    if len(replies) == 1 or rng.random() < 0.8:  # one of the calls, else the report
+        cut = rng.randrange(max(1, len(replies) - 1))
+    else:
+        cut = len(replies) - 1
+    messages += [{"role": "user", "content": question}, *_written_out(replies[:cut])]
     last = replies[cut]
     key = f"session:{last.tool or 'answer'}:{question}"
     return Made(key, question, last.thought, last.text, last.value, messages=tuple(messages))
