@@ -184,6 +184,22 @@ def test_tool_chats_are_written_as_the_library_reads_and_writes_them(train_examp
     assert later, "no call made after an earlier result"
 
 
+def test_copied_arguments_are_in_the_question_and_too_many_to_memorise() -> None:
+    rng = random.Random(5)
+    for _ in range(300):
+        made = toolchat.intent_chat(rng, held_out=False, answer_turn=False)
+        for value in json.loads(made.value)["arguments"].values():
+            assert str(value) in made.question  # taken from the question, verbatim
+    # the descriptions, recipients and languages that a call copies are not a handful of phrases to recall
+    copied = [p for i in toolchat.INTENTS for p in i.params if {"description", "to"} & set(p.names)]
+    assert len(copied) == 3  # the customer's description, an e-mail's recipient, a translation's language
+    for param in copied:
+        assert len({param.draw(rng) for _ in range(400)}) >= 15, param.names
+    descriptions = toolchat.company_description
+    assert {descriptions(random.Random(s)).split()[0] for s in range(50)} == {"a", "an"}
+    assert all(re.match(r"(an [AEIOUaeiou]|a [^AEIOUaeiou])", descriptions(random.Random(s))) for s in range(200))
+
+
 def test_a_tool_session_asks_one_tool_list_for_calls_calculations_and_a_question_no_tool_fits() -> None:
     assert not any(e.trained_history for e in data.generate(300, seed=3, families=["tool"]))  # off by default
     sessions = data.generate(300, seed=3, families=["tool"], tool_sessions=1.0)

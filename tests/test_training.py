@@ -24,6 +24,7 @@ from phi4flash.training.train import (
     Batch,
     Encoded,
     TrainConfig,
+    argument_values,
     encode_example,
     lr_at,
     main,
@@ -117,7 +118,7 @@ def test_a_tool_session_trains_every_assistant_turn_and_its_ids_are_the_whole_te
     sessions = data.generate(40, seed=4, families=["tool"], tool_sessions=1.0)
     assert all(ex.trained_history for ex in sessions)
     for ex in sessions:
-        ids, spans, _ = encode_example(tok, ex)
+        ids, spans, *_ = encode_example(tok, ex)
         assert ids == tok.encode(data.render_prompt(ex.messages) + ex.completion + "<|end|>").ids
         trained = [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in spans]
         replies = [m["content"] for m in ex.messages if m["role"] == "assistant"] + [ex.completion]
@@ -130,7 +131,7 @@ def test_the_tool_name_that_a_thought_picks_is_marked_in_every_trained_turn() ->
     tok = Tokenizer.from_file(str(EMBEDDED_DIR / "tokenizer.json"))
     marked = 0
     for ex in data.generate(120, seed=6, families=["tool"], tool_sessions=0.5):
-        ids, spans, names = encode_example(tok, ex)
+        ids, spans, names, _ = encode_example(tok, ex)
         turns = [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in spans]
         picks = []  # (turn, called name) of the trained calls whose thought names the tool; a cut thought may not
         for turn in turns:
@@ -149,11 +150,41 @@ def test_the_tool_name_that_a_thought_picks_is_marked_in_every_trained_turn() ->
     assert marked > 100
 
 
+def test_the_argument_values_of_every_trained_call_are_marked() -> None:
+    tok = Tokenizer.from_file(str(EMBEDDED_DIR / "tokenizer.json"))
+    marked = 0
+    for ex in data.generate(120, seed=7, families=["tool"], tool_sessions=0.5):
+        ids, spans, _, values = encode_example(tok, ex)
+        turns = [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in spans]
+        written = []  # every argument value of every trained call, in order
+        for turn in turns:
+            for rest in turn.split("<|tool_call|>")[1:]:
+                for call in json.loads(rest.split("<|/tool_call|>")[0]):
+                    written += [str(v) for v in call["arguments"].values()]
+        assert len(values) == len(written)
+        for (a, b), value in zip(values, written, strict=True):
+            assert any(s <= a < b <= e for s, e in spans)
+            # the value's tokens: all of it, and at most a quote or a space more
+            assert value in tok.decode(ids[a:b]) and b - a <= len(tok.encode(value).ids) + 2, value
+            marked += 1
+    assert marked > 150
+
+
+def test_argument_values_of_calls_that_are_not_json_are_not_marked() -> None:
+    call = '<|tool_call|>[{"name": "f", "arguments": {"to": "Dutch", "n": -12, "d": "a \\"b\\""}}]<|/tool_call|>'
+    text = "Call f." + call + " then" + call.replace("Dutch", "Greek")
+    assert [text[a:b] for a, b in argument_values(text)] == ["Dutch", "-12", 'a \\"b\\"', "Greek", "-12", 'a \\"b\\"']
+    assert argument_values("<|tool_call|>[{'name': 'f'}]<|/tool_call|> <|tool_call|>[1, 2]<|/tool_call|>") == []
+
+
 def test_tool_names_weigh_more_in_the_loss_and_the_reported_loss_stays_the_plain_mean() -> None:
     (x, y, weights), = make_batches([Encoded([1, 2, 3, 4, 5, 6, 7, 8], [(2, 6)], [(3, 4)])], batch_size=1, pad_id=0,
                                     seed=0, tool_name_weight=3.0)
     assert y[0].tolist() == [-100, 3, 4, 5, 6, -100, -100, -100]
     assert weights is not None and weights[0].tolist() == [0, 1, 3, 1, 1, 0, 0, 0]
+    (_, _, both), = make_batches([Encoded([1, 2, 3, 4, 5, 6, 7, 8], [(2, 6)], [(3, 4)], [(4, 6)])], batch_size=1,
+                                 pad_id=0, seed=0, tool_name_weight=3.0, tool_argument_weight=2.0)
+    assert both is not None and both[0].tolist() == [0, 1, 3, 2, 2, 0, 0, 0]
 
     def one_step(w: torch.Tensor | None) -> tuple[float, torch.Tensor]:
         torch.manual_seed(0)
@@ -314,6 +345,8 @@ def test_the_mix_option_changes_the_named_families_and_keeps_the_others(
         assert "between 0 and 1" in capsys.readouterr().err, bad
     cfg, _, _ = _run_command([*argv, "--tool-name-weight", "3"], monkeypatch)
     assert cfg.tool_name_weight == 3.0 and TrainConfig().tool_name_weight == 1.0
+    cfg, _, _ = _run_command([*argv, "--tool-argument-weight", "2.5"], monkeypatch)
+    assert cfg.tool_argument_weight == 2.5 and TrainConfig().tool_argument_weight == 1.0
     for bad in ("0.5", "heavy"):
         with pytest.raises(SystemExit):
             main([*argv, "--tool-name-weight", bad])

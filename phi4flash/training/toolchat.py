@@ -123,16 +123,50 @@ _TOPICS = ("the history of tea", "cheap flights to Rome", "Python list comprehen
            "vegan lasagna recipes", "electric cars", "the rules of chess", "solar panels", "jazz in the 1950s",
            "how bees make honey", "the best hiking boots", "black holes", "Mamba state space models")
 _PEOPLE = ("alice@example.com", "bob@example.org", "team@acme.io", "Dr. Chen", "Maria", "the support team")
+_FIRST_NAMES = ("Alice", "Bob", "Maria", "Kenji", "Amara", "Lucas", "Priya", "Olga", "Tom", "Fatima", "Wei", "Sara")
+_DOMAINS = ("example.com", "example.org", "acme.io", "mail.net")
 _MESSAGES = ("the meeting moved to 3 pm", "I will be late", "the report is ready", "thanks for your help",
              "lunch on Friday?", "the build is green")
-_LANGS = ("French", "German", "Spanish", "Japanese", "Italian", "Swahili", "Korean")
+_LANGS = ("French", "German", "Spanish", "Japanese", "Italian", "Swahili", "Korean", "Portuguese", "Dutch", "Turkish",
+          "Hindi", "Polish", "Greek", "Vietnamese", "Arabic", "Finnish")
 _PHRASES = ("good morning", "where is the station?", "thank you very much", "see you tomorrow", "I love tea")
 _TICKERS = ("MSFT", "AAPL", "NVDA", "TSLA", "AMZN", "GOOG", "IBM", "SAP")
 _CURRENCIES = ("USD", "EUR", "JPY", "GBP", "CHF", "INR", "BRL")
 _TASKS = ("call mom", "water the plants", "send the invoice", "book a dentist", "buy milk", "stretch")
 _TIMES = ("9 am", "noon", "5:30 pm", "tomorrow at 8", "Monday morning", "in 20 minutes")
-_DESCRIPTIONS = ("a Chinese technology company", "a Japanese company", "a small bakery", "a German car maker",
-                 "a local bookshop", "a Brazilian coffee farm", "a Russian software studio", "a design agency")
+_NATIONALITIES = ("Chinese", "Japanese", "German", "Brazilian", "Russian", "Kenyan", "French", "Indian", "Mexican",
+                  "Korean", "Italian", "Egyptian", "Canadian", "Vietnamese", "Polish", "Argentine")
+_TRADES = ("technology company", "company", "bakery", "car maker", "bookshop", "coffee farm", "software studio",
+           "design agency", "shipping firm", "law office", "flower shop", "bank", "hotel chain", "toy maker",
+           "tea house", "game studio")
+_SIZES = ("small", "large", "family-run", "new", "local", "growing")
+
+
+def _with_article(words: str) -> str:
+    return ("an " if words[0] in "AEIOUaeiou" else "a ") + words
+
+
+def recipient(rng: random.Random) -> str:
+    """Whom an e-mail goes to: a name, an address, or a team."""
+    shape = rng.random()
+    if shape < 0.3:
+        return rng.choice(_PEOPLE)
+    first = rng.choice(_FIRST_NAMES)
+    return first if shape < 0.6 else f"{first.lower()}@{rng.choice(_DOMAINS)}"
+
+
+def company_description(rng: random.Random) -> str:
+    """A customer's short description ("a Japanese company", "a small bakery in Lima"), drawn from thousands so
+    that only copying it from the question gets it right."""
+    trade = rng.choice(_TRADES)
+    shape = rng.randrange(4)
+    if shape == 0:
+        return _with_article(f"{rng.choice(_NATIONALITIES)} {trade}")
+    if shape == 1:
+        return _with_article(f"{rng.choice(_SIZES)} {trade}")
+    if shape == 2:
+        return _with_article(f"{rng.choice(_SIZES)} {rng.choice(_NATIONALITIES)} {trade}")
+    return f"{_with_article(trade)} in {rng.choice(CITIES)}"
 
 
 @dataclass(frozen=True)
@@ -182,7 +216,7 @@ INTENTS: tuple[Intent, ...] = (
             "confirmation message about the customer creation.", "Create a new customer record.",
             "Register a client by name with a short description."),
            (Param(("customer_name", "name", "client_name", "company_name"), "string", random_name),
-            Param(("description", "details", "about", "note"), "string", lambda r: r.choice(_DESCRIPTIONS))),
+            Param(("description", "details", "about", "note"), "string", company_description)),
            ("Create a customer named '{0}' - {1}", "Create a customer named '{0}' (a customer) - {1}",
             "Please register the client '{0}', {1}.", "Add a customer called '{0}': {1}."),
            ("Created customer.", "OK", '{"id": 1042}', "Customer created.")),
@@ -193,7 +227,7 @@ INTENTS: tuple[Intent, ...] = (
            ("3 results found.", '["Result one", "Result two"]', "Top hit: an encyclopedia article.")),
     Intent("email", ("send", "write", "post", "notify", ""), ("email", "mail", "message", "note"),
            ("Send an email to someone.", "Send a short message to a person.", "Deliver an e-mail."),
-           (Param(("to", "recipient", "address"), "string", lambda r: r.choice(_PEOPLE)),
+           (Param(("to", "recipient", "address"), "string", recipient),
             Param(("body", "text", "message", "content"), "string", lambda r: r.choice(_MESSAGES))),
            ("Send an email to {0} saying {1}.", "Tell {0} that {1}.", "Message {0}: {1}"),
            ("Sent.", "OK", '{"status": "sent"}')),

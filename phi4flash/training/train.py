@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from ..cli import HelpFormatter
-from ..tools import TOOL_CALL_OPEN
+from ..tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from . import data as data_mod
 from .scan import training_conv1d, training_scan
 from .tokenizer_train import generation_config, model_config, save_tokenizer_files, train_tokenizer, write_json
@@ -88,6 +88,9 @@ class TrainConfig:
     # Weight in the loss of the tokens of the tool name a thought picks ("Call get_weather.", "..., with add."),
     # the one decision of a tool chat that the rest copies; 1 weighs every trained token the same.
     tool_name_weight: float = 1.0
+    # Weight in the loss of the tokens of a call's argument values (a city, a name, a description, an operand),
+    # which the call copies from the question; 1 weighs every trained token the same.
+    tool_argument_weight: float = 1.0
     # Continue from this checkpoint (a folder or "embedded"): its tokenizer, sizes and weights instead of new ones,
     # so that a run can teach a trained model more without paying again for what it knows.
     init_from: str | None = None
@@ -145,21 +148,58 @@ def _training_kernels() -> Iterator[None]:
 
 
 class Encoded(NamedTuple):
-    """A chat as token ids, the ``[start, end)`` spans of the ids that carry the loss, and the spans of the
-    tool names its thoughts pick (see :data:`TrainConfig.tool_name_weight`)."""
+    """A chat as token ids, the ``[start, end)`` spans of the ids that carry the loss, the spans of the
+    tool names its thoughts pick (see :data:`TrainConfig.tool_name_weight`) and the spans of its calls' argument
+    values (:data:`TrainConfig.tool_argument_weight`)."""
 
     ids: list[int]
     spans: list[tuple[int, int]]
     tool_names: Sequence[tuple[int, int]] = ()
+    tool_arguments: Sequence[tuple[int, int]] = ()
 
 
 _CALLED_NAME = re.compile(re.escape(TOOL_CALL_OPEN) + r'\[\{"name": "([^"]+)"')
+_CALL = re.compile(re.escape(TOOL_CALL_OPEN) + "(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+
+
+def argument_values(text: str) -> list[tuple[int, int]]:
+    """The ``[start, end)`` character spans of the argument values of the calls in ``text``, as
+    :func:`phi4flash.training.toolchat.call_text` writes them (a string's quotes left out).
+
+    Calls that are not JSON, or not written that way, give no spans.
+    """
+    out = []
+    for call in _CALL.finditer(text):
+        try:
+            payload = json.loads(call.group(1))
+        except json.JSONDecodeError:
+            continue
+        cursor = call.start(1)
+        for item in payload if isinstance(payload, list) else []:
+            arguments = item.get("arguments") if isinstance(item, dict) else None
+            for key, value in (arguments.items() if isinstance(arguments, dict) else ()):
+                written = json.dumps(value, ensure_ascii=False)
+                start = text.find(json.dumps(key, ensure_ascii=False) + ": " + written, cursor, call.end(1))
+                if start < 0:
+                    continue
+                start += len(json.dumps(key, ensure_ascii=False)) + 2
+                cursor = start + len(written)
+                quoted = isinstance(value, str)
+                out.append((start + quoted, cursor - quoted))
+    return out
+
+
+def _token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
+    """The ``[first, last + 1)`` token indices whose characters overlap ``[start, end)`` (None: none do)."""
+    picked = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+    return (picked[0], picked[-1] + 1) if picked else None
 
 
 def encode_example(tok: Tokenizer, ex: data_mod.Example) -> Encoded:
     """Token ids of prompt + completion + ``<|end|>``, the ``[start, end)`` spans of the ids that carry the
     loss (the completion, and every earlier assistant turn too when ``ex.trained_history`` is set), and in those
-    turns the spans of the tool name that the thought picks before the call names it.
+    turns the spans of the tool name that the thought picks before the call names it and of the calls' argument
+    values.
 
     The text is encoded in pieces cut at special tokens (``<|assistant|>``, ``<|end|>``), which the tokenizer
     never merges across, so the ids are those of the whole text.
@@ -167,16 +207,20 @@ def encode_example(tok: Tokenizer, ex: data_mod.Example) -> Encoded:
     ids: list[int] = []
     spans: list[tuple[int, int]] = []
     names: list[tuple[int, int]] = []
+    values: list[tuple[int, int]] = []
 
     def trained(text: str) -> None:
         encoding = tok.encode(text)
         spans.append((len(ids), len(ids) + len(encoding.ids)))
         call = _CALLED_NAME.search(text)
         start = text.find(call.group(1)) if call else -1
-        if call and 0 <= start < call.start():  # the thought picks the tool; the call then copies the name
-            end = start + len(call.group(1))
-            picked = [i for i, (a, b) in enumerate(encoding.offsets) if a < end and b > start]
-            names.append((len(ids) + picked[0], len(ids) + picked[-1] + 1))
+        picks = [(start, start + len(call.group(1)))] if call and 0 <= start < call.start() else []
+        # The thought picks the tool (the call then copies the name); the arguments are copied from the question.
+        for into, char_spans in ((names, picks), (values, argument_values(text))):
+            for a, b in char_spans:
+                token_span = _token_span(encoding.offsets, a, b)
+                if token_span:
+                    into.append((len(ids) + token_span[0], len(ids) + token_span[1]))
         ids.extend(encoding.ids)
 
     pending = ""  # prompt text not encoded yet
@@ -189,7 +233,7 @@ def encode_example(tok: Tokenizer, ex: data_mod.Example) -> Encoded:
             pending += data_mod.render_message(m)
     ids.extend(tok.encode(pending + "<|assistant|>").ids)
     trained(ex.completion + "<|end|>")
-    return Encoded(ids, spans, names)
+    return Encoded(ids, spans, names, values)
 
 
 class Batch(NamedTuple):
@@ -202,7 +246,8 @@ class Batch(NamedTuple):
 
 
 def make_batches(encoded: Sequence[Encoded], batch_size: int, pad_id: int, seed: int,
-                 max_tokens: int | None = None, tool_name_weight: float = 1.0) -> list[Batch]:
+                 max_tokens: int | None = None, tool_name_weight: float = 1.0,
+                 tool_argument_weight: float = 1.0) -> list[Batch]:
     """Group chats of similar length (less padding), right-pad, and shuffle the batch order.
 
     A batch holds at most ``batch_size`` chats and, when ``max_tokens`` is given, at most that many tokens
@@ -213,6 +258,7 @@ def make_batches(encoded: Sequence[Encoded], batch_size: int, pad_id: int, seed:
         encoded: the chats (:func:`encode_example`).
         tool_name_weight: the weight in the loss of the tool names that the thoughts pick (``Encoded.tool_names``);
             at 1 every trained token counts the same and the batches carry no weights.
+        tool_argument_weight: the same for the argument values of the calls (``Encoded.tool_arguments``).
 
     Returns:
         The batches: targets are -100 outside the chats' loss spans (the prompt, untrained turns) and on
@@ -247,11 +293,13 @@ def make_batches(encoded: Sequence[Encoded], batch_size: int, pad_id: int, seed:
                 for a, b in row.spans:
                     y[r, a - 1:b - 1] = torch.tensor(row.ids[a:b])
             w = None
-            if tool_name_weight != 1:
+            if tool_name_weight != 1 or tool_argument_weight != 1:
                 w = (y != -100).float()
                 for r, row in enumerate(rows):
-                    for a, b in row.tool_names:
-                        w[r, a - 1:b - 1] = tool_name_weight
+                    for weight, token_spans in ((tool_argument_weight, row.tool_arguments),
+                                                (tool_name_weight, row.tool_names)):
+                        for a, b in token_spans:
+                            w[r, a - 1:b - 1] = weight
             batches.append(Batch(x, y, w))
     rng.shuffle(batches)
     return batches
@@ -331,7 +379,7 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
     pad_id = tok.token_to_id("<|endoftext|>")
     encoded = [encode_example(tok, ex) for ex in examples[:cfg.steps * cfg.batch_size]]
     batches = make_batches(encoded, cfg.batch_size, pad_id, cfg.seed, cfg.batch_tokens,
-                           cfg.tool_name_weight)[:cfg.steps]
+                           cfg.tool_name_weight, cfg.tool_argument_weight)[:cfg.steps]
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     losses: list[float] = []
@@ -562,6 +610,9 @@ def build_parser(prog: str = "phi4flash train") -> argparse.ArgumentParser:
     parser.add_argument("--tool-name-weight", type=_weight, default=defaults.tool_name_weight, metavar="W",
                         help="weight in the loss of the tool name that a thought picks before a call "
                              "(1: every trained token the same)")
+    parser.add_argument("--tool-argument-weight", type=_weight, default=defaults.tool_argument_weight, metavar="W",
+                        help="weight in the loss of the argument values of a call, copied from the question "
+                             "(1: every trained token the same)")
     return parser
 
 
@@ -618,7 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes or None, seed=args.seed, batch_size=args.batch_size,
                       lr=args.lr, threads=args.threads, bf16=not args.no_bf16, compile=not args.no_compile, model=model,
                       vocab_size=args.vocab_size, init_from=args.init_from, weights=args.mix,
-                      tool_sessions=args.tool_sessions, tool_name_weight=args.tool_name_weight)
+                      tool_sessions=args.tool_sessions, tool_name_weight=args.tool_name_weight,
+                      tool_argument_weight=args.tool_argument_weight)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = shlex.join(["phi4flash", "train", *(argv if argv is not None else sys.argv[1:])])
     result = train(cfg, out, progress=True, command=command)
