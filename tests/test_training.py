@@ -127,12 +127,19 @@ def test_a_tool_session_trains_every_assistant_turn_and_its_ids_are_the_whole_te
         assert encode_example(tok, replace(ex, trained_history=False))[:2] == (ids, spans[-1:])
 
 
+def _encoded_tool_chats(tok: Tokenizer, seed: int) -> list[tuple[Encoded, list[str]]]:
+    """120 tool chats, half of them sessions, encoded, each with the texts of its trained turns."""
+    out = []
+    for ex in data.generate(120, seed=seed, families=["tool"], tool_sessions=0.5):
+        encoded = encode_example(tok, ex)
+        out.append((encoded, [tok.decode(encoded.ids[a:b], skip_special_tokens=False) for a, b in encoded.spans]))
+    return out
+
+
 def test_the_tool_name_that_a_thought_picks_is_marked_in_every_trained_turn() -> None:
     tok = Tokenizer.from_file(str(EMBEDDED_DIR / "tokenizer.json"))
     marked = 0
-    for ex in data.generate(120, seed=6, families=["tool"], tool_sessions=0.5):
-        ids, spans, names, _ = encode_example(tok, ex)
-        turns = [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in spans]
+    for (ids, spans, names, _), turns in _encoded_tool_chats(tok, seed=6):
         picks = []  # (turn, called name) of the trained calls whose thought names the tool; a cut thought may not
         for turn in turns:
             thought, call, rest = turn.partition("<|tool_call|>")
@@ -153,9 +160,7 @@ def test_the_tool_name_that_a_thought_picks_is_marked_in_every_trained_turn() ->
 def test_the_argument_values_of_every_trained_call_are_marked() -> None:
     tok = Tokenizer.from_file(str(EMBEDDED_DIR / "tokenizer.json"))
     marked = 0
-    for ex in data.generate(120, seed=7, families=["tool"], tool_sessions=0.5):
-        ids, spans, _, values = encode_example(tok, ex)
-        turns = [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in spans]
+    for (ids, spans, _, values), turns in _encoded_tool_chats(tok, seed=7):
         written = []  # every argument value of every trained call, in order
         for turn in turns:
             for rest in turn.split("<|tool_call|>")[1:]:
