@@ -178,11 +178,11 @@ def argument_values(text: str) -> list[tuple[int, int]]:
         for item in payload if isinstance(payload, list) else []:
             arguments = item.get("arguments") if isinstance(item, dict) else None
             for key, value in (arguments.items() if isinstance(arguments, dict) else ()):
-                written = json.dumps(value, ensure_ascii=False)
-                start = text.find(json.dumps(key, ensure_ascii=False) + ": " + written, cursor, call.end(1))
+                key_written, written = json.dumps(key, ensure_ascii=False) + ": ", json.dumps(value, ensure_ascii=False)
+                start = text.find(key_written + written, cursor, call.end(1))
                 if start < 0:
                     continue
-                start += len(json.dumps(key, ensure_ascii=False)) + 2
+                start += len(key_written)
                 cursor = start + len(written)
                 quoted = isinstance(value, str)
                 out.append((start + quoted, cursor - quoted))
