@@ -332,6 +332,59 @@ def test_fraction_sums_name_their_denominators_and_work_out_the_numerators(train
         assert any("/" in line and "=" in line for line in lines[numerators:]), e.reasoning
 
 
+_OPERATION_OF = {"+": "+", "-": "-", "*": "*", "×": "*", "/": "/"}
+
+
+def _kind_of_called_tool(made: toolchat.Made) -> str:
+    """The intent kind or operation of the tool a chat's call names, read off its definition in the tool list."""
+    name = json.loads(made.value)["name"]
+    tool = next(t for t in json.loads(made.messages[0]["tools"]) if t["name"] == name)
+    args = list(tool["parameters"]["properties"])
+    for intent in toolchat.INTENTS:
+        if any(d.format(*args, "", "") == tool["description"] for d in intent.descriptions):
+            return intent.kind
+    return next(op for op, (_, _, descriptions) in toolchat.ARITHMETIC.items()
+                if tool["description"] in (*descriptions, toolchat.PLAIN_DESCRIPTIONS[op]))
+
+
+def _words_of(intent: toolchat.Intent) -> set[str]:
+    return set(" ".join((*intent.verbs, *intent.nouns, *intent.descriptions)).lower().replace(".", " ").split())
+
+
+def _names_the_kind(phrase: str, kind: str) -> bool:
+    """Whether a word of ``phrase`` is a word of the intent ``kind`` (its name parts, its descriptions) and of
+    no other."""
+    others = set().union(*(_words_of(i) for i in toolchat.INTENTS if i.kind != kind))
+    own = next(_words_of(i) for i in toolchat.INTENTS if i.kind == kind)
+    return any(w in own and w not in others for w in phrase.lower().split())
+
+
+def _names_the_operation(phrase: str, op: str) -> bool:
+    """Whether ``phrase`` ("a sum") names ``op`` as its tools' names do."""
+    return phrase.removeprefix("a ") in toolchat.ARITHMETIC[op][0]
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_a_thought_names_the_kind_of_request_just_before_the_tool_it_picks(held_out: bool) -> None:
+    rng = random.Random(11)
+    kinds = set()
+    for _ in range(200):
+        made = toolchat.intent_chat(rng, held_out, answer_turn=False)
+        kind, name = _kind_of_called_tool(made), json.loads(made.value)["name"]
+        phrase, call, _ = made.reasoning.partition(f": call {name}.")
+        assert call and _names_the_kind(phrase, kind) and made.reasoning.endswith(call), (made.reasoning, kind)
+        kinds.add(kind)
+    assert kinds == {i.kind for i in toolchat.INTENTS}
+    operations = set()
+    for _ in range(200):
+        made = toolchat.arithmetic_chat(rng, held_out, stage=0)
+        first = re.fullmatch(r".+: first (\d+) (\S) (\d+), (a \w+), with (\S+)\.", made.reasoning)
+        assert first and first[5] == json.loads(made.value)["name"], made.reasoning
+        assert _names_the_operation(first[4], _kind_of_called_tool(made)), made.reasoning
+        operations.add(_OPERATION_OF[first[2]])
+    assert operations == set(toolchat.ARITHMETIC)
+
+
 def test_agent_steps_restate_the_expression_with_the_result_in_place() -> None:
     rng = random.Random(5)
     chats = [toolchat.arithmetic_chat(rng, False, stage=1) for _ in range(300)]
@@ -339,8 +392,9 @@ def test_agent_steps_restate_the_expression_with_the_result_in_place() -> None:
     assert len(second) > 50
     for made in second:
         expr = made.key.split(":")[1]
-        restated = re.search(r", so (.+) = (.+)\. Next (\d+) (\S) (\d+), with", made.reasoning)
+        restated = re.search(r", so (.+) = (.+)\. Next (\d+) (\S) (\d+), (a \w+), with", made.reasoning)
         assert restated and restated[1] == expr, made.reasoning
+        assert _names_the_operation(restated[6], _OPERATION_OF[restated[4]]), made.reasoning
         # what is left is the next call's operation on its two numbers, in the question's symbols
         call = json.loads(made.value)
         left, right = (int(v) for v in call["arguments"].values())

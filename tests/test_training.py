@@ -148,11 +148,13 @@ def test_the_tool_name_that_a_thought_picks_is_marked_in_every_trained_turn() ->
                 picks.append((turn, called))
         assert len(names) == len(picks)  # none for reports, plain answers and cut thoughts
         for (a, b), (turn, called) in zip(names, picks, strict=True):
-            assert any(s <= a < b <= e for s, e in spans)
+            end = next(e for s, e in spans if s <= a < b <= e)
             picked = tok.decode(ids[a:b]).strip()
             # the name's tokens, in the thought, before the call
             assert called in picked and len(picked) <= len(called) + 2, (picked, called)
-            assert turn.index(picked) < turn.index("<|tool_call|>")
+            between, call, _ = tok.decode(ids[b:end], skip_special_tokens=False).partition("<|tool_call|>")
+            # the pick is the last mention before the call, not the step before's ("add gave 7, ... with add.")
+            assert call and called not in between, (turn, called)
             marked += 1
     assert marked > 100
 

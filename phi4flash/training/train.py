@@ -85,8 +85,8 @@ class TrainConfig:
     # Share of the tool chats that are sessions of several requests on one tool list, every reply trained
     # (data.generate's tool_sessions; 0 gives the data of the runs before it existed).
     tool_sessions: float = 0.0
-    # Weight in the loss of the tokens of the tool name a thought picks ("Call get_weather.", "..., with add."),
-    # the one decision of a tool chat that the rest copies; 1 weighs every trained token the same.
+    # Weight in the loss of the tokens of the tool name a thought picks ("Weather: call get_weather.", "..., a sum,
+    # with add."), the one decision of a tool chat that the rest copies; 1 weighs every trained token the same.
     tool_name_weight: float = 1.0
     # Weight in the loss of the tokens of a call's argument values (a city, a name, a description, an operand),
     # which the call copies from the question; 1 weighs every trained token the same.
@@ -213,8 +213,9 @@ def encode_example(tok: Tokenizer, ex: data_mod.Example) -> Encoded:
         encoding = tok.encode(text)
         spans.append((len(ids), len(ids) + len(encoding.ids)))
         call = _CALLED_NAME.search(text)
-        start = text.find(call.group(1)) if call else -1
-        picks = [(start, start + len(call.group(1)))] if call and 0 <= start < call.start() else []
+        # the last mention before the call: a thought may name the tool of the step before ("add gave 7, ...")
+        start = text.rfind(call.group(1), 0, call.start()) if call else -1
+        picks = [(start, start + len(call.group(1)))] if call and start >= 0 else []
         # The thought picks the tool (the call then copies the name); the arguments are copied from the question.
         for into, char_spans in ((names, picks), (values, argument_values(text))):
             for a, b in char_spans:
