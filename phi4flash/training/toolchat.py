@@ -181,9 +181,15 @@ class Param:
 
 @dataclass(frozen=True)
 class Intent:
-    """A kind of tool: name parts, descriptions, parameters, questions, and a result it may return."""
+    """A kind of tool: what a thought calls its requests, name parts, descriptions, parameters, questions, and a
+    result it may return."""
 
     kind: str
+    # What a thought calls the request before it names the tool ("Weather: call get_weather."). The tool is
+    # picked at its name's first token; written just before it, the kind of request is what the tool list is
+    # searched for (the eleventh run, which named the tool at once, picked another kind's tool in 9 of 400
+    # held-out requests; the twelfth, which names the kind first, in 2).
+    request: str
     verbs: tuple[str, ...]
     nouns: tuple[str, ...]
     descriptions: tuple[str, ...]
@@ -193,7 +199,8 @@ class Intent:
 
 
 INTENTS: tuple[Intent, ...] = (
-    Intent("weather", ("get", "fetch", "lookup", "check", "current", "read", "query", ""),
+    Intent("weather", "Weather",
+           ("get", "fetch", "lookup", "check", "current", "read", "query", ""),
            ("weather", "forecast", "weather report", "conditions"),
            ("Get the weather at a location.", "Get the current weather for a city.",
             "Return today's weather forecast for a place.", "Look up the weather conditions somewhere."),
@@ -201,7 +208,8 @@ INTENTS: tuple[Intent, ...] = (
            ("What is the weather in {0}?", "What's the weather like in {0}?", "Is it raining in {0}?",
             "Tell me the weather in {0}.", "How is the weather in {0} today?", "Weather in {0}, please."),
            ("It's sunny.", "Cloudy, 18°C", '{"temp": 21, "sky": "clear"}', "Light rain, 12°C", "Snow, -3°C")),
-    Intent("function", ("magic", "mystery", "special", "secret", "apply", "compute", "blend", "twist"),
+    Intent("function", "Function",
+           ("magic", "mystery", "special", "secret", "apply", "compute", "blend", "twist"),
            ("function", "fn", "op", "transform", "value", ""),
            ("Apply a magic function to an input.", "Compute a special function of a number.",
             "Apply the transform to an integer.", "Return the mystery value of a number."),
@@ -209,7 +217,8 @@ INTENTS: tuple[Intent, ...] = (
            ("What is the value of {name}({0})? Use the tool.", "Call {name} with {0}.", "Use {name} on {0}.",
             "What does {name} return for {0}?", "Compute {name}({0}) with the tool."),
            ("5", "42", "-7", "1000", "3.5")),
-    Intent("customer", ("create", "add", "new", "register", "make", ""),
+    Intent("customer", "New customer",
+           ("create", "add", "new", "register", "make", ""),
            ("customer", "client", "company", "account", "unicode customer"),
            ("Tool for creating a customer with Unicode name.\n\n    Args:\n        {0}: The customer's name in "
             "their native language.\n        {1}: Description of the customer.\n\n    Returns:\n        A "
@@ -220,41 +229,48 @@ INTENTS: tuple[Intent, ...] = (
            ("Create a customer named '{0}' - {1}", "Create a customer named '{0}' (a customer) - {1}",
             "Please register the client '{0}', {1}.", "Add a customer called '{0}': {1}."),
            ("Created customer.", "OK", '{"id": 1042}', "Customer created.")),
-    Intent("search", ("search", "find", "lookup", "query", "web"), ("web", "internet", "docs", "search", ""),
+    Intent("search", "Web search",
+           ("search", "find", "lookup", "query", "web"), ("web", "internet", "docs", "search", ""),
            ("Search the web for a query.", "Find pages about a topic.", "Run a web search and return results."),
            (Param(("query", "q", "topic", "text"), "string", lambda r: r.choice(_TOPICS)),),
            ("Search for {0}.", "Look up {0} on the web.", "Find information about {0}.", "Search the web: {0}"),
            ("3 results found.", '["Result one", "Result two"]', "Top hit: an encyclopedia article.")),
-    Intent("email", ("send", "write", "post", "notify", ""), ("email", "mail", "message", "note"),
+    Intent("email", "E-mail",
+           ("send", "write", "post", "notify", ""), ("email", "mail", "message", "note"),
            ("Send an email to someone.", "Send a short message to a person.", "Deliver an e-mail."),
            (Param(("to", "recipient", "address"), "string", recipient),
             Param(("body", "text", "message", "content"), "string", lambda r: r.choice(_MESSAGES))),
            ("Send an email to {0} saying {1}.", "Tell {0} that {1}.", "Message {0}: {1}"),
            ("Sent.", "OK", '{"status": "sent"}')),
-    Intent("currency", ("convert", "exchange", "fx", ""), ("currency", "money", "rate", "currencies"),
+    Intent("currency", "Currency conversion",
+           ("convert", "exchange", "fx", ""), ("currency", "money", "rate", "currencies"),
            ("Convert an amount between currencies.", "Exchange money from one currency to another."),
            (Param(("amount", "value", "sum"), "integer", lambda r: r.choice([5, 10, 20, 50, 100, 250, 1200])),
             Param(("from_currency", "source", "from_code"), "string", lambda r: r.choice(_CURRENCIES)),
             Param(("to_currency", "target", "to_code"), "string", lambda r: r.choice(_CURRENCIES))),
            ("Convert {0} {1} to {2}.", "How much is {0} {1} in {2}?", "Exchange {0} {1} into {2}."),
            ("92.5", "1 = 0.91", '{"converted": 118.2}')),
-    Intent("translate", ("translate", "convert", ""), ("text", "phrase", "language", "translator"),
+    Intent("translate", "Translation",
+           ("translate", "convert", ""), ("text", "phrase", "language", "translator"),
            ("Translate text into another language.", "Translate a phrase.", "Machine translation of text."),
            (Param(("text", "phrase", "source_text"), "string", lambda r: r.choice(_PHRASES)),
             Param(("target_language", "language", "lang", "to"), "string", lambda r: r.choice(_LANGS))),
            ("Translate '{0}' into {1}.", "How do you say '{0}' in {1}?", "Translate '{0}' to {1}, please."),
            ("Bonjour", "Guten Morgen", "ありがとう", "Hola")),
-    Intent("time", ("get", "current", "local", "lookup", ""), ("time", "clock", "local time", "time now"),
+    Intent("time", "Local time",
+           ("get", "current", "local", "lookup", ""), ("time", "clock", "local time", "time now"),
            ("Get the current local time in a city.", "Return the time of day somewhere."),
            (Param(("city", "location", "timezone", "place"), "string", lambda r: r.choice(CITIES)),),
            ("What time is it in {0}?", "Current time in {0}?", "Tell me the local time in {0}."),
            ("14:05", "9:30 am", "23:12")),
-    Intent("stock", ("get", "fetch", "lookup", "quote", ""), ("stock price", "quote", "share price", "ticker"),
+    Intent("stock", "Stock price",
+           ("get", "fetch", "lookup", "quote", ""), ("stock price", "quote", "share price", "ticker"),
            ("Get the latest stock price for a ticker symbol.", "Return a share price."),
            (Param(("ticker", "symbol", "stock"), "string", lambda r: r.choice(_TICKERS)),),
            ("What is the stock price of {0}?", "How much is {0} trading at?", "Get me a quote for {0}."),
            ("412.30", "$188.10", '{"price": 97.5}')),
-    Intent("reminder", ("set", "create", "add", "schedule", ""), ("reminder", "alarm", "todo", "task"),
+    Intent("reminder", "Reminder",
+           ("set", "create", "add", "schedule", ""), ("reminder", "alarm", "todo", "task"),
            ("Set a reminder for a task at a time.", "Schedule a reminder."),
            (Param(("task", "what", "title"), "string", lambda r: r.choice(_TASKS)),
             Param(("time", "when", "at"), "string", lambda r: r.choice(_TIMES))),
@@ -262,13 +278,8 @@ INTENTS: tuple[Intent, ...] = (
            ("Reminder set.", "OK", '{"id": 7}')),
 )
 
-# What a thought calls the request before it names the tool ("Weather: call get_weather."). The tool is picked
-# at its name's first token; written just before it, the kind of request is what the tool list is searched
-# for (the eleventh run, which named the tool at once, picked another kind's tool in 9 of 200 held-out requests).
-REQUEST_KINDS = {"weather": "Weather", "function": "Function", "customer": "New customer", "search": "Web search",
-                 "email": "E-mail", "currency": "Currency conversion", "translate": "Translation",
-                 "time": "Local time", "stock": "Stock price", "reminder": "Reminder"}
-# The same for an operation, after its operands ("first 3 + 4, a sum, with add.").
+# What a thought calls an operation after its operands, before it names the tool ("first 3 + 4, a sum, with
+# add."), as ``Intent.request`` does for a request.
 OPERATION_NAMES = {"+": "a sum", "-": "a difference", "*": "a product", "/": "a quotient"}
 
 # Arithmetic tools: (operation symbol, name parts, descriptions, how the question may spell the operation).
@@ -360,7 +371,7 @@ def system_message(tools: list[Tool], rng: random.Random) -> dict[str, str]:
 def call_thought(tool: Tool) -> str:
     """The thought before a request's call of ``tool``: the kind of request, then the tool it picks."""
     assert tool.intent is not None
-    return f"{REQUEST_KINDS[tool.intent.kind]}: call {tool.name}."
+    return f"{tool.intent.request}: call {tool.name}."
 
 
 def call_text(name: str, arguments: dict[str, Any]) -> str:
