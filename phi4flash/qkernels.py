@@ -86,6 +86,32 @@ def _warn_float32(name: str) -> None:
                    "bfloat16; pass dtype='bfloat16' (the default with quantize=) for speed", name)
 
 
+@functools.cache
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX tiles).
+
+    Without them PyTorch's bfloat16 matrix products on the CPU take a scalar path: a 2048 x 2048 product took 53 s
+    against 0.125 s in float32 on an AVX2 AMD EPYC (2 threads, torch 2.13, 2026-12-03; see benchmarks.md), so the
+    dense products of bfloat16 activations go through float32 there (:func:`dense_linear`).
+    """
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def float32_products(x: torch.Tensor) -> bool:
+    """Whether products of ``x`` (bfloat16 on a CPU that does not multiply bfloat16) should run in float32."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_multiplies_bfloat16()
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)``; in float32, rounded back once, where bfloat16 products are slow (see
+    :func:`cpu_multiplies_bfloat16`)."""
+    if float32_products(x):
+        return F.linear(x.float(), weight.float()).to(x.dtype)
+    return F.linear(x, weight)
+
+
 class PackedWeight:
     """One layer's quantized weight in a kernel's layout, with activations in ``dtype``."""
 
@@ -103,7 +129,7 @@ class PackedWeight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(M, K) activations in ``dtype`` -> (M, N): the kernel for few rows, dequantize + dense for many."""
         if x.shape[0] > self.dequant_rows:
-            return F.linear(x, self.dequantize(x.dtype))
+            return dense_linear(x, self.dequantize(x.dtype))
         return self.kernel(x)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,10 +297,12 @@ class _NativeTiles(PackedWeight):
             return self.kernel(x)
         y = x.new_empty(x.shape[0], self.out_features)
         block = _scratch_rows(min(DENSE_BLOCK_ROWS, self.out_features), self.in_features)
+        in_float32 = float32_products(x)
+        x = x.float() if in_float32 else x
         for first in range(0, self.out_features, block.shape[0]):
             weight = block[:min(block.shape[0], self.out_features - first)]
             torch.ops.phi4flash.dequantize_into(self.tiles, self.scales, self.zeros, self.group_size, first, weight)
-            y[:, first:first + weight.shape[0]] = F.linear(x, weight)
+            y[:, first:first + weight.shape[0]] = F.linear(x, weight.float() if in_float32 else weight)
         return y
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -430,10 +458,13 @@ def _affine(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group
 
 
 # -- PyTorch's CPU int4 layout --------------------------------------------------------------------------------------
-# _convert_weight_to_int4pack_for_cpu packs (N, K) values into (N, K/2) bytes, block by block of 64 rows:
-# a block is K groups of 32 bytes, byte j of group k holding row j (low nibble) and row 32 + j (high) at
-# input k. A last block of t < 64 rows is K groups of t/2 bytes, byte j holding rows 2j and 2j + 1.
-# The layout is PyTorch's internal one: check_cpu_int4_layout() verifies it once per process.
+# _convert_weight_to_int4pack_for_cpu packs (N, K) values into (N, K/2) bytes, block by block of B rows (B = 64
+# where PyTorch's kernels are built for AVX-512, 32 for AVX2): a block is K groups of B/2 bytes, byte j of group
+# k holding row j (low nibble) and row B/2 + j (high) at input k. A last block of t < B rows is K groups of t/2
+# bytes, byte j holding rows 2j and 2j + 1. The layout is PyTorch's internal one: _cpu_int4_block_rows() finds
+# B once per process and check_cpu_int4_layout() verifies the whole layout.
+
+_CPU_INT4_BLOCKS = (64, 32)  # the block heights PyTorch's CPU kernels use (AVX-512, AVX2)
 
 
 def cpu_int4_pack(values: torch.Tensor) -> torch.Tensor:
@@ -442,10 +473,9 @@ def cpu_int4_pack(values: torch.Tensor) -> torch.Tensor:
                       for i in range(0, values.shape[0], _PACK_ROWS)])
 
 
-def cpu_int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`cpu_int4_pack`: (N, K/2) packed -> (N, K) uint8 values."""
-    full = n // 64 * 64
-    blocks = packed.reshape(-1)[:full * k // 2].view(n // 64, k, 32)
+def _unpack_with_block(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    full = n // block * block
+    blocks = packed.reshape(-1)[:full * k // 2].view(n // block, k, block // 2)
     head = torch.stack([blocks & 15, blocks >> 4], dim=1).transpose(2, 3).reshape(full, k)
     if full == n:
         return head
@@ -454,17 +484,35 @@ def cpu_int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.cat([head, tail])
 
 
+@functools.cache
+def _cpu_int4_block_rows() -> int:
+    """The rows of one block of PyTorch's CPU int4 layout on this machine (see above); 64 when none fits (the
+    layout check then refuses int4 with the reason)."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=generator)
+    packed = cpu_int4_pack(values)
+    return next((block for block in _CPU_INT4_BLOCKS
+                 if torch.equal(_unpack_with_block(packed, 128, 64, block), values)), _CPU_INT4_BLOCKS[0])
+
+
+def cpu_int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`cpu_int4_pack`: (N, K/2) packed -> (N, K) uint8 values."""
+    return _unpack_with_block(packed, n, k, _cpu_int4_block_rows())
+
+
 def cpu_int4_rows(packed: torch.Tensor, n: int, k: int, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` (R,) of the values in PyTorch's CPU int4 layout -> (R, K) uint8, without unpacking all."""
-    full = n // 64 * 64
+    block = _cpu_int4_block_rows()
+    half = block // 2
+    full = n // block * block
     flat = packed.reshape(-1)
-    blocks = flat[:full * k // 2].view(n // 64, k, 32)
+    blocks = flat[:full * k // 2].view(n // block, k, half)
     out = torch.empty(index.shape[0], k, dtype=torch.uint8, device=packed.device)
     in_blocks = index < full
     if bool(in_blocks.any()):
         rows = index[in_blocks]
-        byte = blocks[rows // 64, :, rows % 32]  # (R, K)
-        out[in_blocks] = (byte >> (4 * ((rows % 64) // 32)).to(torch.uint8)[:, None]) & 15
+        byte = blocks[rows // block, :, rows % half]  # (R, K)
+        out[in_blocks] = (byte >> (4 * ((rows % block) // half)).to(torch.uint8)[:, None]) & 15
     if not bool(in_blocks.all()):
         rows = index[~in_blocks] - full
         tail = flat[full * k // 2:].view(k, (n - full) // 2)
@@ -477,9 +525,9 @@ def cpu_int4_rows(packed: torch.Tensor, n: int, k: int, index: torch.Tensor) -> 
 def check_cpu_int4_layout() -> None:
     """Verify, once, that this PyTorch packs CPU int4 weights the way :func:`cpu_int4_unpack` reads them."""
     generator = torch.Generator().manual_seed(0)
-    values = torch.randint(0, 16, (80, 64), dtype=torch.uint8, generator=generator)  # one full block + a tail
+    values = torch.randint(0, 16, (80, 64), dtype=torch.uint8, generator=generator)  # full blocks + a tail
     packed = cpu_int4_pack(values)
-    rows = torch.tensor([0, 31, 32, 63, 64, 79])
+    rows = torch.tensor([0, 15, 16, 31, 32, 63, 64, 79])
     if not (torch.equal(cpu_int4_unpack(packed, 80, 64), values)
             and torch.equal(cpu_int4_rows(packed, 80, 64, rows), values[rows])):
         raise KernelUnavailableError(f"torch {torch.__version__} packs CPU int4 weights in a layout phi4flash does "
@@ -527,14 +575,15 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if (rows > 2 or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not weight.is_contiguous()
             or (torch.is_grad_enabled() and weight.requires_grad) or weight.device.type != "cpu"
             or not native_built()):
-        return F.linear(x, weight)
+        return dense_linear(x, weight)
     y = torch.ops.phi4flash.bf16_linear(x.reshape(rows, -1).contiguous(), weight)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class DecodeLinear(nn.Linear):
     """``nn.Linear`` whose products of one or two rows (decode) on the CPU in bfloat16 run phi4flash's matrix-vector
-    kernel (:func:`decode_linear`); anything else (prefill, other dtypes, training) is ``nn.Linear``'s."""
+    kernel (:func:`decode_linear`); anything else (prefill, other dtypes, training) is ``nn.Linear``'s, in float32
+    where the CPU does not multiply bfloat16 (:func:`dense_linear`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = decode_linear(x, self.weight)
@@ -543,10 +592,12 @@ class DecodeLinear(nn.Linear):
 
 def use_decode_kernels(model: nn.Module) -> None:
     """Swap the model's CPU bfloat16 ``nn.Linear`` layers for :class:`DecodeLinear` (same parameters, names and
-    state dict) when phi4flash's kernels are built; back to ``nn.Linear`` on other devices and dtypes."""
+    state dict) when phi4flash's kernels are built or the CPU does not multiply bfloat16 (its products then run in
+    float32, :func:`dense_linear`); back to ``nn.Linear`` on other devices and dtypes."""
     for module in model.modules():
         if type(module) not in (nn.Linear, DecodeLinear):
             continue
         w = module.weight
-        wanted = w.device.type == "cpu" and w.dtype == torch.bfloat16 and native_built()
+        wanted = (w.device.type == "cpu" and w.dtype == torch.bfloat16
+                  and (native_built() or not cpu_multiplies_bfloat16()))
         module.__class__ = DecodeLinear if wanted else nn.Linear

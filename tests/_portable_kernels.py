@@ -1,8 +1,9 @@
 """Run by tests/test_native.py in its own process: build phi4flash's C++ kernels for a CPU without AVX-512
-(``-march=x86-64-v2``, the portable C++ loops) and check them against the reference: the quantized kernels bit
-for bit, the decode attention and the selective scan (forward and backward) within float32 rounding.
+(``-march=x86-64-v2``: the portable C++ loops; ``-march=haswell``: the AVX2 kernels) and check them against the
+reference: the quantized kernels bit for bit, the bfloat16 matrix-vector product, the decode attention and the
+selective scan (forward and backward) within float32 rounding.
 
-Usage: python tests/_portable_kernels.py BUILD_DIR  (prints "PORTABLE OK <isa>" when every check holds)
+Usage: python tests/_portable_kernels.py BUILD_DIR [MARCH]  (prints "PORTABLE OK <isa>" when every check holds)
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from torch.utils.cpp_extension import load
 from phi4flash import native, ops, qkernels, quant
 
 
-def main(build_dir: str) -> None:
-    module = load(name="phi4flash_portable_check", sources=[str(source) for source in native.SOURCES],
-                  extra_cflags=["-O2", "-march=x86-64-v2", "-fopenmp"], extra_ldflags=["-fopenmp"],
+def main(build_dir: str, march: str = "x86-64-v2") -> None:
+    module = load(name=f"phi4flash_portable_check_{march.replace('-', '_')}",
+                  sources=[str(source) for source in native.SOURCES],
+                  extra_cflags=["-O2", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"],
                   build_directory=build_dir, verbose=False)
     torch.manual_seed(0)
     for bits, group in [(8, 0), (4, 128), (4, 64), (4, 32)]:
@@ -44,6 +46,11 @@ def main(build_dir: str) -> None:
             assert torch.equal(whole, w.to(torch.bfloat16)), (bits, group)
             picked = torch.ops.phi4flash.dequantize(tiles, scales, extra, group, torch.tensor([n - 1, 0]))
             assert torch.equal(picked, w[[n - 1, 0]].to(torch.bfloat16)), (bits, group)
+    for rows, n, k in [(1, 40, 256), (2, 12, 100), (5, 7, 96)]:  # decode's rows, inputs past the vectors' width
+        x, w = torch.randn(rows, k).to(torch.bfloat16), torch.randn(n, k).to(torch.bfloat16)
+        expected = x.double() @ w.double().t()
+        error = (torch.ops.phi4flash.bf16_linear(x, w).double() - expected).abs() / (expected.abs() + 1e-3)
+        assert error.max().item() <= 2**-8, (rows, n, k, error.max().item())
     for heads, kv_heads, head_dim in [(40, 20, 64), (4, 2, 32), (12, 4, 24)]:
         q, k, v = torch.randn(2, heads, head_dim), torch.randn(2, 50, kv_heads, head_dim), torch.randn(2, 50, kv_heads,
                                                                                                         head_dim)
@@ -71,4 +78,4 @@ def main(build_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -156,6 +156,58 @@ def test_kernels_equal_the_dequantized_reference(backend: str, spec: QuantSpec, 
     assert torch.allclose(layer.rows(index).float(), w[index], rtol=2**-8, atol=0)
 
 
+def _linear_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, torch.dtype]]:
+    """The (activation, weight) dtypes of every F.linear call from now on."""
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    linear = torch.nn.functional.linear
+
+    def recording(x: torch.Tensor, weight: torch.Tensor, *args: object) -> torch.Tensor:
+        seen.append((x.dtype, weight.dtype))
+        return linear(x, weight, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording)
+    return seen
+
+
+@pytest.mark.parametrize("multiplies_bfloat16", [False, True])
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[3]], ids=lambda s: s.name)
+def test_many_rows_multiply_in_float32_where_the_cpu_does_not_multiply_bfloat16(
+        backend: str, spec: QuantSpec, multiplies_bfloat16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's bfloat16 matmul takes a scalar path on CPUs without AVX512-BF16 or AMX (hundreds of times slower
+    than float32): there the dense path of a prefill multiplies in float32 and rounds the result once."""
+    monkeypatch.setattr(qkernels, "cpu_multiplies_bfloat16", lambda: multiplies_bfloat16)
+    layer = _layer(spec, 64, 256, torch.bfloat16)
+    w = dequantize(**layer.portable())
+    x = torch.randn(4 + layer.packed.dequant_rows, 256).to(torch.bfloat16)
+    seen = _linear_dtypes(monkeypatch)
+    got = layer(x)
+    wanted = torch.bfloat16 if multiplies_bfloat16 else torch.float32
+    assert seen and set(seen) == {(wanted, wanted)}
+    expected = x.float() @ w.to(torch.bfloat16).float().t() + layer.bias.float()  # W dequantized to bfloat16
+    assert got.dtype == torch.bfloat16
+    error = (got.float() - expected).abs() / (expected.abs() + 1e-2 * expected.abs().max())
+    assert error.max().item() <= 1e-2
+
+
+@pytest.mark.parametrize("kernels_built", [False, True])
+def test_bfloat16_linears_multiply_in_float32_where_the_cpu_does_not_multiply_bfloat16(
+        kernels_built: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unquantized bfloat16 model on such a CPU: its prefill products run in float32 too, with or without
+    phi4flash's kernels (which take the one- and two-row products of decode)."""
+    monkeypatch.setattr(qkernels, "cpu_multiplies_bfloat16", lambda: False)
+    monkeypatch.setattr(qkernels, "native_built", lambda: kernels_built and native.load() is not None)
+    model = tiny_model().to_dtype(torch.bfloat16).tune_weight_layout()
+    layer = model.model.layers[0].mlp.fc1
+    assert type(layer) is qkernels.DecodeLinear
+    x = torch.randn(9, layer.in_features).to(torch.bfloat16)
+    seen = _linear_dtypes(monkeypatch)
+    with torch.no_grad():
+        got = layer(x)
+    assert seen == [(torch.float32, torch.float32)]
+    expected = x.float() @ layer.weight.float().t()
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), expected, rtol=1e-2, atol=1e-2)
+
+
 def test_float32_activations_run_exactly_on_pytorchs_kernels() -> None:
     for spec in (QuantSpec(8), QuantSpec(4, 64)):
         layer = _layer(spec, 80, 256, torch.float32)

@@ -94,6 +94,31 @@ def test_a_time_budget_stops_the_run_in_time(tmp_path: Path) -> None:
     assert result.seconds < 0.05 * 60 + 5  # the last step may run over a little
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_the_default_precision_is_bfloat16_only_where_the_cpu_multiplies_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
+    from phi4flash.training import train as train_mod
+
+    seen: list[bool] = []
+
+    def recording_step(*args: Any, bf16: bool = True, **kwargs: Any) -> float:
+        seen.append(bf16)
+        return train_step(*args, bf16=bf16, **kwargs)
+
+    monkeypatch.setattr(train_mod, "cpu_multiplies_bfloat16", lambda: native_bf16)
+    monkeypatch.setattr(train_mod, "train_step", recording_step)
+    cfg = TrainConfig(steps=2, minutes=None, batch_size=2, warmup_steps=1, vocab_size=384, tokenizer_examples=200,
+                      model=dict(TINY), seed=2, compile=False)
+    assert cfg.bf16 is None
+    result = train(cfg, tmp_path / "auto")
+    assert seen == [native_bf16] * 2
+    assert result.summary["precision"] == ("bfloat16 autocast" if native_bf16 else "float32")
+    seen.clear()
+    result = train(replace(cfg, bf16=not native_bf16), tmp_path / "asked")  # an explicit choice wins
+    assert seen == [not native_bf16] * 2
+    assert result.summary["precision"] == ("float32" if native_bf16 else "bfloat16 autocast")
+
+
 def test_batches_put_the_loss_on_the_assistant_turn_only() -> None:
     encoded = [Encoded([1, 2, 3, 4, 5], [(3, 5)]), Encoded([1, 2, 6, 7], [(2, 4)]),
                Encoded([9, 9, 9, 9, 9, 9], [(4, 6)]), Encoded([5, 6, 7], [(1, 3)])]
@@ -343,6 +368,9 @@ def test_the_mix_option_changes_the_named_families_and_keeps_the_others(
     assert shlex.split(command) == ["phi4flash", "train", *argv, "--mix", "tool=0.35, percent=0.15"]
     cfg, _, _ = _run_command(argv, monkeypatch)
     assert cfg.weights is None  # the defaults, as data.generate reads them
+    assert cfg.bf16 is None  # bfloat16 where the CPU multiplies it natively
+    assert _run_command([*argv, "--bf16"], monkeypatch)[0].bf16 is True
+    assert _run_command([*argv, "--no-bf16"], monkeypatch)[0].bf16 is False
     assert cfg.tool_sessions == 0  # the data of the runs before sessions existed
     cfg, _, _ = _run_command([*argv, "--tool-sessions", "0.4"], monkeypatch)
     assert cfg.tool_sessions == 0.4

@@ -13,7 +13,9 @@
 //   int4, per segment (the inputs one group and one block share):  a (s D + (z - 8 s) X)
 //   int8, per block:  a (D - 128 X), times s at the end
 // with D = sum(q xq) in int32 and X = sum(xq). Outputs (M, N) bfloat16, accumulated in float32.
-// Without AVX512-VNNI the same arithmetic runs as plain C++ loops.
+// Without AVX512-VNNI, AVX2 does the same integer dot products in two 32-byte halves of each vector (vpmaddubsw
+// then vpmaddwd; int8 weights as signed q in [-127, 127] against |xq|, the sign moved onto q, so that no
+// 16-bit sum saturates), and without AVX2 plain C++ loops do.
 
 #include "kernels.h"
 #include "simd.h"
@@ -28,7 +30,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -40,6 +42,8 @@
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define PHI4FLASH_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PHI4FLASH_AVX2 1
 #endif
 
 namespace phi4flash {
@@ -56,12 +60,14 @@ struct Activations {
   std::vector<int8_t> q;       // (M, K)
   std::vector<float> scale;    // (M, K / 128): a
   std::vector<float> seg_sum;  // (M, K / seg): a * sum(xq) over the segment
+  std::vector<int32_t> block_sum;  // (M, K / 128): sum(xq) over the block
   int64_t seg;
 };
 
 Activations quantize_activations(const at::BFloat16* x, int64_t M, int64_t K, int64_t seg) {
   const int64_t B = K / kBlock, S = K / seg;
-  Activations a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * S, 0.f), seg};
+  Activations a{std::vector<int8_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * S, 0.f),
+                std::vector<int32_t>(M * B, 0), seg};
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
       const at::BFloat16* xb = x + m * K + b * kBlock;
@@ -94,22 +100,25 @@ Activations quantize_activations(const at::BFloat16* x, int64_t M, int64_t K, in
         int32_t sum = 0;
         for (int64_t j = j0; j < j0 + seg; ++j) sum += q[j];
         a.seg_sum[m * S + (b * kBlock + j0) / seg] = scale * static_cast<float>(sum);
+        a.block_sum[m * B + b] += sum;
       }
     }
   return a;
 }
 
-#if PHI4FLASH_VNNI
-constexpr const char* kQuantPath = "avx512-vnni";
 // Software prefetch this far ahead of the weight stream: one core keeps more reads in flight than its hardware
 // prefetcher does (measured: one thread streams int4 weights 1.2-1.4x faster).
 constexpr int64_t kPrefetchBytes = 2048;
 
+// four activation bytes, to broadcast to every lane
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return v;
 }
+
+#if PHI4FLASH_VNNI
+constexpr const char* kQuantPath = "avx512-vnni";
 
 // Tile ``tile`` (16 rows) against activation rows [m0, m0 + MT), int4 with segments of SEG_CHUNKS chunks.
 // Four accumulators per activation row keep the dot products' dependency chains short.
@@ -187,6 +196,124 @@ inline void int8_tile(const Activations& a, const uint8_t* w, float* y, int64_t 
   }
 #pragma GCC unroll 4
   for (int m = 0; m < MT; ++m) _mm512_storeu_ps(y + m * kTile, total[m]);
+}
+#elif PHI4FLASH_AVX2
+constexpr const char* kQuantPath = "avx2";
+
+// 8 bfloat16 -> 8 floats
+inline __m256 load_bf16x8(const at::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// u8 x s8 products of each 4-byte lane summed into its int32 lane (what vpdpbusd adds), for 16-bit pair sums
+// that cannot saturate
+inline __m256i dot_lanes(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+// As the AVX-512 tile, in two halves: rows 0..7 of the tile in the first 32 bytes of each vector, 8..15 in the
+// second. A chunk's low and high nibbles go through one 16-bit sum (at most 2 * 2 * 15 * 127).
+template <int MT, int SEG_CHUNKS>
+inline void int4_tile(const Activations& a, const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros,
+                      float* y, int64_t tile, int64_t m0, int64_t K, int64_t group) {
+  const int64_t G = K / group, B = K / kBlock, S = K / a.seg, chunks = K / 8;
+  const uint8_t* t = w + tile * kTile * (K / 2);
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 total[MT][2];
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) total[m][0] = total[m][1] = _mm256_setzero_ps();
+  for (int64_t c0 = 0; c0 < chunks; c0 += SEG_CHUNKS) {
+    __m256i acc[MT][2];
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int v = 0; v < SEG_CHUNKS; ++v) {
+      const uint8_t* p = t + (c0 + v) * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
+      __m256i lo[2], hi[2];
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h));
+        lo[h] = _mm256_and_si256(wv, mask);
+        hi[h] = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* xp = a.q.data() + (m0 + m) * K + 8 * (c0 + v);
+        const __m256i xl = _mm256_set1_epi32(load_i32(xp)), xh = _mm256_set1_epi32(load_i32(xp + 4));
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh));
+          acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    const int64_t k = 8 * c0, g = k / group, b = k / kBlock, s = k / a.seg;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256 sv = load_bf16x8(scales + (tile * G + g) * kTile + 8 * h);
+      const __m256 zc = _mm256_fmadd_ps(sv, _mm256_set1_ps(-8.f), load_bf16x8(zeros + (tile * G + g) * kTile + 8 * h));
+#pragma GCC unroll 4
+      for (int m = 0; m < MT; ++m) {
+        const __m256 sa = _mm256_mul_ps(sv, _mm256_set1_ps(a.scale[(m0 + m) * B + b]));
+        total[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][h]), sa, total[m][h]);
+        total[m][h] = _mm256_fmadd_ps(zc, _mm256_set1_ps(a.seg_sum[(m0 + m) * S + s]), total[m][h]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) {
+    _mm256_storeu_ps(y + m * kTile, total[m][0]);
+    _mm256_storeu_ps(y + m * kTile + 8, total[m][1]);
+  }
+}
+
+// As the AVX-512 tile: per block the D of the unsigned weights, here sum(q xq) + 128 X (q = byte - 128, signed,
+// times xq through |xq| and the sign of xq moved onto q).
+template <int MT>
+inline void int8_tile(const Activations& a, const uint8_t* w, float* y, int64_t tile, int64_t m0, int64_t K) {
+  const int64_t B = K / kBlock;
+  const uint8_t* t = w + tile * kTile * K;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256 total[MT][2];
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) total[m][0] = total[m][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    __m256i acc[MT][2];
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int v = 0; v < 32; ++v) {
+      const uint8_t* p = t + (b * 32 + v) * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
+      __m256i q[2];
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h)
+        q[h] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h)), flip);
+#pragma GCC unroll 4
+      for (int m = 0; m < MT; ++m) {
+        const __m256i xv = _mm256_set1_epi32(load_i32(a.q.data() + (m0 + m) * K + b * kBlock + 4 * v));
+        const __m256i magnitude = _mm256_sign_epi8(xv, xv);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h)
+          acc[m][h] = _mm256_add_epi32(acc[m][h], dot_lanes(magnitude, _mm256_sign_epi8(q[h], xv)));
+      }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      const __m256i offset = _mm256_set1_epi32(128 * a.block_sum[(m0 + m) * B + b]);
+      const __m256 scale = _mm256_set1_ps(a.scale[(m0 + m) * B + b]);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h)
+        total[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc[m][h], offset)), scale, total[m][h]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) {
+    _mm256_storeu_ps(y + m * kTile, total[m][0]);
+    _mm256_storeu_ps(y + m * kTile + 8, total[m][1]);
+  }
 }
 #else
 constexpr const char* kQuantPath = "portable C++";
@@ -307,6 +434,46 @@ inline void bf16_tile(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) {
       float out = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+      for (int64_t j = k; j < K; ++j) out += to_float(w[(n0 + r) * K + j]) * to_float(x[(m0 + m) * K + j]);
+      y[(m0 + m) * N + n0 + r] = at::BFloat16(out);
+    }
+}
+#elif PHI4FLASH_AVX2
+inline float sum_lanes(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// As the AVX-512 tile, with the bfloat16 products in float32 FMAs, 8 inputs at a time.
+template <int RT, int MT>
+inline void bf16_tile(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t n0, int64_t m0,
+                      int64_t N, int64_t K) {
+  __m256 acc[RT][MT][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m256 xs[MT];
+#pragma GCC unroll 16
+      for (int m = 0; m < MT; ++m) xs[m] = load_bf16x8(x + (m0 + m) * K + k + 8 * h);
+#pragma GCC unroll 16
+      for (int r = 0; r < RT; ++r) {
+        const __m256 ws = load_bf16x8(w + (n0 + r) * K + k + 8 * h);
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; ++m) acc[r][m][h] = _mm256_fmadd_ps(ws, xs[m], acc[r][m][h]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      float out = sum_lanes(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
       for (int64_t j = k; j < K; ++j) out += to_float(w[(n0 + r) * K + j]) * to_float(x[(m0 + m) * K + j]);
       y[(m0 + m) * N + n0 + r] = at::BFloat16(out);
     }

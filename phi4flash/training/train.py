@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from ..cli import HelpFormatter
+from ..qkernels import cpu_multiplies_bfloat16
 from ..tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from . import data as data_mod
 from .scan import training_conv1d, training_scan
@@ -76,7 +77,9 @@ class TrainConfig:
     vocab_size: int = 1024
     tokenizer_examples: int = 20000
     threads: int = 2  # both cores of the 2-core machine it was made on
-    bf16: bool = True
+    # bfloat16 autocast (None: where the CPU multiplies bfloat16 in hardware, see qkernels.cpu_multiplies_bfloat16;
+    # float32 elsewhere, where PyTorch's bfloat16 matrix products are hundreds of times slower than float32's).
+    bf16: bool | None = None
     # torch.compile the model's training forward and backward (a handful of graphs for every batch shape; see
     # _compiled): its first steps also compile, inside the time budget.
     compile: bool = True
@@ -361,6 +364,8 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
 
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
+    bf16 = cpu_multiplies_bfloat16() if cfg.bf16 is None else cfg.bf16
+    logger.info("training in %s", "bfloat16 autocast" if bf16 else "float32")
 
     n_examples = cfg.steps * cfg.batch_size if cfg.init_from else max(cfg.steps * cfg.batch_size,
                                                                           cfg.tokenizer_examples)
@@ -408,14 +413,14 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
             for group in optimizer.param_groups:
                 group["lr"] = lr
             try:
-                loss = train_step(forward, model, optimizer, x, y, w, bf16=cfg.bf16, grad_clip=cfg.grad_clip)
+                loss = train_step(forward, model, optimizer, x, y, w, bf16=bf16, grad_clip=cfg.grad_clip)
             except Exception as err:  # noqa: BLE001 - no compiler, an unsupported op: train eagerly, say why
                 if forward is model:
                     raise
                 logger.warning("training step not compiled (%s: %s); training eagerly", type(err).__name__,
                                str(err).strip().splitlines()[0][:200] if str(err).strip() else "")
                 forward = model
-                loss = train_step(model, model, optimizer, x, y, w, bf16=cfg.bf16, grad_clip=cfg.grad_clip)
+                loss = train_step(model, model, optimizer, x, y, w, bf16=bf16, grad_clip=cfg.grad_clip)
             losses.append(loss)
             if (step + 1) % LOG_EVERY == 0:
                 recent = losses[-LOG_EVERY:]
@@ -443,6 +448,7 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
         "final_loss": _tail_mean(losses),
         "first_loss": losses[0] if losses else None,
         "compiled": forward is not model,
+        "precision": "bfloat16 autocast" if bf16 else "float32",
         "torch": torch.__version__,
     }
     if cfg.init_from:  # the run it continues, so that the checkpoint keeps its whole history
@@ -591,7 +597,9 @@ def build_parser(prog: str = "phi4flash train") -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="most chats per optimizer step")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (warmup, then cosine)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
-    parser.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="train under bfloat16 autocast, or in float32 (--no-bf16); default: bfloat16 where the "
+                             "CPU multiplies it natively (AVX512-BF16 or AMX), float32 elsewhere")
     parser.add_argument("--no-compile", action="store_true",
                         help="train the model eagerly instead of through torch.compile (no compiler needed)")
     parser.add_argument("--hidden-size", type=int, default=DEFAULT_MODEL["hidden_size"],
@@ -668,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = dict(DEFAULT_MODEL, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
                  num_hidden_layers=args.layers)
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes or None, seed=args.seed, batch_size=args.batch_size,
-                      lr=args.lr, threads=args.threads, bf16=not args.no_bf16, compile=not args.no_compile, model=model,
+                      lr=args.lr, threads=args.threads, bf16=args.bf16, compile=not args.no_compile, model=model,
                       vocab_size=args.vocab_size, init_from=args.init_from, weights=args.mix,
                       tool_sessions=args.tool_sessions, tool_name_weight=args.tool_name_weight,
                       tool_argument_weight=args.tool_argument_weight)
