@@ -90,9 +90,10 @@ def _warn_float32(name: str) -> None:
 def cpu_multiplies_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX tiles).
 
-    Without them PyTorch's bfloat16 matrix products on the CPU take a scalar path: a 2048 x 2048 product took 53 s
-    against 0.125 s in float32 on an AVX2 AMD EPYC (2 threads, torch 2.13, 2026-12-03; see benchmarks.md), so the
-    dense products of bfloat16 activations go through float32 there (:func:`dense_linear`).
+    Without them PyTorch's bfloat16 matrix products on the CPU take a slow path: 4x (a prefill chunk's ``F.linear``)
+    to 117x (a 1024 x 1024 ``a @ b``) slower than float32 on a 2-core AVX2 AMD EPYC (torch 2.13, 2026-12-03;
+    benchmarks.md, "On a CPU with AVX2 only"), so the dense products of bfloat16 activations go through float32
+    there (:func:`dense_linear`).
     """
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]

@@ -173,8 +173,8 @@ def _linear_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, t
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[3]], ids=lambda s: s.name)
 def test_many_rows_multiply_in_float32_where_the_cpu_does_not_multiply_bfloat16(
         backend: str, spec: QuantSpec, multiplies_bfloat16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PyTorch's bfloat16 matmul takes a scalar path on CPUs without AVX512-BF16 or AMX (hundreds of times slower
-    than float32): there the dense path of a prefill multiplies in float32 and rounds the result once."""
+    """PyTorch's bfloat16 matmul takes a slow path on CPUs without AVX512-BF16 or AMX (4-117x slower than
+    float32): there the dense path of a prefill multiplies in float32 and rounds the result once."""
     monkeypatch.setattr(qkernels, "cpu_multiplies_bfloat16", lambda: multiplies_bfloat16)
     layer = _layer(spec, 64, 256, torch.bfloat16)
     w = dequantize(**layer.portable())

@@ -78,7 +78,7 @@ class TrainConfig:
     tokenizer_examples: int = 20000
     threads: int = 2  # both cores of the 2-core machine it was made on
     # bfloat16 autocast (None: where the CPU multiplies bfloat16 in hardware, see qkernels.cpu_multiplies_bfloat16;
-    # float32 elsewhere, where PyTorch's bfloat16 matrix products are hundreds of times slower than float32's).
+    # float32 elsewhere, where PyTorch's bfloat16 matrix products are 4-117x slower than float32's).
     bf16: bool | None = None
     # torch.compile the model's training forward and backward (a handful of graphs for every batch shape; see
     # _compiled): its first steps also compile, inside the time budget.
