@@ -4,11 +4,12 @@ draws.
     python benchmarks/bench_train_compile.py [--rounds 3] [--batches 30] [--threads 2]
 
 Both sides train the embedded model's default shape from the same initial weights, each with its own optimizer,
-through the same training kernels (``_training_kernels``: the training scan and convolution), in bfloat16
-autocast, on the same batches: chats generated and batched as ``phi4flash train`` does (at most 32 chats and
-10,240 tokens, padding included, grouped by length), tokenized with the shipped tokenizer. Each round times every
-batch on one side, then on the other; the best round is reported, with the spread (worst / best). The compile
-itself (the first batch, and the first batch long enough to attend through the fused kernel) is timed apart: a
+through the same training kernels (``_training_kernels``: the training scan), in the precision that
+``phi4flash train`` picks on this CPU (``--precision`` to choose: bfloat16 autocast or float32), on the same
+batches: chats generated and batched as ``phi4flash train`` does (at most 32 chats and 10,240 tokens, padding
+included, grouped by length), tokenized with the shipped tokenizer. Each round times every batch on one side, then
+on the other; the best round is reported, with the spread (worst / best). The compile itself (the first batch, and
+the first batch long enough to attend through the fused kernel) is timed apart: a
 training run pays it once, within its time budget.
 """
 
@@ -23,6 +24,7 @@ from tokenizers import Tokenizer
 
 from phi4flash.config import Phi4FlashConfig
 from phi4flash.model import Phi4FlashForCausalLM
+from phi4flash.qkernels import cpu_multiplies_bfloat16
 from phi4flash.training import data
 from phi4flash.training import train as train_mod
 from phi4flash.training.tokenizer_train import model_config
@@ -38,7 +40,7 @@ def _batches(tok: Tokenizer, count: int, seed: int) -> list[Batch]:
     return batches[:count]
 
 
-def _trainer(tok: Tokenizer, compiled: bool) -> Callable[[Batch], float]:
+def _trainer(tok: Tokenizer, compiled: bool, bf16: bool) -> Callable[[Batch], float]:
     torch.manual_seed(0)
     model = Phi4FlashForCausalLM(Phi4FlashConfig.from_dict(model_config(tok, **train_mod.DEFAULT_MODEL)))
     model.init_weights(std=0.02)
@@ -47,7 +49,7 @@ def _trainer(tok: Tokenizer, compiled: bool) -> Callable[[Batch], float]:
     forward = train_mod._compiled(model) if compiled else model
 
     def step(batch: Batch) -> float:
-        return train_mod.train_step(forward, model, optimizer, *batch)
+        return train_mod.train_step(forward, model, optimizer, *batch, bf16=bf16)
 
     return step
 
@@ -58,14 +60,17 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=30, help="batches per round and side")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=5, help="seed of the chats")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="bfloat16 autocast or float32; auto: as phi4flash train picks on this CPU")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    bf16 = cpu_multiplies_bfloat16() if args.precision == "auto" else args.precision == "bf16"
     tok = Tokenizer.from_file(str(train_mod.EMBEDDED_DIR / "tokenizer.json"))
     batches = _batches(tok, args.batches, args.seed)
-    tokens = sum(x.numel() for x, _ in batches)
-    sides = {"eager": _trainer(tok, compiled=False), "compiled": _trainer(tok, compiled=True)}
+    tokens = sum(batch.ids.numel() for batch in batches)
+    sides = {"eager": _trainer(tok, compiled=False, bf16=bf16), "compiled": _trainer(tok, compiled=True, bf16=bf16)}
     with train_mod._training_kernels():
-        long = next((b for b in batches if b[0].shape[1] >= train_mod.TRAINING_FUSED_MIN_QUERIES), None)
+        long = next((b for b in batches if b.ids.shape[1] >= train_mod.TRAINING_FUSED_MIN_QUERIES), None)
         warm = [batches[0]] + ([long] if long is not None else [])
         compile_seconds = 0.0
         for name, step in sides.items():  # warm-up: the kernels' build, the compile, first allocations
@@ -81,10 +86,11 @@ def main() -> int:
                 for batch in batches:
                     step(batch)
                 times[name].append(time.perf_counter() - started)
-    shapes = sorted({tuple(x.shape) for x, _ in batches}, key=lambda s: s[1])
+    shapes = sorted({tuple(batch.ids.shape) for batch in batches}, key=lambda s: s[1])
     print(f"# {len(batches)} training batches as phi4flash train draws them ({tokens:,} tokens with padding, "
           f"{len(shapes)} shapes from {shapes[0][0]}x{shapes[0][1]} to {shapes[-1][0]}x{shapes[-1][1]}), "
-          f"{args.threads} threads, best of {args.rounds} interleaved rounds (spread worst/best)\n")
+          f"{'bfloat16 autocast' if bf16 else 'float32'}, {args.threads} threads, best of {args.rounds} interleaved "
+          "rounds (spread worst/best)\n")
     print("| step | s per step | tokens/s | spread |")
     print("|---|---:|---:|---:|")
     for name, seconds in times.items():

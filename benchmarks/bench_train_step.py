@@ -4,8 +4,9 @@
 
 Two settings, each timed both ways in turns within every round (the best round is reported, with the spread):
 - "train": the embedded model's training step as ``phi4flash train`` runs it (its default model, a batch of
-  20 chats of 512 tokens, bfloat16 autocast): the training scan through phi4flash's C++ scan and its C++ backward
-  pass, against the PyTorch chunked scan that runs without a compiler;
+  20 chats of 512 tokens, in the precision that ``phi4flash train`` picks on this CPU, ``--precision`` to choose):
+  the training scan through phi4flash's C++ scan and its C++ backward pass, against the PyTorch chunked scan
+  that runs without a compiler;
 - "fine-tune": a forward and backward pass through the model's own scan dispatch (what transformers and peft
   training reach), 4 sequences of 256 tokens in float32: the C++ scan against the step-by-step definition that
   ran before it had a backward pass.
@@ -22,6 +23,7 @@ import torch
 from phi4flash import ops
 from phi4flash.config import Phi4FlashConfig
 from phi4flash.model import Phi4FlashForCausalLM
+from phi4flash.qkernels import cpu_multiplies_bfloat16
 from phi4flash.training import train as train_mod
 from phi4flash.training.tokenizer_train import model_config
 
@@ -69,7 +71,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is reported")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="the train step's bfloat16 autocast or float32; auto: as phi4flash train picks")
     args = parser.parse_args()
+    bf16 = cpu_multiplies_bfloat16() if args.precision == "auto" else args.precision == "bf16"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     vocab = 1024
@@ -82,7 +87,7 @@ def main() -> int:
 
     def train_step() -> None:
         with train_mod._training_kernels():
-            train_mod.train_step(model, model, optimizer, train_ids, train_targets, bf16=True)
+            train_mod.train_step(model, model, optimizer, train_ids, train_targets, bf16=bf16)
 
     def tune_step() -> None:
         train_mod.train_step(model, model, optimizer, tune_ids, tune_targets, bf16=False)
@@ -96,8 +101,8 @@ def main() -> int:
         for name, fn in cases.items():
             for native in (True, False):
                 times.setdefault((name, native), []).append(_timed(fn, native))
-    print(f"# one optimizer step, {args.threads} threads, best of {args.rounds} interleaved rounds (spread "
-          "best/worst)\n")
+    print(f"# one optimizer step ('train' in {'bfloat16 autocast' if bf16 else 'float32'}), {args.threads} threads, "
+          f"best of {args.rounds} interleaved rounds (spread best/worst)\n")
     print("| step | C++ scan s | PyTorch scan s | speed-up |")
     print("|---|---|---|---|")
     for name in cases:

@@ -31,6 +31,12 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv over time, continuing from ``state``; SiLU applied.
 
+    K shifted multiply-adds, summed in float32 (float64 inputs: float64) and rounded to x's dtype after the SiLU,
+    as causal-conv1d's kernel does. ``F.conv1d`` rounds to x's dtype before it, and on CPUs without bfloat16
+    instructions a bfloat16 depthwise conv1d runs one small convolution per channel (the real model: 5120 per
+    Mamba layer, 8% of a prefill); its backward pass is a kernel of its own that torch.compile cannot fuse with the
+    Mamba layer's elementwise work, where these multiply-adds fuse into the SiLU.
+
     Args:
         x: (B, E, T) pre-conv inputs.
         weight: (E, 1, K) conv kernel; tap K-1 multiplies the current token.
@@ -41,12 +47,17 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Returns:
         (y, new_state): y (B, E, T) after SiLU; new_state (B, E, K) the last K inputs including ``x``.
     """
-    k = weight.shape[-1]
+    k, t, acc = weight.shape[-1], x.shape[-1], acc_dtype(x.dtype)
     if state is None:
         state = x.new_zeros(x.shape[0], x.shape[1], k)
     history = torch.cat([state.to(x.dtype), x], dim=-1)  # (B, E, K + T)
-    y = F.conv1d(history[..., 1:], weight.to(x.dtype), None if bias is None else bias.to(x.dtype), groups=x.shape[1])
-    return F.silu(y), history[..., -k:]
+    taps = weight[:, 0].to(acc)  # (E, K)
+    y = history[..., k:].to(acc) * taps[:, k - 1, None]  # (B, E, T): output t reads inputs t - K + 1 .. t
+    for j in range(k - 1):
+        y = y + history[..., 1 + j:1 + j + t].to(acc) * taps[:, j, None]
+    if bias is not None:
+        y = y + bias.to(acc)[:, None]
+    return F.silu(y).to(x.dtype), history[..., -k:]
 
 
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -60,11 +71,12 @@ def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     Returns:
         (B, E) after SiLU.
     """
+    acc = acc_dtype(x.dtype)
     state.copy_(torch.cat([state[..., 1:], x.unsqueeze(-1).to(state.dtype)], dim=-1))
-    y = (state.to(x.dtype) * weight[:, 0, :].to(x.dtype)).sum(-1)  # (B, E)
+    y = (state.to(acc) * weight[:, 0, :].to(acc)).sum(-1)  # (B, E)
     if bias is not None:
-        y = y + bias.to(x.dtype)
-    return F.silu(y)
+        y = y + bias.to(acc)
+    return F.silu(y).to(x.dtype)
 
 
 # -- selective scan ---------------------------------------------------------------------------------------

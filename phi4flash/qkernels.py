@@ -278,11 +278,11 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def _scratch_rows(rows: int, in_features: int) -> torch.Tensor:
-    """A (rows, in_features) bfloat16 buffer of this thread, reused across calls."""
+def _scratch_rows(rows: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (rows, in_features) buffer of this thread, reused across calls."""
     need = rows * in_features
-    if _scratch.buffer is None or _scratch.buffer.numel() < need:
-        _scratch.buffer = torch.empty(need, dtype=torch.bfloat16)
+    if _scratch.buffer is None or _scratch.buffer.numel() < need or _scratch.buffer.dtype != dtype:
+        _scratch.buffer = torch.empty(need, dtype=dtype)
     return _scratch.buffer[:need].view(rows, in_features)
 
 
@@ -297,13 +297,14 @@ class _NativeTiles(PackedWeight):
         if x.shape[0] <= self.dequant_rows:
             return self.kernel(x)
         y = x.new_empty(x.shape[0], self.out_features)
-        block = _scratch_rows(min(DENSE_BLOCK_ROWS, self.out_features), self.in_features)
-        in_float32 = float32_products(x)
-        x = x.float() if in_float32 else x
+        # where bfloat16 products are slow, the kernel writes the (bfloat16-valued) weight rows as float32
+        compute = torch.float32 if float32_products(x) else x.dtype
+        block = _scratch_rows(min(DENSE_BLOCK_ROWS, self.out_features), self.in_features, compute)
+        x = x.to(compute)
         for first in range(0, self.out_features, block.shape[0]):
             weight = block[:min(block.shape[0], self.out_features - first)]
             torch.ops.phi4flash.dequantize_into(self.tiles, self.scales, self.zeros, self.group_size, first, weight)
-            y[:, first:first + weight.shape[0]] = F.linear(x, weight.float() if in_float32 else weight)
+            y[:, first:first + weight.shape[0]] = F.linear(x, weight)
         return y
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:

@@ -288,6 +288,43 @@ def test_conv_continuation_and_step_equal_full_conv() -> None:
     assert torch.allclose(state, state_full) and torch.equal(state_full, x[..., -4:])
 
 
+def _conv1d_definition(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       state: torch.Tensor | None) -> torch.Tensor:
+    """The causal depthwise convolution by F.conv1d over the history (the official model's CPU fallback)."""
+    history = torch.cat([x.new_zeros(*x.shape[:2], 4) if state is None else state, x], -1)
+    return torch.nn.functional.silu(torch.nn.functional.conv1d(history[..., 1:], weight, bias, groups=x.shape[1]))
+
+
+@pytest.mark.parametrize("length", [1, 3, 10])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_conv_equals_the_definition_in_values_and_gradients(length: int, with_state: bool) -> None:
+    g = torch.Generator().manual_seed(length)
+    x, weight, bias = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+                       for shape in ((2, 6, length), (6, 1, 4), (6,)))
+    state = torch.randn(2, 6, 4, generator=g, dtype=torch.float64) if with_state else None
+    got, _ = causal_conv1d(x, weight, bias, state)
+    expected = _conv1d_definition(x, weight, bias, state)
+    torch.testing.assert_close(got, expected)
+    upstream = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((got * upstream).sum(), (x, weight, bias))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (x, weight, bias))
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_conv_of_bfloat16_sums_in_float32() -> None:
+    # rounded once, after the SiLU, as causal-conv1d's kernel does (F.conv1d in bfloat16 rounds before it too)
+    x, weight, bias = torch.randn(2, 64, 9), torch.randn(64, 1, 4), torch.randn(64)
+    x, weight, bias = (t.to(torch.bfloat16) for t in (x, weight, bias))
+    expected = _conv1d_definition(x.double(), weight.double(), bias.double(), None).to(torch.bfloat16)
+    got, _ = causal_conv1d(x, weight, bias)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    state = torch.zeros(2, 64, 4, dtype=torch.bfloat16)
+    steps = torch.stack([causal_conv1d_step(x[..., t], weight, bias, state) for t in range(9)], -1)
+    assert steps.dtype == torch.bfloat16 and (steps.float() - expected.float()).abs().max().item() <= 2**-7 * (
+        1 + expected.float().abs().max().item())
+
+
 def test_window_mask_has_exactly_window_keys_including_self() -> None:
     pos = torch.arange(20)[None]
     mask = attention_mask(pos, pos, None, 8)[0, 0]

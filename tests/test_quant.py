@@ -29,6 +29,7 @@ from phi4flash.quant import (
     quantize_int4,
     quantize_int8,
     quantize_model_,
+    quantize_weight,
     unpack_nibbles,
 )
 from phi4flash.weights import quantize_checkpoint
@@ -206,6 +207,26 @@ def test_bfloat16_linears_multiply_in_float32_where_the_cpu_does_not_multiply_bf
     assert seen == [(torch.float32, torch.float32)]
     expected = x.float() @ layer.weight.float().t()
     assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(native.load() is None, reason="phi4flash's C++ kernels could not be built here (no g++?)")
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(4, 64), QuantSpec(4, 128)])
+def test_dequantize_into_writes_the_bfloat16_rows_as_float32_too(spec: QuantSpec) -> None:
+    """A prefill in float32 (a CPU without bfloat16 products) gets the same weight values straight as float32:
+    no second pass to widen them."""
+    port = quantize_weight(torch.randn(96, 256) * 0.05, spec.bits, spec.group_size)
+    packed = qkernels.NativeInt4Weight(port, 96, 256, spec.group_size) if spec.bits == 4 else \
+        qkernels.NativeInt8Weight(port, 96, 256)
+    expected = dequantize(**port).to(torch.bfloat16)
+    for first, rows in ((0, 96), (32, 48)):
+        for dtype in (torch.bfloat16, torch.float32):
+            out = torch.full((rows, 256), float("nan"), dtype=dtype)
+            torch.ops.phi4flash.dequantize_into(packed.tiles, packed.scales, packed.zeros, spec.group_size, first,
+                                                out)
+            assert torch.equal(out, expected[first:first + rows].to(dtype)), (first, dtype)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        torch.ops.phi4flash.dequantize_into(packed.tiles, packed.scales, packed.zeros, spec.group_size, 0,
+                                            torch.empty(96, 256, dtype=torch.float16))
 
 
 def test_float32_activations_run_exactly_on_pytorchs_kernels() -> None:

@@ -17,7 +17,6 @@ from tokenizers import Tokenizer
 from phi4flash import native, ops
 from phi4flash.config import Phi4FlashConfig
 from phi4flash.training import data
-from phi4flash.training.scan import training_conv1d
 from phi4flash.training.train import (
     EMBEDDED_DIR,
     PYTHON_CALL,
@@ -410,24 +409,3 @@ def test_training_attention_path_matches_the_fused_one(window: int | None) -> No
         explicit = ops.differential_attention(*args)
     torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
     assert ops.FUSED_MIN_QUERIES == 32  # restored
-
-
-@pytest.mark.parametrize("length", [1, 3, 10])
-def test_training_convolution_matches_the_models_values_and_gradients(length: int) -> None:
-    from phi4flash.ops import causal_conv1d
-
-    g = torch.Generator().manual_seed(length)
-    x, weight, bias = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
-                       for shape in ((2, 6, length), (6, 1, 4), (6,)))
-    expected, expected_state = causal_conv1d(x, weight, bias)
-    got, state = training_conv1d(x, weight, bias, None)
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(state, expected_state)
-    upstream = torch.randn(got.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((got * upstream).sum(), (x, weight, bias))
-    expected_grads = torch.autograd.grad((expected * upstream).sum(), (x, weight, bias))
-    for grad, expected_grad in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(grad, expected_grad)
-    # a given state (never in training) goes through the model's own convolution
-    history = torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(training_conv1d(x, weight, bias, history)[0], causal_conv1d(x, weight, bias, history)[0])

@@ -85,6 +85,17 @@ inline float exp_shifted(float* p, int64_t S, float max) {
     total = _mm512_add_ps(total, e);
   }
   sum = _mm512_reduce_add_ps(total);
+#elif defined(PHI4FLASH_SIMD_AVX2)
+  __m256 total = _mm256_setzero_ps();
+  const __m256 shift = _mm256_set1_ps(max);
+  for (; s + 8 <= S; s += 8) {
+    const __m256 x = _mm256_loadu_ps(p + s);
+    const __m256 valid = _mm256_cmp_ps(x, _mm256_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_NEQ_OQ);
+    const __m256 e = _mm256_and_ps(valid, exp_nonpositive(_mm256_sub_ps(x, shift)));
+    _mm256_storeu_ps(p + s, e);
+    total = _mm256_add_ps(total, e);
+  }
+  sum = reduce_add8(total);
 #endif
   for (; s < S; ++s) {
     p[s] = std::isinf(p[s]) ? 0.f : std::exp(p[s] - max);

@@ -692,6 +692,59 @@ void dequantize_tile_int8(const uint8_t* w, const at::BFloat16* scales, int64_t 
   }
 }
 #define PHI4FLASH_VECTOR_DEQUANT 1
+#elif PHI4FLASH_AVX2
+// 8 floats -> 8 bfloat16 (rounding to nearest even, finite values) stored at dst
+inline void store_bf16x8(at::BFloat16* dst, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                        _mm256_set1_epi32(0x7FFF));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);  // (0..0xFFFF) per 32-bit lane
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // 64-bit lanes 0, 2 first
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+}
+
+// The AVX-512 dequantize_tile_int4 on 8 lanes: row i's 4 bytes of a 64-byte chunk are its 8 inputs 8c .. 8c + 7
+// (low nibbles first).
+void dequantize_tile_int4(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros, int64_t group,
+                          int64_t K, int64_t tile, at::BFloat16* out) {
+  const int64_t G = K / group;
+  const uint8_t* t = w + tile * kTile * (K / 2);
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 sv[kTile], zc[kTile];
+    for (int i = 0; i < kTile; ++i) {
+      const float scale = to_float(scales[(tile * G + g) * kTile + i]);
+      sv[i] = _mm256_set1_ps(scale);
+      zc[i] = _mm256_set1_ps(to_float(zeros[(tile * G + g) * kTile + i]) - 8.f * scale);
+    }
+    for (int64_t c = g * group / 8; c < (g + 1) * group / 8; ++c)
+#pragma GCC unroll 4
+      for (int i = 0; i < kTile; ++i) {
+        const __m128i word = _mm_cvtsi32_si128(load_i32(reinterpret_cast<const int8_t*>(t + c * 64 + i * 4)));
+        const __m128i nibbles = _mm_unpacklo_epi32(_mm_and_si128(word, mask),
+                                                   _mm_and_si128(_mm_srli_epi16(word, 4), mask));
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles));
+        store_bf16x8(out + (tile * kTile + i) * K + 8 * c, _mm256_fmadd_ps(q, sv[i], zc[i]));
+      }
+  }
+}
+
+// The same for int8: row i's 4 bytes of chunks c and c + 1 are its inputs 4c .. 4c + 7.
+void dequantize_tile_int8(const uint8_t* w, const at::BFloat16* scales, int64_t K, int64_t tile, at::BFloat16* out) {
+  const uint8_t* t = w + tile * kTile * K;
+  for (int i = 0; i < kTile; ++i) {
+    const __m256 s = _mm256_set1_ps(to_float(scales[tile * kTile + i]));
+    at::BFloat16* row = out + (tile * kTile + i) * K;
+    for (int64_t c = 0; c < K / 4; c += 2) {
+      const __m128i bytes = _mm_unpacklo_epi32(
+          _mm_cvtsi32_si128(load_i32(reinterpret_cast<const int8_t*>(t + c * 64 + i * 4))),
+          _mm_cvtsi32_si128(load_i32(reinterpret_cast<const int8_t*>(t + (c + 1) * 64 + i * 4))));
+      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+      store_bf16x8(row + 4 * c, _mm256_mul_ps(_mm256_sub_ps(q, _mm256_set1_ps(128.f)), s));
+    }
+  }
+}
+#define PHI4FLASH_VECTOR_DEQUANT 1
 #endif
 
 }  // namespace
@@ -709,20 +762,29 @@ static void check_layer(const at::Tensor& w, const at::Tensor& scales, const c10
               "scales (and zeros): contiguous bfloat16 of the layer's size");
 }
 
-// Tiles [first, first + count) into ``out`` (row n of the weight at out + n K).
+// Tiles [first, first + count) into ``out`` (row n of the weight at out + n K), or, where ``out_f32`` is given,
+// into it as float32 (each value still rounded to bfloat16 first, as the bfloat16 path sees it): a tile at a
+// time through a buffer that stays in cache, so that a product in float32 needs no second pass over the weight.
 static void dequantize_tiles(const uint8_t* wp, const at::BFloat16* sp, const at::BFloat16* zp, int64_t group,
-                             int64_t K, int64_t first, int64_t count, at::BFloat16* out) {
+                             int64_t K, int64_t first, int64_t count, at::BFloat16* out, float* out_f32 = nullptr) {
   at::parallel_for(first, first + count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<at::BFloat16> buffer(out_f32 != nullptr ? kTile * K : 0);
     for (int64_t tile = begin; tile < end; ++tile) {
+      // the tile functions write rows tile * 16 .. relative to their base: shift the buffer's to match
+      at::BFloat16* dst = out_f32 != nullptr ? buffer.data() - tile * kTile * K : out;
 #if PHI4FLASH_VECTOR_DEQUANT
       if (zp != nullptr) {
-        dequantize_tile_int4(wp, sp, zp, group, K, tile, out);
+        dequantize_tile_int4(wp, sp, zp, group, K, tile, dst);
       } else {
-        dequantize_tile_int8(wp, sp, K, tile, out);
+        dequantize_tile_int8(wp, sp, K, tile, dst);
       }
 #else
-      for (int64_t n = tile * kTile; n < (tile + 1) * kTile; ++n) dequantize_row(wp, sp, zp, group, K, n, out + n * K);
+      for (int64_t n = tile * kTile; n < (tile + 1) * kTile; ++n) dequantize_row(wp, sp, zp, group, K, n, dst + n * K);
 #endif
+      if (out_f32 != nullptr) {
+        float* rows = out_f32 + tile * kTile * K;
+        for (int64_t i = 0; i < kTile * K; ++i) rows[i] = static_cast<float>(buffer[i]);
+      }
     }
   });
 }
@@ -754,20 +816,28 @@ at::Tensor dequantize(const at::Tensor& w, const at::Tensor& scales, const c10::
   return out;
 }
 
-// Rows [first_row, first_row + out.size(0)) of the weight into ``out`` (a reused buffer: a prefill
-// dequantizes every weight once per chunk, and fresh memory would cost a page fault per 4 KB).
+// Rows [first_row, first_row + out.size(0)) of the weight into ``out``, bfloat16 or float32 (a reused buffer: a
+// prefill dequantizes every weight once per chunk, and fresh memory would cost a page fault per 4 KB).
 void dequantize_into(const at::Tensor& w, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
                      int64_t group, int64_t first_row, at::Tensor out) {
   const bool int4 = zeros.has_value();
   const int64_t N = w.size(0), K = int4 ? w.size(1) * 2 : w.size(1), R = out.size(0);
   check_layer(w, scales, zeros, group);
-  TORCH_CHECK(out.dim() == 2 && out.size(1) == K && out.scalar_type() == at::kBFloat16 && out.is_contiguous() &&
-                  first_row % kTile == 0 && R % kTile == 0 && first_row >= 0 && first_row + R <= N,
-              "out: contiguous (R, K) bfloat16, rows first_row .. first_row + R in whole tiles of the weight");
+  const bool f32 = out.scalar_type() == at::kFloat;
+  TORCH_CHECK(out.dim() == 2 && out.size(1) == K && (f32 || out.scalar_type() == at::kBFloat16) &&
+                  out.is_contiguous() && first_row % kTile == 0 && R % kTile == 0 && first_row >= 0 &&
+                  first_row + R <= N,
+              "out: contiguous (R, K) bfloat16 or float32, rows first_row .. first_row + R in whole tiles of the "
+              "weight");
   const at::BFloat16* zp = int4 ? zeros->data_ptr<at::BFloat16>() : nullptr;
   // the tiles are written relative to ``out``: shift the base so that tile first_row / 16 lands at row 0
-  dequantize_tiles(w.data_ptr<uint8_t>(), scales.data_ptr<at::BFloat16>(), zp, group, K, first_row / kTile,
-                   R / kTile, out.data_ptr<at::BFloat16>() - first_row * K);
+  if (f32) {
+    dequantize_tiles(w.data_ptr<uint8_t>(), scales.data_ptr<at::BFloat16>(), zp, group, K, first_row / kTile,
+                     R / kTile, nullptr, out.data_ptr<float>() - first_row * K);
+  } else {
+    dequantize_tiles(w.data_ptr<uint8_t>(), scales.data_ptr<at::BFloat16>(), zp, group, K, first_row / kTile,
+                     R / kTile, out.data_ptr<at::BFloat16>() - first_row * K);
+  }
 }
 
 std::string isa() { return std::string(kQuantPath) + (PHI4FLASH_BF16_DOT_ON ? " + avx512-bf16" : ""); }

@@ -52,6 +52,125 @@ void scan_block(const float* u, const float* delta, const float* A, const float*
 #pragma GCC unroll 16
   for (int n = 0; n < N; ++n) _mm512_mask_i32scatter_ps(state_out + e0 * N + n, mask, channel, s[n], 4);
 }
+#elif defined(PHI4FLASH_SIMD_AVX2)
+
+// A channel's N values (of A, a state) for lanes e0.. of an (E, N) layout, n-major: tmp[n][lane] (0 past E)
+template <int N>
+inline void channels_to_lanes(const float* src, int64_t lanes, int64_t e0, float (*tmp)[8]) {
+  for (int64_t l = 0; l < 8; ++l)
+    for (int n = 0; n < N; ++n) tmp[n][l] = src && l < lanes ? src[(e0 + l) * N + n] : 0.f;
+}
+
+template <int N>
+inline void lanes_to_channels(const __m256* v, int64_t lanes, int64_t e0, float* dst) {
+  alignas(32) float tmp[N][8];
+  for (int n = 0; n < N; ++n) _mm256_store_ps(tmp[n], v[n]);
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int n = 0; n < N; ++n) dst[(e0 + l) * N + n] = tmp[n][l];
+}
+
+// The AVX-512 scan_block on 8 lanes: channels e0 .. e0 + 7.
+template <int N>
+void scan_half_block(const float* u, const float* delta, const float* A, const float* Bm, const float* Cm,
+                     const float* D, const float* state_in, float* state_out, float* y, int64_t T, int64_t E,
+                     int64_t e0) {
+  const int64_t lanes = std::min<int64_t>(8, E - e0);
+  const __m256i mask = first_lanes8(lanes);
+  alignas(32) float tmp[N][8];
+  __m256 a[N], s[N];
+  channels_to_lanes<N>(A, lanes, e0, tmp);
+  for (int n = 0; n < N; ++n) a[n] = _mm256_load_ps(tmp[n]);
+  channels_to_lanes<N>(state_in, lanes, e0, tmp);
+  for (int n = 0; n < N; ++n) s[n] = _mm256_load_ps(tmp[n]);
+  const __m256 d = D ? _mm256_maskload_ps(D + e0, mask) : _mm256_setzero_ps();
+  for (int64_t t = 0; t < T; ++t) {
+    const __m256 dt = _mm256_maskload_ps(delta + t * E + e0, mask);
+    const __m256 ut = _mm256_maskload_ps(u + t * E + e0, mask);
+    const __m256 du = _mm256_mul_ps(dt, ut);
+    __m256 out = _mm256_mul_ps(d, ut);
+#pragma GCC unroll 16
+    for (int n = 0; n < N; ++n) {
+      const __m256 decay = exp_nonpositive(_mm256_mul_ps(dt, a[n]));
+      s[n] = _mm256_fmadd_ps(decay, s[n], _mm256_mul_ps(du, _mm256_set1_ps(Bm[t * N + n])));
+      out = _mm256_fmadd_ps(s[n], _mm256_set1_ps(Cm[t * N + n]), out);
+    }
+    _mm256_maskstore_ps(y + t * E + e0, mask, out);
+  }
+  lanes_to_channels<N>(s, lanes, e0, state_out);
+}
+
+// dst[n] (+)= the sum of v[n]'s lanes, n < N (a multiple of 4)
+template <int N>
+inline void add_lane_sums(const __m256* v, float* dst, bool accumulate) {
+  int n = 0;
+  for (; n + 8 <= N; n += 8) {
+    const __m256 sums = sum_each8(v + n);
+    _mm256_storeu_ps(dst + n, accumulate ? _mm256_add_ps(_mm256_loadu_ps(dst + n), sums) : sums);
+  }
+  for (; n + 4 <= N; n += 4) {
+    const __m128 sums = sum_each4(v + n);
+    _mm_storeu_ps(dst + n, accumulate ? _mm_add_ps(_mm_loadu_ps(dst + n), sums) : sums);
+  }
+}
+
+// The AVX-512 scan_backward_block on 8 lanes (hs holds (T + 1) x N x 8 floats); gB, gC are added to when
+// ``accumulate`` (the second half of a block of 16 channels), else written.
+template <int N>
+void scan_backward_half_block(const float* u, const float* delta, const float* A, const float* Bm, const float* Cm,
+                              const float* D, const float* state_in, const float* gy, const float* g_last, float* hs,
+                              float* gu, float* gdelta, float* gB, float* gC, float* gA, float* gD, float* gstate,
+                              int64_t T, int64_t E, int64_t e0, bool accumulate) {
+  const int64_t lanes = std::min<int64_t>(8, E - e0);
+  const __m256i mask = first_lanes8(lanes);
+  alignas(32) float tmp[N][8];
+  __m256 a[N], s[N], g[N], dA[N];
+  channels_to_lanes<N>(A, lanes, e0, tmp);
+  for (int n = 0; n < N; ++n) a[n] = _mm256_load_ps(tmp[n]);
+  channels_to_lanes<N>(state_in, lanes, e0, tmp);
+  for (int n = 0; n < N; ++n) s[n] = _mm256_load_ps(tmp[n]), _mm256_store_ps(hs + n * 8, s[n]);
+  for (int64_t t = 0; t < T; ++t) {
+    const __m256 dt = _mm256_maskload_ps(delta + t * E + e0, mask);
+    const __m256 du = _mm256_mul_ps(dt, _mm256_maskload_ps(u + t * E + e0, mask));
+#pragma GCC unroll 16
+    for (int n = 0; n < N; ++n) {
+      s[n] = _mm256_fmadd_ps(exp_nonpositive(_mm256_mul_ps(dt, a[n])), s[n],
+                             _mm256_mul_ps(du, _mm256_set1_ps(Bm[t * N + n])));
+      _mm256_store_ps(hs + ((t + 1) * N + n) * 8, s[n]);
+    }
+  }
+  channels_to_lanes<N>(g_last, lanes, e0, tmp);
+  for (int n = 0; n < N; ++n) g[n] = _mm256_load_ps(tmp[n]), dA[n] = _mm256_setzero_ps();
+  const __m256 d = D ? _mm256_maskload_ps(D + e0, mask) : _mm256_setzero_ps();
+  __m256 dD = _mm256_setzero_ps();
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const __m256 dt = _mm256_maskload_ps(delta + t * E + e0, mask);
+    const __m256 ut = _mm256_maskload_ps(u + t * E + e0, mask);
+    const __m256 gyt = _mm256_maskload_ps(gy + t * E + e0, mask);
+    const __m256 du = _mm256_mul_ps(dt, ut);
+    __m256 gBu = _mm256_setzero_ps(), gdt = _mm256_setzero_ps(), gc[N], gb[N];
+#pragma GCC unroll 16
+    for (int n = 0; n < N; ++n) {
+      const __m256 h = _mm256_load_ps(hs + ((t + 1) * N + n) * 8), h_prev = _mm256_load_ps(hs + (t * N + n) * 8);
+      const __m256 decay = exp_nonpositive(_mm256_mul_ps(dt, a[n]));
+      gc[n] = _mm256_mul_ps(gyt, h);
+      g[n] = _mm256_fmadd_ps(gyt, _mm256_set1_ps(Cm[t * N + n]), g[n]);  // now g_t
+      gb[n] = _mm256_mul_ps(g[n], du);
+      gBu = _mm256_fmadd_ps(g[n], _mm256_set1_ps(Bm[t * N + n]), gBu);
+      const __m256 ga = _mm256_mul_ps(_mm256_mul_ps(g[n], h_prev), decay);
+      gdt = _mm256_fmadd_ps(ga, a[n], gdt);
+      dA[n] = _mm256_fmadd_ps(ga, dt, dA[n]);
+      g[n] = _mm256_mul_ps(g[n], decay);  // a_t g_t, the part of g_{t-1} that comes from s_t
+    }
+    add_lane_sums<N>(gc, gC + t * N, accumulate);
+    add_lane_sums<N>(gb, gB + t * N, accumulate);
+    _mm256_maskstore_ps(gu + t * E + e0, mask, _mm256_fmadd_ps(gBu, dt, _mm256_mul_ps(d, gyt)));
+    _mm256_maskstore_ps(gdelta + t * E + e0, mask, _mm256_fmadd_ps(gBu, ut, gdt));
+    dD = _mm256_fmadd_ps(gyt, ut, dD);
+  }
+  _mm256_maskstore_ps(gD + e0, mask, dD);
+  lanes_to_channels<N>(dA, lanes, e0, gA);
+  lanes_to_channels<N>(g, lanes, e0, gstate);
+}
 #endif
 
 // Any N, no SIMD: the definition, channel by channel.
@@ -238,6 +357,17 @@ std::vector<at::Tensor> selective_scan(const at::Tensor& u, const at::Tensor& de
       if (N == 16) { scan_block<16>(up, dp, Ap, Bp, Cp, Dp, sin, sout, yp, T, E, e0); continue; }
       if (N == 8) { scan_block<8>(up, dp, Ap, Bp, Cp, Dp, sin, sout, yp, T, E, e0); continue; }
       if (N == 4) { scan_block<4>(up, dp, Ap, Bp, Cp, Dp, sin, sout, yp, T, E, e0); continue; }
+#elif defined(PHI4FLASH_SIMD_AVX2)
+#define PHI4FLASH_SCAN_HALVES(NN)                                                                      \
+  if (N == NN) {                                                                                       \
+    scan_half_block<NN>(up, dp, Ap, Bp, Cp, Dp, sin, sout, yp, T, E, e0);                              \
+    if (e0 + 8 < E) scan_half_block<NN>(up, dp, Ap, Bp, Cp, Dp, sin, sout, yp, T, E, e0 + 8);          \
+    continue;                                                                                          \
+  }
+      PHI4FLASH_SCAN_HALVES(16)
+      PHI4FLASH_SCAN_HALVES(8)
+      PHI4FLASH_SCAN_HALVES(4)
+#undef PHI4FLASH_SCAN_HALVES
 #endif
       scan_block_generic(up, dp, Ap, Bp, Cp, Dp, sin, sout, yp, T, E, N, e0);
     }
@@ -296,6 +426,18 @@ std::vector<at::Tensor> selective_scan_backward(const at::Tensor& u, const at::T
       PHI4FLASH_SCAN_BACKWARD(8)
       PHI4FLASH_SCAN_BACKWARD(4)
 #undef PHI4FLASH_SCAN_BACKWARD
+#elif defined(PHI4FLASH_SIMD_AVX2)
+#define PHI4FLASH_SCAN_BACKWARD_HALVES(NN)                                                                       \
+  if (N == NN) {                                                                                                 \
+    for (int64_t half = e0; half < std::min<int64_t>(e0 + 16, E); half += 8)                                    \
+      scan_backward_half_block<NN>(up, dp, Ap, Bp, Cp, Dp, sin, gyp, glp, hs, gup, gdp, gBp, gCp, gAp, gDp, gsp, \
+                                   T, E, half, half != e0);                                                      \
+    continue;                                                                                                    \
+  }
+      PHI4FLASH_SCAN_BACKWARD_HALVES(16)
+      PHI4FLASH_SCAN_BACKWARD_HALVES(8)
+      PHI4FLASH_SCAN_BACKWARD_HALVES(4)
+#undef PHI4FLASH_SCAN_BACKWARD_HALVES
 #endif
       scan_backward_block_generic(up, dp, Ap, Bp, Cp, Dp, sin, gyp, glp, hs, gup, gdp, gBp, gCp, gAp, gDp, gsp, T,
                                   E, N, e0);

@@ -43,4 +43,60 @@ inline __m512 exp_nonpositive(__m512 x) {
 }
 
 }  // namespace phi4flash
+
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 without AVX-512 (most laptops and AMD servers before Zen 4): the same helpers on 8 lanes.
+#define PHI4FLASH_SIMD_AVX2 1
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace phi4flash {
+
+// the first n (at most 8) lanes on (sign bit set), as _mm256_maskload_ps / _mm256_maskstore_ps take them
+inline __m256i first_lanes8(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n < 8 ? n : 8)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+inline float reduce_add8(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+
+// lane i of the result = the sum of v[i]'s lanes (i = 0..7): eight horizontal sums for the price of two
+inline __m256 sum_each8(const __m256* v) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// the same for four vectors: lane i = the sum of v[i]'s lanes (i = 0..3)
+inline __m128 sum_each4(const __m256* v) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// exp(x) for x <= 0, as the AVX-512 version computes it (the same polynomial); 2^k is built from its exponent
+// bits (AVX2 has no scalef), exact for the k >= -126 that x >= -87 gives; x below -87 gives 0.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 clamped = _mm256_max_ps(x, _mm256_set1_ps(-88.f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), clamped);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  const __m256 out = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return _mm256_blendv_ps(out, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ));
+}
+
+}  // namespace phi4flash
 #endif

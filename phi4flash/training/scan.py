@@ -1,6 +1,6 @@
 """The Mamba layers' two sequence operations for training on a CPU: the selective scan (chunked forward,
 hand-written chunked backward: the fallback of phi4flash's C++ scan, which has a backward pass of its own and
-runs whenever the kernels are built) and the causal depthwise convolution.
+runs whenever the kernels are built).
 
 The model's own scan (:func:`phi4flash.ops.selective_scan`) is built for inference. Differentiating it with
 autograd records every per-token step and keeps every (B, T, E, N) intermediate alive; on a CPU that is
@@ -101,37 +101,6 @@ class _SelectiveScan(torch.autograd.Function):
             gdelta[:, start:stop] = torch.einsum("bten,en->bte", ga, A) + gBu * uu
             gA += torch.einsum("bten,bte->en", ga, d)
         return gu, gdelta, gA, gB, gC
-
-
-def training_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for :func:`phi4flash.ops.causal_conv1d` (same arguments and results) as K shifted multiply-adds.
-
-    ``F.conv1d``'s depthwise backward is a convolution kernel of its own, which torch.compile cannot fuse with
-    the elementwise work around it, and whose meta function fixes the sequence length of a compiled training
-    step (one compile per batch length instead of one for all). K = 4 taps of elementwise work fuse into
-    the SiLU and the rest of the Mamba layer's pointwise code. Sums are taken in float32 (float64 inputs: float64).
-
-    Args:
-        x: (B, E, T). weight: (E, 1, K), tap K-1 on the current token. bias: (E,) or None.
-        state: None (training starts every chat from zero); a given state goes to the model's own convolution.
-
-    Returns:
-        (SiLU(y) (B, E, T) in x's dtype, the last K inputs (B, E, K)).
-    """
-    from ..ops import acc_dtype, causal_conv1d
-
-    if state is not None:
-        return causal_conv1d(x, weight, bias, state)
-    k, t, acc = weight.shape[-1], x.shape[-1], acc_dtype(x.dtype)
-    padded = torch.nn.functional.pad(x, (k - 1, 0))  # (B, E, K - 1 + T): zeros stand for the empty history
-    taps = weight[:, 0].to(acc)  # (E, K)
-    y = padded[..., k - 1:].to(acc) * taps[:, k - 1, None]
-    for j in range(k - 1):
-        y = y + padded[..., j:j + t].to(acc) * taps[:, j, None]
-    if bias is not None:
-        y = y + bias.to(acc)[:, None]
-    return torch.nn.functional.silu(y).to(x.dtype), padded[..., -k:]
 
 
 def training_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

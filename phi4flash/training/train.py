@@ -37,7 +37,7 @@ from ..cli import HelpFormatter
 from ..qkernels import cpu_multiplies_bfloat16
 from ..tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from . import data as data_mod
-from .scan import training_conv1d, training_scan
+from .scan import training_scan
 from .tokenizer_train import generation_config, model_config, save_tokenizer_files, train_tokenizer, write_json
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
@@ -115,8 +115,8 @@ TRAINING_FUSED_MIN_QUERIES = 256  # batches of this many tokens or more attend t
 
 @contextlib.contextmanager
 def _training_kernels() -> Iterator[None]:
-    """Use :func:`training_scan` and :func:`training_conv1d` inside the model while training, and the explicit
-    attention matmuls for short batches.
+    """Use :func:`training_scan` inside the model while training, and the explicit attention matmuls for short
+    batches.
 
     The model's chunked scan is built for long prompts at inference; for training chats of a few hundred
     tokens on a CPU it is ~20x slower than this recurrence. SDPA's fused CPU kernel (forward and backward) is
@@ -128,10 +128,8 @@ def _training_kernels() -> Iterator[None]:
     from .. import model as model_mod
     from .. import ops
 
-    # The model module imports the scan and the convolution under these names (the dispatching ones first).
-    swaps = {n: fn for names, fn in ((("selective_scan_auto", "selective_scan"), training_scan),
-                                     (("causal_conv1d_auto", "causal_conv1d"), training_conv1d))
-             for n in names if hasattr(model_mod, n)}
+    # The model module imports the scan under these names (the dispatching one first).
+    swaps = {n: training_scan for n in ("selective_scan_auto", "selective_scan") if hasattr(model_mod, n)}
     saved = {n: getattr(model_mod, n) for n in swaps}
     fused = ops.FUSED_MIN_QUERIES
     for n, fn in swaps.items():
