@@ -24,7 +24,6 @@ from tokenizers import Tokenizer
 
 from phi4flash.config import Phi4FlashConfig
 from phi4flash.model import Phi4FlashForCausalLM
-from phi4flash.qkernels import cpu_multiplies_bfloat16
 from phi4flash.training import data
 from phi4flash.training import train as train_mod
 from phi4flash.training.tokenizer_train import model_config
@@ -64,7 +63,7 @@ def main() -> int:
                         help="bfloat16 autocast or float32; auto: as phi4flash train picks on this CPU")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bf16 = cpu_multiplies_bfloat16() if args.precision == "auto" else args.precision == "bf16"
+    bf16 = train_mod.trains_in_bfloat16(None if args.precision == "auto" else args.precision == "bf16")
     tok = Tokenizer.from_file(str(train_mod.EMBEDDED_DIR / "tokenizer.json"))
     batches = _batches(tok, args.batches, args.seed)
     tokens = sum(batch.ids.numel() for batch in batches)
@@ -89,7 +88,7 @@ def main() -> int:
     shapes = sorted({tuple(batch.ids.shape) for batch in batches}, key=lambda s: s[1])
     print(f"# {len(batches)} training batches as phi4flash train draws them ({tokens:,} tokens with padding, "
           f"{len(shapes)} shapes from {shapes[0][0]}x{shapes[0][1]} to {shapes[-1][0]}x{shapes[-1][1]}), "
-          f"{'bfloat16 autocast' if bf16 else 'float32'}, {args.threads} threads, best of {args.rounds} interleaved "
+          f"{train_mod.precision_name(bf16)}, {args.threads} threads, best of {args.rounds} interleaved "
           "rounds (spread worst/best)\n")
     print("| step | s per step | tokens/s | spread |")
     print("|---|---:|---:|---:|")

@@ -23,7 +23,6 @@ import torch
 from phi4flash import ops
 from phi4flash.config import Phi4FlashConfig
 from phi4flash.model import Phi4FlashForCausalLM
-from phi4flash.qkernels import cpu_multiplies_bfloat16
 from phi4flash.training import train as train_mod
 from phi4flash.training.tokenizer_train import model_config
 
@@ -74,7 +73,7 @@ def main() -> int:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="the train step's bfloat16 autocast or float32; auto: as phi4flash train picks")
     args = parser.parse_args()
-    bf16 = cpu_multiplies_bfloat16() if args.precision == "auto" else args.precision == "bf16"
+    bf16 = train_mod.trains_in_bfloat16(None if args.precision == "auto" else args.precision == "bf16")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     vocab = 1024
@@ -101,7 +100,7 @@ def main() -> int:
         for name, fn in cases.items():
             for native in (True, False):
                 times.setdefault((name, native), []).append(_timed(fn, native))
-    print(f"# one optimizer step ('train' in {'bfloat16 autocast' if bf16 else 'float32'}), {args.threads} threads, "
+    print(f"# one optimizer step ('train' in {train_mod.precision_name(bf16)}), {args.threads} threads, "
           f"best of {args.rounds} interleaved rounds (spread best/worst)\n")
     print("| step | C++ scan s | PyTorch scan s | speed-up |")
     print("|---|---|---|---|")

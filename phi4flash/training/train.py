@@ -113,6 +113,17 @@ class TrainResult:
 TRAINING_FUSED_MIN_QUERIES = 256  # batches of this many tokens or more attend through SDPA (see _training_kernels)
 
 
+def trains_in_bfloat16(bf16: bool | None) -> bool:
+    """Whether a run trains under bfloat16 autocast: ``bf16`` when given; None picks bfloat16 where the CPU
+    multiplies it in hardware (:func:`~phi4flash.qkernels.cpu_multiplies_bfloat16`), float32 elsewhere."""
+    return cpu_multiplies_bfloat16() if bf16 is None else bf16
+
+
+def precision_name(bf16: bool) -> str:
+    """How logs, train_summary.json and the benchmarks name the precision a step runs in."""
+    return "bfloat16 autocast" if bf16 else "float32"
+
+
 @contextlib.contextmanager
 def _training_kernels() -> Iterator[None]:
     """Use :func:`training_scan` inside the model while training, and the explicit attention matmuls for short
@@ -362,8 +373,8 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
 
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
-    bf16 = cpu_multiplies_bfloat16() if cfg.bf16 is None else cfg.bf16
-    logger.info("training in %s", "bfloat16 autocast" if bf16 else "float32")
+    bf16 = trains_in_bfloat16(cfg.bf16)
+    logger.info("training in %s", precision_name(bf16))
 
     n_examples = cfg.steps * cfg.batch_size if cfg.init_from else max(cfg.steps * cfg.batch_size,
                                                                           cfg.tokenizer_examples)
@@ -446,7 +457,7 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
         "final_loss": _tail_mean(losses),
         "first_loss": losses[0] if losses else None,
         "compiled": forward is not model,
-        "precision": "bfloat16 autocast" if bf16 else "float32",
+        "precision": precision_name(bf16),
         "torch": torch.__version__,
     }
     if cfg.init_from:  # the run it continues, so that the checkpoint keeps its whole history
