@@ -51,7 +51,7 @@ def main(build_dir: str, march: str = "x86-64-v2") -> None:
         expected = x.double() @ w.double().t()
         error = (torch.ops.phi4flash.bf16_linear(x, w).double() - expected).abs() / (expected.abs() + 1e-3)
         assert error.max().item() <= 2**-8, (rows, n, k, error.max().item())
-    for heads, kv_heads, head_dim in [(40, 20, 64), (4, 2, 32), (12, 4, 24)]:
+    for heads, kv_heads, head_dim in [(40, 20, 64), (4, 2, 32), (12, 4, 24), (4, 2, 44), (4, 2, 30)]:
         q, k, v = torch.randn(2, heads, head_dim), torch.randn(2, 50, kv_heads, head_dim), torch.randn(2, 50, kv_heads,
                                                                                                         head_dim)
         valid = torch.rand(2, 50) > 0.3

@@ -161,6 +161,7 @@ def test_decode_linear_runs_the_kernel_for_decode_only(monkeypatch) -> None:
     (1, 4, 4, 64, 17),     # one query head per kv head
     (2, 4, 2, 16, 9),      # other head widths: masked lanes (the portable loops without AVX-512)
     (2, 12, 4, 24, 33),    # the same, three query heads per kv head
+    (2, 4, 2, 30, 45),     # AVX2: a head width of 30 (its scores' last 6 lanes, its values' last 12, masked)
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])

@@ -12,6 +12,10 @@
 // 256 bytes out of every 2560 of the real model's cache, at a third of the speed), and nothing is copied
 // (PyTorch's batched matmul copies the strided cache before it multiplies).
 //
+// The scores and the value sums run in vector registers with AVX-512 (16 lanes) or AVX2 (8 lanes: four heads by 16
+// outputs, over runs of 16 positions so that a run's values are read from L1), in plain loops otherwise. A short
+// cache is cut into one block per thread.
+//
 // Output (B, 2, H / 2, 2 Dh): [group][pair-index], what both head groups' attention gives before the
 // differential combination (model code does the rest: O1 - lambda O2, the RMS norm, the scaling).
 
@@ -54,6 +58,27 @@ inline __m512 sum_each(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
                                  _mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(3, 1, 3, 1)));
   const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+}
+#endif
+
+#if !defined(PHI4FLASH_AVX512_ATTENTION) && defined(PHI4FLASH_SIMD_AVX2)
+#define PHI4FLASH_AVX2_ATTENTION 1
+// lanes [0, n) of 8 (n < 8: a masked load, nothing past them is read; for bfloat16 n is even, the mask is on
+// pairs of values, since AVX2 masks 32-bit lanes at the finest)
+inline __m256 load8(const float* p, int64_t n) {
+  return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes8(n));
+}
+inline __m256 load8(const at::BFloat16* p, int64_t n) {
+  const __m128i raw = n >= 8 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                             : _mm_maskload_epi32(reinterpret_cast<const int*>(p),
+                                                  _mm256_castsi256_si128(first_lanes8(n / 2)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline void store8(float* p, __m256 v, int64_t n) {
+  if (n >= 8)
+    _mm256_storeu_ps(p, v);
+  else
+    _mm256_maskstore_ps(p, first_lanes8(n), v);
 }
 #endif
 
@@ -104,10 +129,85 @@ inline float exp_shifted(float* p, int64_t S, float max) {
   return sum;
 }
 
-constexpr int64_t kPositions = 256;  // positions per job
+constexpr int64_t kPositions = 256;    // positions per job, at most
+constexpr int64_t kMinPositions = 32;  // and at least, where the cache is short
+
+// A short cache is cut into as many blocks as there are threads, so that a one-row decode does not leave a core
+// idle (100 positions used to be one job); a long one into blocks of 256.
+inline int64_t job_positions(int64_t S) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::min(kPositions, std::max(kMinPositions, (S + threads - 1) / threads));
+}
 
 // the kv head whose keys query head h scores
 inline int64_t key_head(int64_t h, int64_t g) { return 2 * ((h / 2) / g) + h % 2; }
+
+#if defined(PHI4FLASH_AVX2_ATTENTION)
+// The scaled scores of one position's keys for every query head, 4 heads at a time: scores[h * len] for query
+// head h (queries (H4, Dh), zero rows past H).
+template <typename T>
+inline void score_position(const float* queries, const T* key, float* scores, int64_t len, int64_t H, int64_t H4,
+                           int64_t Dh, int64_t g) {
+  const int64_t whole = Dh / 8 * 8;
+  alignas(16) float lanes[4];
+  for (int64_t h0 = 0; h0 < H4; h0 += 4) {
+    const T* kh[4];
+    const float* qh[4];
+    __m256 sum[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      kh[i] = key + key_head(std::min(h0 + i, H - 1), g) * Dh;  // a padding row reads real keys
+      qh[i] = queries + (h0 + i) * Dh;
+      sum[i] = _mm256_setzero_ps();
+    }
+    int64_t d = 0;
+    for (; d < whole; d += 8) {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) sum[i] = _mm256_fmadd_ps(_mm256_loadu_ps(qh[i] + d), load8(kh[i] + d, 8), sum[i]);
+    }
+    if (d < Dh) {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i)
+        sum[i] = _mm256_fmadd_ps(load8(qh[i] + d, Dh - d), load8(kh[i] + d, Dh - d), sum[i]);
+    }
+    _mm_store_ps(lanes, sum_each4(sum));
+    for (int i = 0; i < 4; ++i) scores[(h0 + i) * len] = lanes[i];
+  }
+}
+
+// out[i][0, 16) += sum over positions [s0, s1) of w[i][s] v[s][0, 16), for four heads i; with kWhole false only
+// the first ``live`` (< 16) outputs. The 8 sums stay in registers (all AVX2 has room for, with the two value
+// vectors and a weight); a padding head has a zero weight row and writes to a scratch row.
+template <typename T, bool kWhole>
+inline void add_values(const T* v, int64_t v_stride, const bool* valid, int64_t s0, int64_t s1, const float* const* w,
+                       float* const* out, int64_t live) {
+  const int64_t live0 = kWhole ? 8 : live, live1 = kWhole ? 8 : live - 8;
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 sum[4][2];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    sum[i][0] = load8(out[i], live0);
+    sum[i][1] = live1 > 0 ? load8(out[i] + 8, live1) : zero;
+  }
+  for (int64_t s = s0; s < s1; ++s) {
+    if (valid && !valid[s]) continue;
+    const T* vp = v + s * v_stride;
+    const __m256 x0 = load8(vp, live0);
+    const __m256 x1 = live1 > 0 ? load8(vp + 8, live1) : zero;
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m256 weight = _mm256_broadcast_ss(w[i] + s);
+      sum[i][0] = _mm256_fmadd_ps(weight, x0, sum[i][0]);
+      sum[i][1] = _mm256_fmadd_ps(weight, x1, sum[i][1]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    store8(out[i], sum[i][0], live0);
+    if (live1 > 0) store8(out[i] + 8, sum[i][1], live1);
+  }
+}
+#endif
 
 // One (row, block) job: queries (H4, Dh) float, scaled, H4 = H rounded up to 4 (zero rows past H); raw_queries
 // the same unscaled in bfloat16 when the cache is bfloat16 (for AVX512-BF16's dot products), else null; k, v
@@ -118,9 +218,9 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
                   int64_t k_stride, int64_t v_stride, const bool* valid, int64_t len, int64_t H, int64_t Dh,
                   int64_t g, float* block_max, float* block_sum, float* acc, std::vector<float>& scratch) {
   const int64_t H4 = (H + 3) / 4 * 4, width = 2 * Dh, pairs = H / (2 * g);
-  scratch.resize(H4 * len + width);
+  scratch.resize(H4 * len + width + len + 16);
   float* scores = scratch.data();   // (H4, len)
-  float* buf = scores + H4 * len;   // (2 Dh): one pair's keys or values in float
+  float* buf = scores + H4 * len;   // (2 Dh): one pair's keys or values in float; then room for the AVX2 path
   const float none = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < len; ++s) {
     if (valid && !valid[s]) {
@@ -173,6 +273,14 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
       }
       continue;
     }
+#elif defined(PHI4FLASH_AVX2_ATTENTION)
+    if (std::is_same<T, float>::value || Dh % 2 == 0) {  // bfloat16 tails load pairs of values
+      const char* value_row = reinterpret_cast<const char*>(v + s * v_stride);
+      for (int64_t byte = 0; byte < pairs * width * static_cast<int64_t>(sizeof(T)); byte += 64)
+        _mm_prefetch(value_row + byte, _MM_HINT_T1);
+      score_position(queries, key, scores + s, len, H, H4, Dh, g);
+      continue;
+    }
 #endif
     for (int64_t h = 0; h < H; ++h) {
       load_floats(key + key_head(h, g) * Dh, buf, Dh);
@@ -216,6 +324,36 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
         }
     return;
   }
+#elif defined(PHI4FLASH_AVX2_ATTENTION)
+  if (std::is_same<T, float>::value || Dh % 2 == 0) {
+    // Per run of 16 positions and kv pair, four of its heads by 16 outputs at a time, added to the block's
+    // outputs: the run's values of one pair (4 KB in the real model) stay in L1 across the passes over the
+    // pair's width (passes over the whole block read them from L3).
+    constexpr int64_t kRun = 16;
+    float* no_weights = buf + width;  // (len) zeros: a padding head's weights
+    float* no_output = no_weights + len;  // (16): where a padding head's sums go
+    std::fill(no_weights, no_output + 16, 0.f);
+    std::fill(acc, acc + H * width, 0.f);
+    for (int64_t s0 = 0; s0 < len; s0 += kRun) {
+      const int64_t s1 = std::min(len, s0 + kRun);
+      for (int64_t p = 0; p < pairs; ++p)
+        for (int64_t r0 = 0; r0 < 2 * g; r0 += 4) {
+          const int64_t first = 2 * p * g + r0, heads = std::min<int64_t>(4, 2 * g - r0);
+          const float* w[4];
+          for (int i = 0; i < 4; ++i) w[i] = i < heads ? scores + (first + i) * len : no_weights;
+          for (int64_t d0 = 0; d0 < width; d0 += 16) {
+            float* out[4];
+            for (int i = 0; i < 4; ++i) out[i] = i < heads ? acc + (first + i) * width + d0 : no_output;
+            const T* vp = v + 2 * p * Dh + d0;
+            if (width - d0 >= 16)
+              add_values<T, true>(vp, v_stride, valid, s0, s1, w, out, 16);
+            else
+              add_values<T, false>(vp, v_stride, valid, s0, s1, w, out, width - d0);
+          }
+        }
+    }
+    return;
+  }
 #endif
   std::fill(acc, acc + H * width, 0.f);
   for (int64_t s = 0; s < len; ++s) {
@@ -237,7 +375,8 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             float scale) {
   const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), S = k.size(1), Hkv = k.size(2);
   const int64_t g = H / Hkv, H4 = (H + 3) / 4 * 4, width = 2 * Dh;
-  const int64_t blocks = std::max<int64_t>(1, (S + kPositions - 1) / kPositions);
+  const int64_t positions = job_positions(S);
+  const int64_t blocks = std::max<int64_t>(1, (S + positions - 1) / positions);
   std::vector<float> queries(B * H4 * Dh, 0.f);
   std::vector<at::BFloat16> raw(std::is_same<T, at::BFloat16>::value ? B * H4 * Dh : 0, at::BFloat16(0.f));
   const T* qp = q.data_ptr<T>();
@@ -253,7 +392,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
     std::vector<float> scratch;
     for (int64_t job = begin; job < end; ++job) {
       const int64_t b = job / blocks;
-      int64_t s0 = (job % blocks) * kPositions, len = std::min(kPositions, S - s0);
+      int64_t s0 = (job % blocks) * positions, len = std::min(positions, S - s0);
       if (valid != nullptr && len > 0) {  // leave out the block's invalid ends: a static step's mask marks the
         const bool* live = valid + b * S + s0;  // whole free tail of the cache (or ring) invalid
         int64_t lead = 0;
