@@ -10,8 +10,8 @@ scores, softmax, values, the differential combination and its norm); "pytorch" i
 kernel turned off (the matmul path phi4flash takes where the kernels are not built). The two take turns within
 each round; each number is the best of the rounds, the spread (worst / best) beside it.
 
-A decode step of the real model runs this 17 times: in the 8 sliding-window layers over at most 512 positions,
-and in the full-attention layer and the 8 cross-attention layers over the whole context. The context's K/V stay
+A decode step of the real model runs this 16 times: in the 8 sliding-window layers over at most 512 positions,
+and in the full-attention layer and the 7 cross-attention layers over the whole context. The context's K/V stay
 in the CPU's last-level cache here while they are small; in a real step the weights stream in between and evict
 them, so the short contexts are the best case.
 """

@@ -21,7 +21,7 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "quant_cpu.cpp", "scan_cpu.cpp",
-                                                                   "attention_cpu.cpp")]
+                                                                   "mamba_step_cpu.cpp", "attention_cpu.cpp")]
 
 
 def build_name() -> str:
@@ -209,6 +209,18 @@ def _register_fakes() -> None:
     @torch.library.register_fake("phi4flash::diff_attention_decode")
     def _(q, k, v, key_valid, scale):  # noqa: ANN001, ANN202
         return q.new_empty(q.shape[0], 2, q.shape[1] // 2, 2 * q.shape[2])
+
+    @torch.library.register_fake("phi4flash::diff_attention_step")
+    def _(q, k, v, key_valid, scale, lam, subln_weight, lambda_init, eps):  # noqa: ANN001, ANN202
+        return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+    @torch.library.register_fake("phi4flash::conv_step")
+    def _(x, weight, bias, state):  # noqa: ANN001, ANN202
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("phi4flash::scan_step")
+    def _(u, dt, dt_bias, A, B, C, D, z, state, emits_memory):  # noqa: ANN001, ANN202
+        return [u.new_empty(u.shape), u.new_empty(u.shape if emits_memory else (0,))]
 
 
 def main() -> int:

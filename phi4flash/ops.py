@@ -241,22 +241,30 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         outs = [F.scaled_dot_product_attention(F.pad(qg, pad), F.pad(kg, pad), v12, attn_mask=bias, scale=scale,
                                                is_causal=causal, enable_gqa=h != hkv)
                 for qg, kg in zip(qs, ks, strict=True)]
-    elif t == 1 and _native_decode_attention(q, k, v):  # one query per row on the CPU: the cache read in place
-        valid = None if mask is None else mask[:, 0, 0].contiguous()  # (B, S)
-        o = torch.ops.phi4flash.diff_attention_decode(q[:, 0].contiguous(), k, v, valid, scale)  # (B, 2, H/2, 2Dh)
-        outs = [o[:, 0, :, None], o[:, 1, :, None]]  # (B, H/2, 1, 2Dh) each
+    elif t == 1 and _native_decode_attention(q, k, v):  # one query per row on the CPU: the cache read in place,
+        valid = None if mask is None else mask[:, 0, 0].contiguous()  # (B, S)  the combination below in C++ too
+        y = torch.ops.phi4flash.diff_attention_step(q[:, 0].contiguous(), k, v, valid, scale, lam, subln_weight,
+                                                    lambda_init, eps)  # (B, H * Dh)
+        return y[:, None]
     else:  # few queries (decode): both groups against the cached keys and values in one pass each
         if causal:
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)[None, None]
         probs = _both_groups_probs(qs, k.view(b, s, hkv // 2, 2 * dh).transpose(1, 2), mask, scale)
         o = torch.matmul(probs.to(v12.dtype), v12)  # (B, Hkv/2, 2 * g * T, 2Dh)
         outs = [part.reshape(b, h // 2, t, 2 * dh) for part in o.chunk(2, dim=2)]
-    y = outs[0] - lam.to(outs[0].dtype) * outs[1]
+    y = differential_combination(outs[0], outs[1], lam, lambda_init, subln_weight, eps)
+    return y.transpose(1, 2).reshape(b, t, h * dh)
+
+
+def differential_combination(o1: torch.Tensor, o2: torch.Tensor, lam: torch.Tensor, lambda_init: float,
+                             subln_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Y = O1 - lambda * O2, RMS-normalised over its last dimension (2*Dh) in float32, times the subln gain and
+    (1 - lambda_init); in the dtype of O1 and O2 (..., 2*Dh), rounded to it after each operation."""
+    y = o1 - lam.to(o1.dtype) * o2
     acc = acc_dtype(y.dtype)
     y32 = y.to(acc)
     y = (y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + eps)).to(y.dtype) * subln_weight.to(y.dtype)
-    y = y * (1.0 - lambda_init)
-    return y.transpose(1, 2).reshape(b, t, h * dh)
+    return y * (1.0 - lambda_init)
 
 
 def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -268,6 +276,29 @@ def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
         return False
     dh = q.shape[-1]
     if any(t.dtype != q.dtype or t.stride(3) != 1 or t.stride(2) != dh for t in (k, v)):
+        return False
+    from . import native
+
+    return native.ready()
+
+
+def native_mamba_step(x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, conv_weight: torch.Tensor,
+                      conv_bias: torch.Tensor | None, dt_bias: torch.Tensor, D: torch.Tensor | None) -> bool:
+    """Whether phi4flash's C++ decode step of the Mamba mixer (``phi4flash::conv_step`` and ``scan_step``) takes
+    this step: the CPU, float32 or bfloat16 activations with the convolution's state and weights in their dtype, a
+    float32 scan state, no gradient wanted, the kernels built, and not while torch.compile traces the step (the
+    compiled step fuses the same operations itself)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if conv_state.dtype != x.dtype or not conv_state.is_contiguous() or conv_weight.dtype != x.dtype:
+        return False
+    if conv_bias is not None and conv_bias.dtype != x.dtype:
+        return False
+    if ssm_state.dtype != torch.float32 or not ssm_state.is_contiguous():
+        return False
+    if dt_bias.dtype not in (torch.float32, torch.bfloat16) or (D is not None and D.dtype != dt_bias.dtype):
         return False
     from . import native
 

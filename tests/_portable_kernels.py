@@ -74,6 +74,28 @@ def main(build_dir: str, march: str = "x86-64-v2") -> None:
         ((y.transpose(1, 2) * gy.float()).sum() + (last * g_last.float()).sum()).backward()
         for leaf, ref in zip(leaves, inputs, strict=True):
             assert (leaf.grad.double() - ref.grad).abs().max().item() <= 1e-4 * (1 + ref.grad.abs().max().item())
+    for dtype in (torch.float32, torch.bfloat16):  # the decode step's attention with its combination
+        q, k, v = torch.randn(2, 12, 24).to(dtype), *(torch.randn(2, 40, 4, 24).to(dtype) for _ in range(2))
+        lam, gain = torch.tensor(0.3), torch.rand(48).to(dtype) + 0.5
+        got = torch.ops.phi4flash.diff_attention_step(q, k, v, None, 0.2, lam, gain, 0.5, 1e-5)
+        heads = torch.ops.phi4flash.diff_attention_decode(q, k, v, None, 0.2)
+        expected = ops.differential_combination(heads[:, 0], heads[:, 1], lam, 0.5, gain, 1e-5).reshape(2, -1)
+        assert ((got.double() - expected.double()).abs() / (1 + expected.double().abs())).max().item() <= 2**-7
+    for width, state_size in [(44, 16), (20, 6)]:  # the Mamba decode step: whole vectors and tails
+        x, z = torch.randn(2, width), torch.randn(2, width)
+        weight, bias, conv = torch.randn(width, 1, 4), torch.randn(width), torch.randn(2, width, 4)
+        conv_ref = conv.clone()
+        got = torch.ops.phi4flash.conv_step(x, weight, bias, conv)
+        expected = ops.causal_conv1d_step(x, weight, bias, conv_ref)
+        assert torch.equal(conv, conv_ref) and (got - expected).abs().max().item() <= 1e-5
+        dt, dt_bias, D = torch.randn(2, width) * 5, torch.randn(width), torch.randn(width)
+        A, B, C = -torch.rand(width, state_size) - 0.1, torch.randn(2, state_size), torch.randn(2, state_size)
+        state = torch.randn(2, width, state_size)
+        state_ref = state.clone()
+        gated, _ = torch.ops.phi4flash.scan_step(expected, dt, dt_bias, A, B, C, D, z, state, False)
+        y = ops.selective_scan_step(expected, torch.nn.functional.softplus(dt + dt_bias), A, B, C, D, state_ref)
+        assert (state - state_ref).abs().max().item() <= 1e-5 * (1 + state_ref.abs().max().item())
+        assert (gated - y * torch.nn.functional.silu(z)).abs().max().item() <= 1e-5 * (1 + y.abs().max().item())
     print("PORTABLE OK", module.isa())
 
 

@@ -198,6 +198,111 @@ def test_decode_attention_refuses_bad_inputs_with_a_message() -> None:
         torch.ops.phi4flash.diff_attention_decode(q, k, k, torch.ones(1, 4, dtype=torch.bool), 1.0)
 
 
+@pytest.mark.parametrize("batch, heads, kv_heads, head_dim, keys", [(1, 40, 20, 64, 300), (3, 4, 2, 44, 70),
+                                                                (2, 12, 4, 24, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_attention_equals_the_models_combination(batch: int, heads: int, kv_heads: int, head_dim: int,
+                                                             keys: int, dtype: torch.dtype) -> None:
+    """diff_attention_step = diff_attention_decode, then ops.differential_combination (the model's PyTorch code),
+    with the same roundings in bfloat16: pair j of the heads becomes heads 2j and 2j + 1."""
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, head_dim).to(dtype)
+    k, v = (torch.randn(batch, keys, kv_heads, head_dim).to(dtype) for _ in range(2))
+    valid = torch.rand(batch, keys) > 0.3
+    valid[:, 0] = True
+    lam, gain = torch.tensor(0.35), (1 + 0.3 * torch.randn(2 * head_dim)).to(dtype)
+    lambda_init, eps, scale = 0.4, 1e-5, head_dim**-0.5
+    got = torch.ops.phi4flash.diff_attention_step(q, k, v, valid, scale, lam, gain, lambda_init, eps)
+    heads_out = torch.ops.phi4flash.diff_attention_decode(q, k, v, valid, scale)  # (B, 2, H/2, 2Dh)
+    expected = ops.differential_combination(heads_out[:, 0], heads_out[:, 1], lam, lambda_init, gain, eps)
+    assert got.dtype == dtype and got.shape == (batch, heads * head_dim)
+    error = (got.double() - expected.reshape(batch, -1).double()).abs() / (1 + expected.reshape(batch, -1).abs())
+    assert error.max().item() <= (1e-6 if dtype == torch.float32 else 2**-7)  # bfloat16: at most a last-bit step
+    with pytest.raises(RuntimeError, match=r"subln_weight: \(2 Dh,\)"):
+        torch.ops.phi4flash.diff_attention_step(q, k, v, valid, scale, lam, gain[:-1], lambda_init, eps)
+
+
+def _gate_reference(y: torch.Tensor, z: torch.Tensor, emits_memory: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mamba._gate, the model's own code, on a stand-in for the module."""
+    from types import SimpleNamespace
+
+    from phi4flash.model import Mamba
+
+    return Mamba._gate(SimpleNamespace(emits_memory=emits_memory), y, z)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("width, state_size", [(40, 16), (64, 8), (20, 6)])  # 6: the portable loop
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("emits_memory", [False, True])
+def test_mamba_step_kernels_equal_the_definitions(width: int, state_size: int, dtype: torch.dtype,
+                                                  emits_memory: bool) -> None:
+    """conv_step = ops.causal_conv1d_step and scan_step = softplus, ops.selective_scan_step and the gate, on rows
+    read from wider tensors (the projections' outputs), states updated in place."""
+    torch.manual_seed(0)
+    batch, kernel = 2, 4
+    projected = torch.randn(batch, 2 * width).to(dtype)  # in_proj's output: x || z
+    x, z = projected.chunk(2, dim=-1)
+    weight, bias = (0.5 * torch.randn(width, 1, kernel)).to(dtype), torch.randn(width).to(dtype)
+    conv_state = torch.randn(batch, width, kernel).to(dtype)
+    conv_ref = conv_state.clone()
+    got_x = torch.ops.phi4flash.conv_step(x, weight, bias, conv_state)
+    expected_x = ops.causal_conv1d_step(x, weight, bias, conv_ref)
+    assert torch.equal(conv_state, conv_ref)
+    assert ((got_x.float() - expected_x.float()).abs() / (1 + expected_x.float().abs())).max().item() <= (
+        1e-6 if dtype == torch.float32 else 2**-7)
+
+    x_proj = torch.randn(batch, 3 + 2 * state_size).to(dtype)  # x_proj's output: dt rank 3, then B and C
+    b, c = x_proj[:, 3:3 + state_size], x_proj[:, 3 + state_size:]
+    dt, dt_bias, D = (torch.randn(batch, width) - 1).to(dtype), torch.randn(width), torch.randn(width)
+    A = -torch.exp(torch.randn(width, state_size))
+    state = torch.randn(batch, width, state_size)
+    state_ref = state.clone()
+    gated, memory = torch.ops.phi4flash.scan_step(expected_x, dt, dt_bias, A, b, c, D, z, state, emits_memory)
+    delta = torch.nn.functional.softplus(dt.float() + dt_bias)
+    y = ops.selective_scan_step(expected_x, delta, A, b, c, D, state_ref)
+    expected_gated, expected_memory = _gate_reference(y, z, emits_memory)
+    assert (state - state_ref).abs().max().item() <= 1e-5 * (1 + state_ref.abs().max().item())
+    bound = 1e-5 if dtype == torch.float32 else 2**-7
+    assert gated.dtype == dtype
+    assert ((gated.float() - expected_gated.float()).abs() / (1 + expected_gated.float().abs())).max().item() <= bound
+    if emits_memory:
+        assert ((memory.float() - expected_memory.float()).abs() / (1 + expected_memory.float().abs())).max() <= bound
+    else:
+        assert memory.numel() == 0 and expected_memory is None
+    with pytest.raises(RuntimeError, match="A: contiguous float32"):
+        torch.ops.phi4flash.scan_step(expected_x, dt, dt_bias, A.t(), b, c, D, z, state, emits_memory)
+    with pytest.raises(RuntimeError, match="of one dtype"):
+        torch.ops.phi4flash.conv_step(x.double(), weight, bias, conv_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_decode_with_and_without_the_native_mamba_step(monkeypatch, dtype: torch.dtype) -> None:
+    """Decode steps (one and several rows, a continued batch) agree with the PyTorch step, the memory-emitting
+    layer's GMUs included."""
+    model = tiny_model().to_dtype(dtype)
+    ids = torch.randint(0, 100, (2, 20))
+    calls = []
+    original = torch.ops.phi4flash.scan_step
+    monkeypatch.setattr(torch.ops.phi4flash, "scan_step", lambda *a: calls.append(a[-1]) or original(*a))
+
+    def decode() -> torch.Tensor:
+        with torch.no_grad():
+            cache = model.new_cache(2, 24)
+            model(ids[:, :6], cache=cache, logits_to_keep=1)
+            calls.clear()
+            return torch.stack([model.step(ids[:, t], cache) for t in range(6, 20)], dim=1)
+
+    fast = decode()
+    mamba_layers = sum(layer.kind.startswith("mamba") for layer in model.model.layers)
+    assert len(calls) == 14 * mamba_layers and True in calls  # the memory-emitting layer's step is among them
+    monkeypatch.setattr(ops, "native_mamba_step", lambda *a: False)
+    monkeypatch.setattr("phi4flash.model.native_mamba_step", lambda *a: False)
+    slow = decode()
+    assert not calls
+    bound = 1e-4 if dtype == torch.float32 else 0.1
+    assert (fast - slow).abs().max().item() <= bound * (1 + slow.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [64, 128])  # head width 16 (masked lanes) and 32 (whole vectors)
 def test_model_decode_with_and_without_the_native_attention(monkeypatch, dtype: torch.dtype, hidden: int) -> None:
@@ -205,8 +310,8 @@ def test_model_decode_with_and_without_the_native_attention(monkeypatch, dtype: 
     model = tiny_model(hidden_size=hidden).to_dtype(dtype)
     ids = torch.randint(0, 100, (2, 30))
     calls = []
-    original = torch.ops.phi4flash.diff_attention_decode
-    monkeypatch.setattr(torch.ops.phi4flash, "diff_attention_decode",
+    original = torch.ops.phi4flash.diff_attention_step
+    monkeypatch.setattr(torch.ops.phi4flash, "diff_attention_step",
                         lambda *a: calls.append(a[1].shape[1]) or original(*a))
 
     def decode() -> torch.Tensor:

@@ -16,8 +16,9 @@
 // outputs, over runs of 16 positions so that a run's values are read from L1), in plain loops otherwise. A short
 // cache is cut into one block per thread.
 //
-// Output (B, 2, H / 2, 2 Dh): [group][pair-index], what both head groups' attention gives before the
-// differential combination (model code does the rest: O1 - lambda O2, the RMS norm, the scaling).
+// diff_attention_decode's output (B, 2, H / 2, 2 Dh): [group][pair-index], what both head groups' attention gives
+// before the differential combination; diff_attention_step's (B, H Dh): the combination done too (O1 - lambda O2,
+// the RMS norm, the gain, the scaling), which costs a dozen small PyTorch operations per layer otherwise.
 
 #include "kernels.h"
 #include "simd.h"
@@ -69,16 +70,26 @@ inline __m256 load8(const float* p, int64_t n) {
   return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes8(n));
 }
 inline __m256 load8(const at::BFloat16* p, int64_t n) {
-  const __m128i raw = n >= 8 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
-                             : _mm_maskload_epi32(reinterpret_cast<const int*>(p),
-                                                  _mm256_castsi256_si128(first_lanes8(n / 2)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  if (n >= 8) return load_bf16x8(p);
+  return bf16x8_to_floats(
+      _mm_maskload_epi32(reinterpret_cast<const int*>(p), _mm256_castsi256_si128(first_lanes8(n / 2))));
 }
 inline void store8(float* p, __m256 v, int64_t n) {
   if (n >= 8)
     _mm256_storeu_ps(p, v);
   else
     _mm256_maskstore_ps(p, first_lanes8(n), v);
+}
+#endif
+
+#if defined(PHI4FLASH_AVX512_ATTENTION) || defined(PHI4FLASH_AVX2_ATTENTION)
+// a position's values (count of them), into L2 while its keys are scored: the value pass then reads them per kv
+// pair from there, with its sums in registers
+template <typename T>
+inline void prefetch_values(const T* row, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t byte = 0; byte < count * static_cast<int64_t>(sizeof(T)); byte += 64)
+    _mm_prefetch(bytes + byte, _MM_HINT_T1);
 }
 #endif
 
@@ -222,6 +233,9 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
   float* scores = scratch.data();   // (H4, len)
   float* buf = scores + H4 * len;   // (2 Dh): one pair's keys or values in float; then room for the AVX2 path
   const float none = -std::numeric_limits<float>::infinity();
+#if defined(PHI4FLASH_AVX2_ATTENTION)
+  const bool vector_path = std::is_same<T, float>::value || Dh % 2 == 0;  // bfloat16 tails load pairs of values
+#endif
   for (int64_t s = 0; s < len; ++s) {
     if (valid && !valid[s]) {
       for (int64_t h = 0; h < H4; ++h) scores[h * len + s] = none;
@@ -230,11 +244,7 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
     const T* key = k + s * k_stride;
 #if defined(PHI4FLASH_AVX512_ATTENTION)
     {
-      // the values of this position, into L2 while the keys are scored: the value pass then reads them per kv
-      // pair from there, with its sums in registers
-      const char* value_row = reinterpret_cast<const char*>(v + s * v_stride);
-      for (int64_t byte = 0; byte < pairs * width * static_cast<int64_t>(sizeof(T)); byte += 64)
-        _mm_prefetch(value_row + byte, _MM_HINT_T1);
+      prefetch_values(v + s * v_stride, pairs * width);
       alignas(64) float lanes[16];
 #if defined(__AVX512BF16__)
       if (raw_queries != nullptr && Dh % 32 == 0) {  // bfloat16 products summed in float32, 32 per instruction
@@ -274,10 +284,8 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
       continue;
     }
 #elif defined(PHI4FLASH_AVX2_ATTENTION)
-    if (std::is_same<T, float>::value || Dh % 2 == 0) {  // bfloat16 tails load pairs of values
-      const char* value_row = reinterpret_cast<const char*>(v + s * v_stride);
-      for (int64_t byte = 0; byte < pairs * width * static_cast<int64_t>(sizeof(T)); byte += 64)
-        _mm_prefetch(value_row + byte, _MM_HINT_T1);
+    if (vector_path) {
+      prefetch_values(v + s * v_stride, pairs * width);
       score_position(queries, key, scores + s, len, H, H4, Dh, g);
       continue;
     }
@@ -325,7 +333,7 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
     return;
   }
 #elif defined(PHI4FLASH_AVX2_ATTENTION)
-  if (std::is_same<T, float>::value || Dh % 2 == 0) {
+  if (vector_path) {
     // Per run of 16 positions and kv pair, four of its heads by 16 outputs at a time, added to the block's
     // outputs: the run's values of one pair (4 KB in the real model) stay in L1 across the passes over the
     // pair's width (passes over the whole block read them from L3).
@@ -370,9 +378,10 @@ void attend_block(const float* queries, const at::BFloat16* raw_queries, float s
   }
 }
 
+// Every head's attention output (B, 2, H / 2, 2 Dh) in float: [group][pair-index], normalised.
 template <typename T>
-void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* valid, at::Tensor& out,
-            float scale) {
+std::vector<float> attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* valid,
+                          float scale) {
   const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), S = k.size(1), Hkv = k.size(2);
   const int64_t g = H / Hkv, H4 = (H + 3) / 4 * 4, width = 2 * Dh;
   const int64_t positions = job_positions(S);
@@ -414,13 +423,12 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
     }
   });
   // combine the blocks: softmax over all positions = each block's rescaled by exp(its max - the overall max)
-  T* op = out.data_ptr<T>();
-  std::vector<float> o(width);
+  std::vector<float> heads(B * H * width, 0.f);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       float best = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < blocks; ++j) best = std::max(best, maxima[(b * blocks + j) * H + h]);
-      std::fill(o.begin(), o.end(), 0.f);
+      float* o = heads.data() + ((b * 2 + h % 2) * (H / 2) + h / 2) * width;
       float total = 0.f;
       if (best != -std::numeric_limits<float>::infinity())
         for (int64_t j = 0; j < blocks; ++j) {
@@ -432,15 +440,44 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
           for (int64_t d = 0; d < width; ++d) o[d] += a[d] * factor;
         }
       const float norm = total > 0.f ? 1.f / total : 0.f;
-      T* dst = op + ((b * 2 + h % 2) * (H / 2) + h / 2) * width;  // out (B, 2, H / 2, 2 Dh)
-      for (int64_t d = 0; d < width; ++d) dst[d] = static_cast<T>(o[d] * norm);
+      for (int64_t d = 0; d < width; ++d) o[d] *= norm;
+    }
+  return heads;
+}
+
+// x as the tensor of dtype T would hold it (bfloat16: rounded to nearest even)
+template <typename T>
+inline float held(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+
+// The differential combination of attend's heads, as ops.differential_attention computes it in dtype T (the
+// same roundings): per pair j, y = O1 - lambda O2 over 2 Dh channels, RMS-normalised in float32, times the
+// subln gain, times (1 - lambda_init); pair j becomes heads 2j and 2j + 1 of out (B, H Dh).
+template <typename T>
+void combine(const std::vector<float>& heads, int64_t B, int64_t H, int64_t width, float lam, const float* gain,
+             float scaling, float eps, T* out) {
+  const int64_t pairs = H / 2;
+  const float lam_held = held<T>(lam);
+  std::vector<float> y(width);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < pairs; ++j) {
+      const float* o1 = heads.data() + ((b * 2) * pairs + j) * width;
+      const float* o2 = heads.data() + ((b * 2 + 1) * pairs + j) * width;
+      float squares = 0.f;
+      for (int64_t d = 0; d < width; ++d) {
+        y[d] = held<T>(held<T>(o1[d]) - held<T>(lam_held * held<T>(o2[d])));
+        squares += y[d] * y[d];
+      }
+      const float inverse_rms = 1.f / std::sqrt(squares / static_cast<float>(width) + eps);
+      T* dst = out + (b * pairs + j) * width;
+      for (int64_t d = 0; d < width; ++d)
+        dst[d] = static_cast<T>(held<T>(held<T>(y[d] * inverse_rms) * gain[d]) * scaling);
     }
 }
 
-}  // namespace
-
-at::Tensor diff_attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const c10::optional<at::Tensor>& key_valid, double scale) {
+void check_decode_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const c10::optional<at::Tensor>& key_valid) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: contiguous (B, H, Dh)");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k, v: (B, S, Hkv, Dh), the same shape");
   const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), S = k.size(1), Hkv = k.size(2);
@@ -449,20 +486,54 @@ at::Tensor diff_attention_decode(const at::Tensor& q, const at::Tensor& k, const
   for (const at::Tensor* t : {&k, &v})
     TORCH_CHECK(t->stride(3) == 1 && t->stride(2) == Dh && t->scalar_type() == q.scalar_type(),
                 "k, v: q's dtype, each position's heads contiguous");
-  const bool* valid = nullptr;
-  if (key_valid.has_value()) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "differential decode attention: float32 or bfloat16, got ", q.scalar_type());
+  if (key_valid.has_value())
     TORCH_CHECK(key_valid->scalar_type() == at::kBool && key_valid->is_contiguous() && key_valid->size(0) == B &&
                     key_valid->size(1) == S,
                 "key_valid: contiguous bool (B, S)");
-    valid = key_valid->data_ptr<bool>();
-  }
-  auto out = at::empty({B, 2, H / 2, 2 * Dh}, q.options());
+}
+
+std::vector<float> attend_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const c10::optional<at::Tensor>& key_valid, double scale) {
+  check_decode_inputs(q, k, v, key_valid);
+  const bool* valid = key_valid.has_value() ? key_valid->data_ptr<bool>() : nullptr;
+  if (q.scalar_type() == at::kFloat) return attend<float>(q, k, v, valid, static_cast<float>(scale));
+  return attend<at::BFloat16>(q, k, v, valid, static_cast<float>(scale));
+}
+
+}  // namespace
+
+at::Tensor diff_attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const c10::optional<at::Tensor>& key_valid, double scale) {
+  const std::vector<float> heads = attend_heads(q, k, v, key_valid, scale);
+  auto out = at::empty({q.size(0), 2, q.size(1) / 2, 2 * q.size(2)}, q.options());
   if (q.scalar_type() == at::kFloat)
-    attend<float>(q, k, v, valid, out, static_cast<float>(scale));
-  else if (q.scalar_type() == at::kBFloat16)
-    attend<at::BFloat16>(q, k, v, valid, out, static_cast<float>(scale));
+    std::copy(heads.begin(), heads.end(), out.data_ptr<float>());
   else
-    TORCH_CHECK(false, "diff_attention_decode: float32 or bfloat16, got ", q.scalar_type());
+    std::transform(heads.begin(), heads.end(), out.data_ptr<at::BFloat16>(),
+                   [](float x) { return static_cast<at::BFloat16>(x); });
+  return out;
+}
+
+at::Tensor diff_attention_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const c10::optional<at::Tensor>& key_valid, double scale, const at::Tensor& lam,
+                               const at::Tensor& subln_weight, double lambda_init, double eps) {
+  const std::vector<float> heads = attend_heads(q, k, v, key_valid, scale);
+  const int64_t B = q.size(0), H = q.size(1), width = 2 * q.size(2);
+  TORCH_CHECK(lam.numel() == 1, "lam: one value");
+  TORCH_CHECK(subln_weight.dim() == 1 && subln_weight.size(0) == width, "subln_weight: (2 Dh,)");
+  const float lambda = lam.item<float>();
+  // the gain as q's dtype holds it (the model multiplies by subln_weight.to(dtype))
+  const at::Tensor gain = subln_weight.to(q.scalar_type()).to(at::kFloat).contiguous();
+  const float scaling = static_cast<float>(1.0 - lambda_init);
+  auto out = at::empty({B, H * q.size(2)}, q.options());
+  if (q.scalar_type() == at::kFloat)
+    combine<float>(heads, B, H, width, lambda, gain.data_ptr<float>(), scaling, static_cast<float>(eps),
+                   out.data_ptr<float>());
+  else
+    combine<at::BFloat16>(heads, B, H, width, lambda, gain.data_ptr<float>(), scaling, static_cast<float>(eps),
+                          out.data_ptr<at::BFloat16>());
   return out;
 }
 

@@ -14,7 +14,12 @@ TORCH_LIBRARY(phi4flash, m) {
         "-> (Tensor, Tensor)");
   m.def("selective_scan_backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? state, "
         "Tensor gy, Tensor? g_last) -> Tensor[]");
+  m.def("conv_step(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) state) -> Tensor");
+  m.def("scan_step(Tensor u, Tensor dt, Tensor dt_bias, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor z, "
+        "Tensor(a!) state, bool emits_memory) -> Tensor[]");
   m.def("diff_attention_decode(Tensor q, Tensor k, Tensor v, Tensor? key_valid, float scale) -> Tensor");
+  m.def("diff_attention_step(Tensor q, Tensor k, Tensor v, Tensor? key_valid, float scale, Tensor lam, "
+        "Tensor subln_weight, float lambda_init, float eps) -> Tensor");
 }
 
 static std::tuple<at::Tensor, at::Tensor> selective_scan_op(const at::Tensor& u, const at::Tensor& delta,
@@ -33,7 +38,10 @@ TORCH_LIBRARY_IMPL(phi4flash, CPU, m) {
   m.impl("dequantize_into", &phi4flash::dequantize_into);
   m.impl("selective_scan", &selective_scan_op);
   m.impl("selective_scan_backward", &phi4flash::selective_scan_backward);
+  m.impl("conv_step", &phi4flash::conv_step);
+  m.impl("scan_step", &phi4flash::scan_step);
   m.impl("diff_attention_decode", &phi4flash::diff_attention_decode);
+  m.impl("diff_attention_step", &phi4flash::diff_attention_step);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -30,8 +30,21 @@ std::vector<at::Tensor> selective_scan_backward(const at::Tensor& u, const at::T
                                                 const c10::optional<at::Tensor>& state, const at::Tensor& gy,
                                                 const c10::optional<at::Tensor>& g_last);
 
+// mamba_step_cpu.cpp: the Mamba mixer's one-token decode step, around its projections: the convolution (its state shifted in place),
+// then the scan (softplus of the step sizes, the state updated in place) and the SiLU(z) gate
+at::Tensor conv_step(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                     at::Tensor state);
+std::vector<at::Tensor> scan_step(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& dt_bias,
+                                  const at::Tensor& A, const at::Tensor& Bm, const at::Tensor& Cm,
+                                  const c10::optional<at::Tensor>& D, const at::Tensor& z, at::Tensor state,
+                                  bool emits_memory);
+
 // attention_cpu.cpp: differential attention of one new token per row against the K/V cache, read in place
 at::Tensor diff_attention_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const c10::optional<at::Tensor>& key_valid, double scale);
+// the same with the differential combination done: (B, H Dh), as the layer's output projection takes it
+at::Tensor diff_attention_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const c10::optional<at::Tensor>& key_valid, double scale, const at::Tensor& lam,
+                               const at::Tensor& subln_weight, double lambda_init, double eps);
 
 }  // namespace phi4flash

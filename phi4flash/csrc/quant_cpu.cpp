@@ -200,12 +200,6 @@ inline void int8_tile(const Activations& a, const uint8_t* w, float* y, int64_t 
 #elif PHI4FLASH_AVX2
 constexpr const char* kQuantPath = "avx2";
 
-// 8 bfloat16 -> 8 floats
-inline __m256 load_bf16x8(const at::BFloat16* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
 // u8 x s8 products of each 4-byte lane summed into its int32 lane (what vpdpbusd adds), for 16-bit pair sums
 // that cannot saturate
 inline __m256i dot_lanes(__m256i u, __m256i s) {
@@ -439,12 +433,6 @@ inline void bf16_tile(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16
     }
 }
 #elif PHI4FLASH_AVX2
-inline float sum_lanes(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // As the AVX-512 tile, with the bfloat16 products in float32 FMAs, 8 inputs at a time.
 template <int RT, int MT>
 inline void bf16_tile(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t n0, int64_t m0,
@@ -473,7 +461,7 @@ inline void bf16_tile(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16
   for (int r = 0; r < RT; ++r)
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) {
-      float out = sum_lanes(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
+      float out = reduce_add8(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
       for (int64_t j = k; j < K; ++j) out += to_float(w[(n0 + r) * K + j]) * to_float(x[(m0 + m) * K + j]);
       y[(m0 + m) * N + n0 + r] = at::BFloat16(out);
     }
@@ -693,16 +681,6 @@ void dequantize_tile_int8(const uint8_t* w, const at::BFloat16* scales, int64_t 
 }
 #define PHI4FLASH_VECTOR_DEQUANT 1
 #elif PHI4FLASH_AVX2
-// 8 floats -> 8 bfloat16 (rounding to nearest even, finite values) stored at dst
-inline void store_bf16x8(at::BFloat16* dst, __m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
-                                        _mm256_set1_epi32(0x7FFF));
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);  // (0..0xFFFF) per 32-bit lane
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // 64-bit lanes 0, 2 first
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
-}
-
 // The AVX-512 dequantize_tile_int4 on 8 lanes: row i's 4 bytes of a 64-byte chunk are its 8 inputs 8c .. 8c + 7
 // (low nibbles first).
 void dequantize_tile_int4(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros, int64_t group,

@@ -1,52 +1,10 @@
 // Vector helpers shared by phi4flash's CPU kernels.
 #pragma once
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
+// 8-lane helpers, on every CPU with AVX2 and FMA (AVX-512 ones too: the kernels that work 8 lanes at a time
+// there, such as the int4 tiles of a CPU without VNNI, use them)
 #include <c10/util/BFloat16.h>
-#include <immintrin.h>
-
-namespace phi4flash {
-
-// 16 bfloat16 -> 16 floats (a bfloat16 is the top half of a float's bits)
-inline __m512 bf16x16_to_floats(__m256i raw) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-inline __m512 load_bf16x16(const at::BFloat16* p) {
-  return bf16x16_to_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-// the lanes of ``mask`` only (nothing past them is read); the others 0
-inline __m512 load_bf16x16(const at::BFloat16* p, __mmask16 mask) {
-  return bf16x16_to_floats(_mm256_maskz_loadu_epi16(mask, p));
-}
-#endif
-
-// exp(x) for x <= 0 (decays): 2^k p(r) with k = round(x log2 e), r = x - k ln 2, p a degree-6 Taylor
-// polynomial (|r| <= ln2/2: relative error below 2e-7); x below -87 gives 0, as expf underflows.
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), clamped);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  const __m512 out = _mm512_scalef_ps(p, k);
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ), out, _mm512_setzero_ps());
-}
-
-}  // namespace phi4flash
-
-#elif defined(__AVX2__) && defined(__FMA__)
-// AVX2 without AVX-512 (most laptops and AMD servers before Zen 4): the same helpers on 8 lanes.
-#define PHI4FLASH_SIMD_AVX2 1
 #include <immintrin.h>
 
 #include <cstdint>
@@ -98,5 +56,73 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_blendv_ps(out, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ));
 }
 
+
+// 8 bfloat16 -> 8 floats (a bfloat16 is the top half of a float's bits)
+inline __m256 bf16x8_to_floats(__m128i raw) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline __m256 load_bf16x8(const at::BFloat16* p) {
+  return bf16x8_to_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// 8 floats -> 8 bfloat16 (rounding to nearest even, finite values) stored at dst
+inline void store_bf16x8(at::BFloat16* dst, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                        _mm256_set1_epi32(0x7FFF));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);  // (0..0xFFFF) per 32-bit lane
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // 64-bit lanes 0, 2 first
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+}
+
 }  // namespace phi4flash
+#endif
+
+#if defined(__AVX512F__)
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+namespace phi4flash {
+
+// 16 bfloat16 -> 16 floats (a bfloat16 is the top half of a float's bits)
+inline __m512 bf16x16_to_floats(__m256i raw) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline __m512 load_bf16x16(const at::BFloat16* p) {
+  return bf16x16_to_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+// the lanes of ``mask`` only (nothing past them is read); the others 0
+inline __m512 load_bf16x16(const at::BFloat16* p, __mmask16 mask) {
+  return bf16x16_to_floats(_mm256_maskz_loadu_epi16(mask, p));
+}
+#endif
+
+// exp(x) for x <= 0 (decays): 2^k p(r) with k = round(x log2 e), r = x - k ln 2, p a degree-6 Taylor
+// polynomial (|r| <= ln2/2: relative error below 2e-7); x below -87 gives 0, as expf underflows.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), clamped);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512 out = _mm512_scalef_ps(p, k);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ), out, _mm512_setzero_ps());
+}
+
+}  // namespace phi4flash
+
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 without AVX-512 (most laptops and AMD servers before Zen 4): the kernels' 8-lane paths.
+#define PHI4FLASH_SIMD_AVX2 1
 #endif
