@@ -437,12 +437,12 @@ class Mamba(nn.Module):
         """One token: (B, D) -> output (B, 1, D) and memory (B, 1, E) or None; updates ``state``."""
         x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, E) each
         conv, ssm = _take(state.conv, rows), _take(state.ssm, rows)
-        if native_mamba_step(x, conv, ssm, self.conv1d.weight, self.conv1d.bias, self.dt_proj.bias, self.D):
+        if native_mamba_step(x, conv, ssm, self.conv1d.weight, self.conv1d.bias, self.dt_proj.bias, self.A_log, self.D):
             # the same step in two C++ calls around the projections (a few dozen small operations otherwise)
             x = torch.ops.phi4flash.conv_step(x, self.conv1d.weight, self.conv1d.bias, conv)
             dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
             gated, memory = torch.ops.phi4flash.scan_step(x, decode_linear(dt, self.dt_proj.weight), self.dt_proj.bias,
-                                                          self._decay_rates(), b, c, self.D, z, ssm, self.emits_memory)
+                                                          self.A_log, b, c, self.D, z, ssm, self.emits_memory)
             memory = memory if self.emits_memory else None
         else:
             x = causal_conv1d_step_auto(x, self.conv1d.weight, self.conv1d.bias, conv)
@@ -454,15 +454,6 @@ class Mamba(nn.Module):
             state.conv[rows], state.ssm[rows] = conv, ssm
         out = self.out_proj(gated)[:, None]
         return out, None if memory is None else memory[:, None]
-
-    def _decay_rates(self) -> torch.Tensor:
-        """A = -exp(A_log) in float32 (E, N), kept between decode steps while A_log is unchanged (its exp is a
-        tenth of the rest of a step's work here)."""
-        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.dtype)
-        if self.__dict__.get("_decay_key") != key:
-            self.__dict__["_decay"] = -torch.exp(self.A_log.detach().float())
-            self.__dict__["_decay_key"] = key
-        return self.__dict__["_decay"]
 
 
 class GatedMemoryUnit(nn.Module):

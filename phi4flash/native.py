@@ -219,7 +219,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("phi4flash::scan_step")
-    def _(u, dt, dt_bias, A, B, C, D, z, state, emits_memory):  # noqa: ANN001, ANN202
+    def _(u, dt, dt_bias, A_log, B, C, D, z, state, emits_memory):  # noqa: ANN001, ANN202
         return [u.new_empty(u.shape), u.new_empty(u.shape if emits_memory else (0,))]
 
 

@@ -283,11 +283,12 @@ def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
 
 
 def native_mamba_step(x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, conv_weight: torch.Tensor,
-                      conv_bias: torch.Tensor | None, dt_bias: torch.Tensor, D: torch.Tensor | None) -> bool:
+                      conv_bias: torch.Tensor | None, dt_bias: torch.Tensor, A_log: torch.Tensor,
+                      D: torch.Tensor | None) -> bool:
     """Whether phi4flash's C++ decode step of the Mamba mixer (``phi4flash::conv_step`` and ``scan_step``) takes
     this step: the CPU, float32 or bfloat16 activations with the convolution's state and weights in their dtype, a
-    float32 scan state, no gradient wanted, the kernels built, and not while torch.compile traces the step (the
-    compiled step fuses the same operations itself)."""
+    float32 scan state and A_log, no gradient wanted, the kernels built, and not while torch.compile traces the step
+    (the compiled step fuses the same operations itself)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled():
         return False
     if torch.compiler.is_compiling():
@@ -297,6 +298,8 @@ def native_mamba_step(x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torc
     if conv_bias is not None and conv_bias.dtype != x.dtype:
         return False
     if ssm_state.dtype != torch.float32 or not ssm_state.is_contiguous():
+        return False
+    if A_log.dtype != torch.float32 or not A_log.is_contiguous():
         return False
     if dt_bias.dtype not in (torch.float32, torch.bfloat16) or (D is not None and D.dtype != dt_bias.dtype):
         return False

@@ -236,8 +236,8 @@ def _gate_reference(y: torch.Tensor, z: torch.Tensor, emits_memory: bool) -> tup
 @pytest.mark.parametrize("emits_memory", [False, True])
 def test_mamba_step_kernels_equal_the_definitions(width: int, state_size: int, dtype: torch.dtype,
                                                   emits_memory: bool) -> None:
-    """conv_step = ops.causal_conv1d_step and scan_step = softplus, ops.selective_scan_step and the gate, on rows
-    read from wider tensors (the projections' outputs), states updated in place."""
+    """conv_step = ops.causal_conv1d_step and scan_step = softplus, ops.selective_scan_step (A = -exp(A_log)) and
+    the gate, on rows read from wider tensors (the projections' outputs), states updated in place."""
     torch.manual_seed(0)
     batch, kernel = 2, 4
     projected = torch.randn(batch, 2 * width).to(dtype)  # in_proj's output: x || z
@@ -254,10 +254,11 @@ def test_mamba_step_kernels_equal_the_definitions(width: int, state_size: int, d
     x_proj = torch.randn(batch, 3 + 2 * state_size).to(dtype)  # x_proj's output: dt rank 3, then B and C
     b, c = x_proj[:, 3:3 + state_size], x_proj[:, 3 + state_size:]
     dt, dt_bias, D = (torch.randn(batch, width) - 1).to(dtype), torch.randn(width), torch.randn(width)
-    A = -torch.exp(torch.randn(width, state_size))
+    A_log = torch.randn(width, state_size)
+    A = -torch.exp(A_log)
     state = torch.randn(batch, width, state_size)
     state_ref = state.clone()
-    gated, memory = torch.ops.phi4flash.scan_step(expected_x, dt, dt_bias, A, b, c, D, z, state, emits_memory)
+    gated, memory = torch.ops.phi4flash.scan_step(expected_x, dt, dt_bias, A_log, b, c, D, z, state, emits_memory)
     delta = torch.nn.functional.softplus(dt.float() + dt_bias)
     y = ops.selective_scan_step(expected_x, delta, A, b, c, D, state_ref)
     expected_gated, expected_memory = _gate_reference(y, z, emits_memory)
@@ -269,8 +270,8 @@ def test_mamba_step_kernels_equal_the_definitions(width: int, state_size: int, d
         assert ((memory.float() - expected_memory.float()).abs() / (1 + expected_memory.float().abs())).max() <= bound
     else:
         assert memory.numel() == 0 and expected_memory is None
-    with pytest.raises(RuntimeError, match="A: contiguous float32"):
-        torch.ops.phi4flash.scan_step(expected_x, dt, dt_bias, A.t(), b, c, D, z, state, emits_memory)
+    with pytest.raises(RuntimeError, match="A_log: contiguous float32"):
+        torch.ops.phi4flash.scan_step(expected_x, dt, dt_bias, A_log.t(), b, c, D, z, state, emits_memory)
     with pytest.raises(RuntimeError, match="of one dtype"):
         torch.ops.phi4flash.conv_step(x.double(), weight, bias, conv_state)
 

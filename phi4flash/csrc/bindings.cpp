@@ -15,7 +15,7 @@ TORCH_LIBRARY(phi4flash, m) {
   m.def("selective_scan_backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? state, "
         "Tensor gy, Tensor? g_last) -> Tensor[]");
   m.def("conv_step(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) state) -> Tensor");
-  m.def("scan_step(Tensor u, Tensor dt, Tensor dt_bias, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor z, "
+  m.def("scan_step(Tensor u, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B, Tensor C, Tensor? D, Tensor z, "
         "Tensor(a!) state, bool emits_memory) -> Tensor[]");
   m.def("diff_attention_decode(Tensor q, Tensor k, Tensor v, Tensor? key_valid, float scale) -> Tensor");
   m.def("diff_attention_step(Tensor q, Tensor k, Tensor v, Tensor? key_valid, float scale, Tensor lam, "

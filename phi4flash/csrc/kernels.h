@@ -35,7 +35,7 @@ std::vector<at::Tensor> selective_scan_backward(const at::Tensor& u, const at::T
 at::Tensor conv_step(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                      at::Tensor state);
 std::vector<at::Tensor> scan_step(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& dt_bias,
-                                  const at::Tensor& A, const at::Tensor& Bm, const at::Tensor& Cm,
+                                  const at::Tensor& A_log, const at::Tensor& Bm, const at::Tensor& Cm,
                                   const c10::optional<at::Tensor>& D, const at::Tensor& z, at::Tensor state,
                                   bool emits_memory);
 

@@ -1,7 +1,7 @@
 // The Mamba mixer's one-token decode step on the CPU, the work between its projections in two calls:
 //
 //   conv_step: state <- [state[1:], x];  x' = SiLU(state . w + bias)                         (per channel)
-//   scan_step: delta = softplus(dt + dt_bias);  s <- exp(delta A) s + delta u B;  y = C . s + D u;
+//   scan_step: delta = softplus(dt + dt_bias);  s <- exp(delta A) s + delta u B;  y = C . s + D u;  A = -exp(A_log)
 //              out = y SiLU(z)   (the memory-emitting layer: memory = y in the model's dtype, out = memory SiLU(z))
 //
 // In PyTorch these are some 40 small operations per layer (each a few microseconds of dispatch and a pass over
@@ -124,14 +124,19 @@ void conv_rows(const at::Tensor& x, const at::Tensor& weight, const T* bias, at:
   });
 }
 
-// channel e's state (N floats) advanced by one step; returns C . s
-inline float advance(float* s, const float* a, float delta, float du, const float* Bv, const float* Cv, int64_t N) {
+// channel e's state (N floats) advanced by one step, its decay rates A = -exp(A_log) computed from the parameter
+// each step (a copy kept between steps could miss an update that bypasses PyTorch's version counter, such as a
+// fused optimizer's); returns C . s
+inline float advance(float* s, const float* a_log, float delta, float du, const float* Bv, const float* Cv,
+                     int64_t N) {
 #if defined(__AVX2__) && defined(__FMA__)
   if (N % 8 == 0) {
-    const __m256 dt = _mm256_set1_ps(delta), dus = _mm256_set1_ps(du);
+    const __m256 minus_dt = _mm256_set1_ps(-delta), dus = _mm256_set1_ps(du);
     __m256 read = _mm256_setzero_ps();
     for (int64_t n = 0; n < N; n += 8) {
-      const __m256 decay = exp_nonpositive(_mm256_mul_ps(dt, _mm256_loadu_ps(a + n)));
+      // exp_nonpositive's range reduction and polynomial hold for A_log up to 88 too (2^k up to k = 127)
+      const __m256 rate = exp_nonpositive(_mm256_min_ps(_mm256_loadu_ps(a_log + n), _mm256_set1_ps(88.f)));
+      const __m256 decay = exp_nonpositive(_mm256_mul_ps(minus_dt, rate));
       const __m256 next = _mm256_fmadd_ps(decay, _mm256_loadu_ps(s + n), _mm256_mul_ps(dus, _mm256_loadu_ps(Bv + n)));
       _mm256_storeu_ps(s + n, next);
       read = _mm256_fmadd_ps(next, _mm256_loadu_ps(Cv + n), read);
@@ -141,14 +146,14 @@ inline float advance(float* s, const float* a, float delta, float du, const floa
 #endif
   float read = 0.f;
   for (int64_t n = 0; n < N; ++n) {
-    s[n] = std::exp(delta * a[n]) * s[n] + du * Bv[n];
+    s[n] = std::exp(-delta * std::exp(a_log[n])) * s[n] + du * Bv[n];
     read += s[n] * Cv[n];
   }
   return read;
 }
 
 template <typename T, typename P>
-void scan_rows(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& dt_bias, const at::Tensor& A,
+void scan_rows(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& dt_bias, const at::Tensor& A_log,
                const at::Tensor& Bm, const at::Tensor& Cm, const c10::optional<at::Tensor>& D, const at::Tensor& z,
                at::Tensor& state, bool emits_memory, at::Tensor& out, at::Tensor& memory) {
   const int64_t B = state.size(0), E = state.size(1), N = state.size(2);
@@ -165,7 +170,7 @@ void scan_rows(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& dt_b
   const T* zp = z.data_ptr<T>();
   const P* bias = dt_bias.data_ptr<P>();
   const P* skip = D.has_value() ? D->data_ptr<P>() : nullptr;
-  const float* Ap = A.data_ptr<float>();
+  const float* Ap = A_log.data_ptr<float>();
   float* sp = state.data_ptr<float>();
   T* op = out.data_ptr<T>();
   T* mp = emits_memory ? memory.data_ptr<T>() : nullptr;
@@ -222,7 +227,7 @@ at::Tensor conv_step(const at::Tensor& x, const at::Tensor& weight, const c10::o
 }
 
 std::vector<at::Tensor> scan_step(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& dt_bias,
-                                  const at::Tensor& A, const at::Tensor& Bm, const at::Tensor& Cm,
+                                  const at::Tensor& A_log, const at::Tensor& Bm, const at::Tensor& Cm,
                                   const c10::optional<at::Tensor>& D, const at::Tensor& z, at::Tensor state,
                                   bool emits_memory) {
   TORCH_CHECK(state.dim() == 3 && state.is_contiguous() && state.scalar_type() == at::kFloat,
@@ -236,8 +241,8 @@ std::vector<at::Tensor> scan_step(const at::Tensor& u, const at::Tensor& dt, con
   for (const at::Tensor* t : {&Bm, &Cm})
     TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == N && t->stride(1) == 1 && t->scalar_type() == dtype,
                 "B, C: (B, N) in u's dtype, contiguous along N");
-  TORCH_CHECK(A.scalar_type() == at::kFloat && A.is_contiguous() && A.size(0) == E && A.size(1) == N,
-              "A: contiguous float32 (E, N)");
+  TORCH_CHECK(A_log.scalar_type() == at::kFloat && A_log.is_contiguous() && A_log.size(0) == E && A_log.size(1) == N,
+              "A_log: contiguous float32 (E, N)");
   // the step sizes' bias and the skip: one dtype (the model's, or float32), one value per channel
   const auto parameters = dt_bias.scalar_type();
   TORCH_CHECK(is_float_or_bf16(dt_bias) && dt_bias.numel() == E && dt_bias.is_contiguous(), "dt_bias: (E,)");
@@ -247,14 +252,14 @@ std::vector<at::Tensor> scan_step(const at::Tensor& u, const at::Tensor& dt, con
   auto memory = emits_memory ? at::empty({B, E}, u.options()) : at::empty({0}, u.options());
   if (dtype == at::kFloat) {
     if (parameters == at::kFloat)
-      scan_rows<float, float>(u, dt, dt_bias, A, Bm, Cm, D, z, state, emits_memory, out, memory);
+      scan_rows<float, float>(u, dt, dt_bias, A_log, Bm, Cm, D, z, state, emits_memory, out, memory);
     else
-      scan_rows<float, at::BFloat16>(u, dt, dt_bias, A, Bm, Cm, D, z, state, emits_memory, out, memory);
+      scan_rows<float, at::BFloat16>(u, dt, dt_bias, A_log, Bm, Cm, D, z, state, emits_memory, out, memory);
   } else {
     if (parameters == at::kFloat)
-      scan_rows<at::BFloat16, float>(u, dt, dt_bias, A, Bm, Cm, D, z, state, emits_memory, out, memory);
+      scan_rows<at::BFloat16, float>(u, dt, dt_bias, A_log, Bm, Cm, D, z, state, emits_memory, out, memory);
     else
-      scan_rows<at::BFloat16, at::BFloat16>(u, dt, dt_bias, A, Bm, Cm, D, z, state, emits_memory, out, memory);
+      scan_rows<at::BFloat16, at::BFloat16>(u, dt, dt_bias, A_log, Bm, Cm, D, z, state, emits_memory, out, memory);
   }
   return {out, memory};
 }
