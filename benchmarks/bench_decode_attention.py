@@ -45,12 +45,15 @@ def per_call_seconds(fn: Callable[[], torch.Tensor], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def kernel_benchmark_setup(description: str, extra: Callable[[argparse.ArgumentParser], None]
+                           ) -> tuple[argparse.Namespace, object, torch.dtype]:
+    """The options that the C++-kernel benchmarks share (threads, rounds, dtype) and ``extra``'s, parsed; the
+    threads and seed set; returns (args, the loaded kernels, dtype), or exits when the kernels are not built."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--contexts", default="64,512,2048,8192")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    extra(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -59,7 +62,12 @@ def main() -> None:
     kernels = native.load()
     if kernels is None:
         raise SystemExit("phi4flash's C++ kernels are not built here (no compiler?): nothing to compare")
-    dtype = getattr(torch, args.dtype)
+    return args, kernels, getattr(torch, args.dtype)
+
+
+def main() -> None:
+    args, kernels, dtype = kernel_benchmark_setup(
+        __doc__, lambda parser: parser.add_argument("--contexts", default="64,512,2048,8192"))
     native_check = ops._native_decode_attention
     sides = {"phi4flash": native_check, "pytorch": lambda *_: False}
     print(f"# {HEADS} heads, {KV_HEADS} kv heads of {HEAD_DIM}, {args.dtype}, one query, {args.threads} threads, "

@@ -3,7 +3,7 @@ kernels against the PyTorch operations that do the same, on this CPU.
 
     python benchmarks/bench_decode_step.py [--rounds 5] [--threads 2] [--context 512]
 
-Two parts of a decode step, each timed both ways in the same run, the two sides in turns within each round (the
+Three parts of a decode step, each timed both ways in the same run, the two sides in turns within each round (the
 best round is reported, with the spread, worst / best):
 - "mamba": one Mamba mixer's step (``Mamba.step``: the convolution, the scan, the SiLU gate, with its projections
   replaced by zeros of their shapes so that only the work between them is timed): ``phi4flash::conv_step`` and
@@ -12,18 +12,21 @@ best round is reported, with the spread, worst / best):
 - "attention": one layer's differential attention over ``--context`` cached positions
   (``ops.differential_attention``): ``phi4flash::diff_attention_step`` (the kernel and the differential
   combination in one call) against ``phi4flash::diff_attention_decode`` followed by the combination in PyTorch
-  (``ops.differential_combination``), what the model ran before the combination moved into the kernel.
-The real model's decode step has 9 Mamba steps (8 Mamba layers and the memory-emitting one) and 16 such attentions.
+  (``ops.differential_combination``), what the model ran before the combination moved into the kernel;
+- "layer": one decoder layer's work around its mixer and MLP projections (``layer_glue``: two LayerNorms, a
+  residual add, the MLP's SiLU product): the C++ module's ``add_layer_norm`` and ``silu_mul`` against the PyTorch
+  operations (casts, add, ``F.layer_norm``, ``F.silu``, the product).
+The real model's decode step has 9 Mamba steps (8 Mamba layers and the memory-emitting one), 16 such attentions
+and 32 layers.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_decode_attention import attention_call, kernel_benchmark_setup, per_call_seconds
 
 from phi4flash import Phi4FlashConfig, model, ops
 from phi4flash.cache import MambaState
@@ -55,49 +58,40 @@ def _combined_in_pytorch(q, k, v, valid, scale, lam, subln_weight, lambda_init, 
     return y.reshape(q.shape[0], -1)
 
 
-def attention_step(context: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-    """One layer's decode attention over ``context`` cached positions (random values), as the model calls it."""
-    heads, kv_heads, head_dim = REAL.num_attention_heads, REAL.num_key_value_heads, REAL.head_dim
-    q = torch.randn(1, 1, heads, head_dim).to(dtype)
-    cache = torch.randn(2, 1, context + 64, kv_heads, head_dim).to(dtype)
-    k, v = cache[0, :, :context], cache[1, :, :context]
-    lam, subln = torch.tensor(0.3), torch.ones(2 * head_dim, dtype=dtype)
-    return lambda: ops.differential_attention(q, k, v, lam, 0.8, subln, 1e-5, None)
+def layer_glue(dtype: torch.dtype) -> Callable[[], object]:
+    """A decoder layer's work around its mixer and its MLP's products, as ``DecoderLayer.forward`` and
+    ``MLP.forward`` do it: the input LayerNorm, the mixer's output added with the post-attention LayerNorm, SiLU(gate)
+    times up on fc1's output (float32 residual stream, random values)."""
+    width, inner, eps = REAL.hidden_size, REAL.intermediate_size, REAL.layer_norm_eps
+    x, out = torch.randn(1, 1, width), torch.randn(1, 1, width).to(dtype)
+    fc1_out = torch.randn(1, 1, 2 * inner).to(dtype)
+    weight, bias = torch.ones(width, dtype=dtype), torch.zeros(width, dtype=dtype)
 
+    def glue() -> torch.Tensor:
+        y, _ = ops.add_layer_norm(x, None, weight, bias, eps)
+        _, h = ops.add_layer_norm(y, out, weight, bias, eps)
+        gate, up = fc1_out.chunk(2, dim=-1)
+        return ops.silu_mul(gate, up)
 
-def per_call_us(fn: Callable[[], object], calls: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    return glue
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    from phi4flash import native
-
-    kernels = native.load()
-    if kernels is None:
-        raise SystemExit("phi4flash's C++ kernels are not built here (no compiler?): nothing to compare")
-    dtype = getattr(torch, args.dtype)
+    args, kernels, dtype = kernel_benchmark_setup(
+        __doc__, lambda parser: parser.add_argument("--context", type=int, default=512))
     namespace = torch.ops.phi4flash
     fused_attention = namespace.diff_attention_step
+    layer_kernels = ops._eager_layer_kernels
     switches: dict[str, dict[str, Callable[[bool], None]]] = {
         "mamba": {"phi4flash": lambda on: setattr(model, "native_mamba_step",
                                                    ops.native_mamba_step if on else lambda *a: False)},
         "attention": {"phi4flash": lambda on: setattr(namespace, "diff_attention_step",
                                                        fused_attention if on else _combined_in_pytorch)},
+        "layer": {"phi4flash": lambda on: setattr(ops, "_eager_layer_kernels",
+                                                   layer_kernels if on else lambda *a: None)},
     }
-    calls = {"mamba": 200, "attention": max(20, 40_000 // args.context)}
-    work = {"mamba": mamba_step(dtype), "attention": attention_step(args.context, dtype)}
+    calls = {"mamba": 200, "attention": max(20, 40_000 // args.context), "layer": 2000}
+    work = {"mamba": mamba_step(dtype), "attention": attention_call(args.context, dtype), "layer": layer_glue(dtype)}
     print(f"# real model's shapes, {args.dtype}, one row, {args.threads} threads, kernels: {kernels.isa()}; "
           f"attention over {args.context} positions; {args.rounds} rounds, the two sides in turns")
     print("\n| part | phi4flash us | pytorch us | pytorch / phi4flash |\n|---|---:|---:|---:|")
@@ -109,7 +103,8 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for side in times:
                         switch(side == "phi4flash")
-                        times[side].append(per_call_us(fn, calls[part]))
+                        fn()  # warm
+                        times[side].append(per_call_seconds(fn, calls[part]) * 1e6)
             finally:
                 switch(True)
             best = {side: min(values) for side, values in times.items()}

@@ -39,6 +39,7 @@ from .config import (
 )
 from .ops import (
     acc_dtype,
+    add_layer_norm,
     attention_mask,
     causal_conv1d_auto,
     causal_conv1d_step_auto,
@@ -46,6 +47,7 @@ from .ops import (
     native_mamba_step,
     selective_scan_auto,
     selective_scan_step_auto,
+    silu_mul,
 )
 from .qkernels import decode_linear, use_decode_kernels
 
@@ -297,7 +299,7 @@ class Phi4FlashModel(nn.Module):
                 cache.lengths[ctx.rows] += length
         if self_decoder_only:
             return x
-        return self.final_layernorm(x.to(self.final_layernorm.weight.dtype))
+        return _add_norm(x, None, self.final_layernorm)[1]
 
 
 class DecoderLayer(nn.Module):
@@ -321,7 +323,7 @@ class DecoderLayer(nn.Module):
                 shared_kv: tuple[torch.Tensor, ...] | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
         """(B, T, D) residual stream -> the same, plus the memory and shared K/V passed along."""
-        h = self.input_layernorm(x.to(self.input_layernorm.weight.dtype))
+        x, h = _add_norm(x, None, self.input_layernorm)
         if self.kind in MAMBA_KINDS:
             out, emitted = self.attn(h, ctx)
             memory = emitted if emitted is not None else memory
@@ -330,9 +332,14 @@ class DecoderLayer(nn.Module):
         else:
             out, kv = self.attn(h, ctx, shared_kv)
             shared_kv = kv if kv is not None else shared_kv
-        x = x + out.to(x.dtype)
-        x = x + self.mlp(self.post_attention_layernorm(x.to(self.post_attention_layernorm.weight.dtype))).to(x.dtype)
+        x, h = _add_norm(x, out, self.post_attention_layernorm)
+        x = x + self.mlp(h).to(x.dtype)
         return x, memory, shared_kv
+
+
+def _add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, norm of that in the norm's dtype): the residual add and the pre-norm of the next block."""
+    return add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
 
 
 class MLP(nn.Module):
@@ -346,7 +353,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, T, D)."""
         gate, up = self.fc1(x).chunk(2, dim=-1)  # (B, T, I) each
-        return self.fc2(up * F.silu(gate))
+        return self.fc2(silu_mul(gate, up))
 
 
 class Mamba(nn.Module):
@@ -468,7 +475,7 @@ class GatedMemoryUnit(nn.Module):
         """(B, T, D) and memory (B, T, E) -> (B, T, D)."""
         if memory is None:
             raise RuntimeError("a GMU layer needs the memory of the memory-emitting Mamba layer")
-        return self.out_proj(F.silu(self.in_proj(h)) * memory.to(h.dtype))
+        return self.out_proj(silu_mul(self.in_proj(h), memory.to(h.dtype)))
 
 
 class DiffAttentionCore(nn.Module):

@@ -21,7 +21,8 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "quant_cpu.cpp", "scan_cpu.cpp",
-                                                                   "mamba_step_cpu.cpp", "attention_cpu.cpp")]
+                                                                   "mamba_step_cpu.cpp", "attention_cpu.cpp",
+                                                                   "layer_cpu.cpp")]
 
 
 def build_name() -> str:

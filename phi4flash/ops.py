@@ -308,6 +308,50 @@ def native_mamba_step(x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torc
     return native.ready()
 
 
+_LAYER_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _eager_layer_kernels(*tensors: torch.Tensor) -> Any:
+    """phi4flash's C++ module when its layer functions (``add_layer_norm``, ``silu_mul``) take these tensors: the
+    CPU, float32 or bfloat16, no gradient wanted, the kernels built, and not while torch.compile traces (the compiled
+    step fuses the same operations itself); else None. Being eager-only, they are called on the module itself
+    (pybind: about 3 us a call, against 7 through torch.ops' dispatcher; decode makes a hundred such calls a token)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    for t in tensors:
+        if not t.is_cpu or t.dtype not in _LAYER_KERNEL_DTYPES:
+            return None
+    from . import native
+
+    return native.load() if native.ready() else None
+
+
+def add_layer_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream with a layer's output added, and its LayerNorm: ``x + delta.to(x.dtype)`` (x itself
+    when delta is None) and the LayerNorm of that in the weight's dtype, (..., D) each. One C++ pass on the CPU
+    when the kernels apply (decode runs 65 of these a token), PyTorch's operations otherwise."""
+    kernels = None
+    if bias is None or bias.dtype == weight.dtype:
+        kernels = _eager_layer_kernels(x, weight) if delta is None else _eager_layer_kernels(x, weight, delta)
+    if kernels is not None:
+        total, normed = kernels.add_layer_norm(x, delta, weight, bias, eps)
+        return (x if delta is None else total), normed
+    if delta is not None:
+        x = x + delta.to(x.dtype)
+    return x, F.layer_norm(x.to(weight.dtype), weight.shape, weight, bias, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up (..., I), rounded as ``F.silu(gate) * up`` is; one C++ pass on the CPU when the kernels
+    apply (gate and up of one dtype and shape, each row's values contiguous)."""
+    if gate.dtype == up.dtype and gate.shape == up.shape and gate.stride(-1) == 1 and up.stride(-1) == 1:
+        kernels = _eager_layer_kernels(gate)
+        if kernels is not None:
+            return kernels.silu_mul(gate, up)
+    return F.silu(gate) * up
+
+
 def _both_groups_probs(qs: list[torch.Tensor], k12: torch.Tensor, mask: torch.Tensor | None,
                        scale: float) -> torch.Tensor:
     """Attention probabilities of both head groups, reading the cached keys once.

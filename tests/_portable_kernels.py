@@ -96,6 +96,17 @@ def main(build_dir: str, march: str = "x86-64-v2") -> None:
         y = ops.selective_scan_step(expected, torch.nn.functional.softplus(dt + dt_bias), A, B, C, D, state_ref)
         assert (state - state_ref).abs().max().item() <= 1e-5 * (1 + state_ref.abs().max().item())
         assert (gated - y * torch.nn.functional.silu(z)).abs().max().item() <= 1e-5 * (1 + y.abs().max().item())
+    for width in (44, 5):  # the layer functions (called on the module): whole vectors and tails
+        for dtype in (torch.float32, torch.bfloat16):
+            x, delta = torch.randn(3, width), torch.randn(3, width).to(dtype)
+            weight, bias = torch.randn(width).to(dtype), torch.randn(width).to(dtype)
+            total, normed = module.add_layer_norm(x, delta, weight, bias, 1e-5)
+            expected = torch.nn.functional.layer_norm((x + delta.float()).to(dtype), (width,), weight, bias, 1e-5)
+            assert torch.equal(total, x + delta.float())
+            assert ((normed.double() - expected.double()).abs() / (1 + expected.double().abs())).max() <= 2**-7
+            gate, up = torch.randn(3, 2 * width).to(dtype).chunk(2, dim=-1)
+            got, expected = module.silu_mul(gate, up), torch.nn.functional.silu(gate) * up
+            assert ((got.double() - expected.double()).abs() / (1 + expected.double().abs())).max() <= 2**-7
     print("PORTABLE OK", module.isa())
 
 

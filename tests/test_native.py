@@ -201,16 +201,22 @@ def test_decode_attention_refuses_bad_inputs_with_a_message() -> None:
 @pytest.mark.parametrize("batch, heads, kv_heads, head_dim, keys", [(1, 40, 20, 64, 300), (3, 4, 2, 44, 70),
                                                                 (2, 12, 4, 24, 33)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gain_layout", ["float32", "bfloat16", "strided"])
 def test_decode_step_attention_equals_the_models_combination(batch: int, heads: int, kv_heads: int, head_dim: int,
-                                                             keys: int, dtype: torch.dtype) -> None:
+                                                             keys: int, dtype: torch.dtype, gain_layout: str) -> None:
     """diff_attention_step = diff_attention_decode, then ops.differential_combination (the model's PyTorch code),
-    with the same roundings in bfloat16: pair j of the heads becomes heads 2j and 2j + 1."""
+    with the same roundings in bfloat16: pair j of the heads becomes heads 2j and 2j + 1. The subln gain is read in
+    place in float32 or bfloat16 (as q's dtype holds it), and converted first when strided."""
     torch.manual_seed(0)
     q = torch.randn(batch, heads, head_dim).to(dtype)
     k, v = (torch.randn(batch, keys, kv_heads, head_dim).to(dtype) for _ in range(2))
     valid = torch.rand(batch, keys) > 0.3
     valid[:, 0] = True
-    lam, gain = torch.tensor(0.35), (1 + 0.3 * torch.randn(2 * head_dim)).to(dtype)
+    lam, gain = torch.tensor(0.35), 1 + 0.3 * torch.randn(2 * head_dim)
+    if gain_layout == "bfloat16":
+        gain = gain.to(torch.bfloat16)
+    elif gain_layout == "strided":
+        gain = torch.stack([gain, gain], dim=1)[:, 0]
     lambda_init, eps, scale = 0.4, 1e-5, head_dim**-0.5
     got = torch.ops.phi4flash.diff_attention_step(q, k, v, valid, scale, lam, gain, lambda_init, eps)
     heads_out = torch.ops.phi4flash.diff_attention_decode(q, k, v, valid, scale)  # (B, 2, H/2, 2Dh)
@@ -220,6 +226,96 @@ def test_decode_step_attention_equals_the_models_combination(batch: int, heads: 
     assert error.max().item() <= (1e-6 if dtype == torch.float32 else 2**-7)  # bfloat16: at most a last-bit step
     with pytest.raises(RuntimeError, match=r"subln_weight: \(2 Dh,\)"):
         torch.ops.phi4flash.diff_attention_step(q, k, v, valid, scale, lam, gain[:-1], lambda_init, eps)
+
+
+LAYER_WIDTHS = [176, 2560, 44]  # the embedded model's, the real model's, and one with an 8-lane tail
+
+
+@pytest.mark.parametrize("width", LAYER_WIDTHS)
+@pytest.mark.parametrize("residual, delta_dtype, norm_dtype", [
+    (torch.float32, torch.float32, torch.float32),    # a float32 model
+    (torch.float32, torch.bfloat16, torch.bfloat16),  # a bfloat16 model: float32 residual stream, bfloat16 layers
+    (torch.bfloat16, torch.float32, torch.bfloat16),
+])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_layer_norm_equals_the_models_operations(width: int, residual: torch.dtype, delta_dtype: torch.dtype,
+                                                     norm_dtype: torch.dtype, with_delta: bool) -> None:
+    """add_layer_norm = x + delta.to(x.dtype), then F.layer_norm of that in the weight's dtype (the decoder layer's
+    PyTorch operations): the sum exactly, the norm within float32 rounding (bfloat16: at most a last-bit step)."""
+    torch.manual_seed(0)
+    x = (3 * torch.randn(2, 3, width) + 1).to(residual)
+    delta = torch.randn(2, 3, width).to(delta_dtype) if with_delta else None
+    weight, bias = (1 + 0.3 * torch.randn(width)).to(norm_dtype), (0.2 * torch.randn(width)).to(norm_dtype)
+    total, normed = kernels.add_layer_norm(x, delta, weight, bias, 1e-5)
+    expected_total = x + delta.to(x.dtype) if with_delta else x
+    expected = torch.nn.functional.layer_norm(expected_total.to(norm_dtype), (width,), weight, bias, 1e-5)
+    if with_delta:
+        assert total.dtype == residual and torch.equal(total, expected_total)
+    else:
+        assert total.numel() == 0  # the sum is x itself
+    assert normed.dtype == norm_dtype and normed.shape == x.shape
+    error = ((normed.double() - expected.double()).abs() / (1 + expected.double().abs())).max().item()
+    assert error <= (1e-5 if norm_dtype == torch.float32 else 2**-7)
+    if norm_dtype == torch.bfloat16:  # a last-bit step only where the sums' order tips a rounding
+        assert (normed != expected).float().mean().item() <= 0.01
+    no_bias = kernels.add_layer_norm(x, delta, weight, None, 1e-5)[1]
+    expected = torch.nn.functional.layer_norm(expected_total.to(norm_dtype), (width,), weight, None, 1e-5)
+    assert ((no_bias.double() - expected.double()).abs() / (1 + expected.double().abs())).max().item() <= (
+        1e-5 if norm_dtype == torch.float32 else 2**-7)
+    with pytest.raises(RuntimeError, match="x \\(..., D\\) with D the weight's length"):
+        kernels.add_layer_norm(x[..., :-1], None, weight, bias, 1e-5)
+
+
+@pytest.mark.parametrize("width", [10240, 176, 44, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_equals_the_models_operations(width: int, dtype: torch.dtype) -> None:
+    """silu_mul(gate, up) = F.silu(gate) * up with its roundings, on the halves of one projection's output (rows
+    read with their stride, as the MLP's chunk gives them); large magnitudes saturate without overflow."""
+    torch.manual_seed(0)
+    projected = (4 * torch.randn(2, 3, 2 * width)).to(dtype)
+    projected[0, 0, :4] = torch.tensor([-200.0, 200.0, -30.0, 0.0])
+    gate, up = projected.chunk(2, dim=-1)
+    got = kernels.silu_mul(gate, up)
+    expected = torch.nn.functional.silu(gate) * up
+    assert got.dtype == dtype and got.shape == gate.shape and torch.isfinite(got).all()
+    error = ((got.double() - expected.double()).abs() / (1 + expected.double().abs())).max().item()
+    assert error <= (1e-6 if dtype == torch.float32 else 2**-7)
+    if dtype == torch.bfloat16:  # SiLU rounded before the product, as F.silu's result is: equal but for rare ties
+        assert (got != expected).float().mean().item() <= 0.01
+    with pytest.raises(RuntimeError, match="gate and up of one shape"):
+        kernels.silu_mul(gate, up.float() if dtype == torch.bfloat16 else up.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_with_and_without_the_layer_kernels(monkeypatch, dtype: torch.dtype) -> None:
+    """Prefill and decode agree with the PyTorch operations; every LayerNorm and SiLU product of a step (the
+    final norm, each layer's two, the MLPs' and the GMUs' products) goes through the kernels."""
+    model = tiny_model().to_dtype(dtype)
+    ids = torch.randint(0, 100, (2, 20))
+    calls: dict[str, int] = {"add_layer_norm": 0, "silu_mul": 0}
+    for name in calls:
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, name=name, original=original: calls.__setitem__(name, calls[name] + 1)
+                            or original(*a))
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            cache = model.new_cache(2, 24)
+            prefill = model(ids[:, :6], cache=cache, logits_to_keep=1)[:, -1]
+            for name in calls:
+                calls[name] = 0
+            return torch.stack([prefill, *(model.step(ids[:, t], cache) for t in range(6, 20))], dim=1)
+
+    fast = run()
+    layers = model.config.num_hidden_layers
+    gmus = sum(layer.kind == "gmu" for layer in model.model.layers)
+    assert gmus > 0 and calls == {"add_layer_norm": 14 * (2 * layers + 1), "silu_mul": 14 * (layers + gmus)}
+    monkeypatch.setattr(ops, "_eager_layer_kernels", lambda *a: None)
+    slow = run()
+    assert calls == {"add_layer_norm": 0, "silu_mul": 0}
+    bound = 1e-4 if dtype == torch.float32 else 0.1
+    assert (fast - slow).abs().max().item() <= bound * (1 + slow.abs().max().item())
 
 
 def _gate_reference(y: torch.Tensor, z: torch.Tensor, emits_memory: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -445,17 +445,12 @@ std::vector<float> attend(const at::Tensor& q, const at::Tensor& k, const at::Te
   return heads;
 }
 
-// x as the tensor of dtype T would hold it (bfloat16: rounded to nearest even)
-template <typename T>
-inline float held(float x) {
-  return static_cast<float>(static_cast<T>(x));
-}
-
 // The differential combination of attend's heads, as ops.differential_attention computes it in dtype T (the
 // same roundings): per pair j, y = O1 - lambda O2 over 2 Dh channels, RMS-normalised in float32, times the
-// subln gain, times (1 - lambda_init); pair j becomes heads 2j and 2j + 1 of out (B, H Dh).
-template <typename T>
-void combine(const std::vector<float>& heads, int64_t B, int64_t H, int64_t width, float lam, const float* gain,
+// subln gain (G: its dtype, float32 or bfloat16; the model multiplies by it as dtype T holds it), times
+// (1 - lambda_init); pair j becomes heads 2j and 2j + 1 of out (B, H Dh).
+template <typename T, typename G>
+void combine(const std::vector<float>& heads, int64_t B, int64_t H, int64_t width, float lam, const G* gain,
              float scaling, float eps, T* out) {
   const int64_t pairs = H / 2;
   const float lam_held = held<T>(lam);
@@ -472,7 +467,8 @@ void combine(const std::vector<float>& heads, int64_t B, int64_t H, int64_t widt
       const float inverse_rms = 1.f / std::sqrt(squares / static_cast<float>(width) + eps);
       T* dst = out + (b * pairs + j) * width;
       for (int64_t d = 0; d < width; ++d)
-        dst[d] = static_cast<T>(held<T>(held<T>(y[d] * inverse_rms) * gain[d]) * scaling);
+        dst[d] = static_cast<T>(
+            held<T>(held<T>(y[d] * inverse_rms) * held<T>(static_cast<float>(gain[d]))) * scaling);
     }
 }
 
@@ -523,17 +519,23 @@ at::Tensor diff_attention_step(const at::Tensor& q, const at::Tensor& k, const a
   const int64_t B = q.size(0), H = q.size(1), width = 2 * q.size(2);
   TORCH_CHECK(lam.numel() == 1, "lam: one value");
   TORCH_CHECK(subln_weight.dim() == 1 && subln_weight.size(0) == width, "subln_weight: (2 Dh,)");
+  // read in place as the model keeps it (float32 or bfloat16); any other layout converted once here
+  const bool in_place = subln_weight.is_contiguous() && (subln_weight.scalar_type() == at::kFloat ||
+                                                         subln_weight.scalar_type() == at::kBFloat16);
+  const at::Tensor gain = in_place ? subln_weight : subln_weight.to(at::kFloat).contiguous();
   const float lambda = lam.item<float>();
-  // the gain as q's dtype holds it (the model multiplies by subln_weight.to(dtype))
-  const at::Tensor gain = subln_weight.to(q.scalar_type()).to(at::kFloat).contiguous();
   const float scaling = static_cast<float>(1.0 - lambda_init);
   auto out = at::empty({B, H * q.size(2)}, q.options());
+  const auto run = [&](auto* dst) {  // dst: float* or at::BFloat16*, q's dtype
+    if (gain.scalar_type() == at::kFloat)
+      combine(heads, B, H, width, lambda, gain.data_ptr<float>(), scaling, static_cast<float>(eps), dst);
+    else
+      combine(heads, B, H, width, lambda, gain.data_ptr<at::BFloat16>(), scaling, static_cast<float>(eps), dst);
+  };
   if (q.scalar_type() == at::kFloat)
-    combine<float>(heads, B, H, width, lambda, gain.data_ptr<float>(), scaling, static_cast<float>(eps),
-                   out.data_ptr<float>());
+    run(out.data_ptr<float>());
   else
-    combine<at::BFloat16>(heads, B, H, width, lambda, gain.data_ptr<float>(), scaling, static_cast<float>(eps),
-                          out.data_ptr<at::BFloat16>());
+    run(out.data_ptr<at::BFloat16>());
   return out;
 }
 

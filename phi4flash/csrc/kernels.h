@@ -3,10 +3,21 @@
 
 #include <torch/extension.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
 namespace phi4flash {
+
+// x as a tensor of dtype T holds it (bfloat16: rounded to nearest even), in float32: the kernels that match the
+// model's PyTorch operations round their intermediates with it where those operations do
+template <typename T>
+inline float held(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+
+// SiLU in float32 (x sigmoid(x)); the vector kernels' 8-lane silu8 (simd.h) agrees with it to float32 rounding
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 
 // quant_cpu.cpp: weight-only quantized linears in row tiles (int8 activations), bfloat16 matrix-vector products
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
@@ -46,5 +57,11 @@ at::Tensor diff_attention_decode(const at::Tensor& q, const at::Tensor& k, const
 at::Tensor diff_attention_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const c10::optional<at::Tensor>& key_valid, double scale, const at::Tensor& lam,
                                const at::Tensor& subln_weight, double lambda_init, double eps);
+
+// layer_cpu.cpp: the decoder layer's residual add with its LayerNorm, and the MLP's and GMU's SiLU product
+// [x + delta (empty when delta is None: the sum is x), LayerNorm of the sum in the weight's dtype]
+std::vector<at::Tensor> add_layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta,
+                                       const at::Tensor& weight, const c10::optional<at::Tensor>& bias, double eps);
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
 
 }  // namespace phi4flash

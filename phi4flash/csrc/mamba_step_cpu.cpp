@@ -23,21 +23,10 @@ namespace {
 
 constexpr int64_t kChannelsPerJob = 512;
 
-inline float silu(float x) { return x / (1.f + std::exp(-x)); }
-
 // softplus with PyTorch's defaults (beta 1, threshold 20)
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// SiLU of 8 lanes: x sigmoid(x), with e = exp(-|x|) <= 1 so that nothing overflows
-inline __m256 silu8(__m256 x) {
-  const __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
-  const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), magnitude));
-  const __m256 r = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), e));
-  const __m256 sigmoid = _mm256_blendv_ps(_mm256_mul_ps(e, r), r, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
-  return _mm256_mul_ps(x, sigmoid);
-}
-
 // log(x) of 8 lanes, x > 0 finite and normal: x = m 2^k with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s),
 // s = (m - 1) / (m + 1), |s| <= 0.172, by its series to s^11 (relative error below 1e-8)
 inline __m256 log8(__m256 x) {
@@ -93,12 +82,6 @@ inline void softplus_all(float* x, int64_t n) {
   for (; i < n; ++i) x[i] = softplus(x[i]);
 }
 
-// x as the tensor of dtype T would hold it (bfloat16: rounded to nearest even)
-template <typename T>
-inline float held(float x) {
-  return static_cast<float>(static_cast<T>(x));
-}
-
 template <typename T>
 void conv_rows(const at::Tensor& x, const at::Tensor& weight, const T* bias, at::Tensor& state, at::Tensor& out) {
   const int64_t B = state.size(0), E = state.size(1), K = state.size(2), x_row = x.stride(0);
@@ -134,8 +117,7 @@ inline float advance(float* s, const float* a_log, float delta, float du, const 
     const __m256 minus_dt = _mm256_set1_ps(-delta), dus = _mm256_set1_ps(du);
     __m256 read = _mm256_setzero_ps();
     for (int64_t n = 0; n < N; n += 8) {
-      // exp_nonpositive's range reduction and polynomial hold for A_log up to 88 too (2^k up to k = 127)
-      const __m256 rate = exp_nonpositive(_mm256_min_ps(_mm256_loadu_ps(a_log + n), _mm256_set1_ps(88.f)));
+      const __m256 rate = exp8(_mm256_loadu_ps(a_log + n));
       const __m256 decay = exp_nonpositive(_mm256_mul_ps(minus_dt, rate));
       const __m256 next = _mm256_fmadd_ps(decay, _mm256_loadu_ps(s + n), _mm256_mul_ps(dus, _mm256_loadu_ps(Bv + n)));
       _mm256_storeu_ps(s + n, next);

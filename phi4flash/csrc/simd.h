@@ -36,10 +36,11 @@ inline __m128 sum_each4(const __m256* v) {
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-// exp(x) for x <= 0, as the AVX-512 version computes it (the same polynomial); 2^k is built from its exponent
-// bits (AVX2 has no scalef), exact for the k >= -126 that x >= -87 gives; x below -87 gives 0.
-inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 clamped = _mm256_max_ps(x, _mm256_set1_ps(-88.f));
+// exp(x) for -87 <= x <= 88, by the AVX-512 exp_nonpositive's polynomial; x is clamped to [-88, 88] (88 gives
+// 1.65e38, the largest 2^k AVX2 builds from exponent bits: k <= 127). Below -87, 2^k underflows the exponent
+// bits: use exp_nonpositive, which gives 0 there.
+inline __m256 exp8(__m256 x) {
+  const __m256 clamped = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.f)), _mm256_set1_ps(88.f));
   const __m256 k = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), clamped);
@@ -52,10 +53,22 @@ inline __m256 exp_nonpositive(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  const __m256 out = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-  return _mm256_blendv_ps(out, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
+// exp(x) for x <= 0 (decays): exp8, and 0 below -87, as expf underflows
+inline __m256 exp_nonpositive(__m256 x) {
+  return _mm256_blendv_ps(exp8(x), _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ));
+}
+
+// SiLU of 8 lanes: x sigmoid(x), with e = exp(-|x|) <= 1 so that nothing overflows
+inline __m256 silu8(__m256 x) {
+  const __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
+  const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), magnitude));
+  const __m256 r = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), e));
+  const __m256 sigmoid = _mm256_blendv_ps(_mm256_mul_ps(e, r), r, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
+  return _mm256_mul_ps(x, sigmoid);
+}
 
 // 8 bfloat16 -> 8 floats (a bfloat16 is the top half of a float's bits)
 inline __m256 bf16x8_to_floats(__m128i raw) {
@@ -66,12 +79,23 @@ inline __m256 load_bf16x8(const at::BFloat16* p) {
   return bf16x8_to_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// 8 floats -> 8 bfloat16 (rounding to nearest even, finite values) stored at dst
-inline void store_bf16x8(at::BFloat16* dst, __m256 v) {
+// each lane's float bits plus the rounding bias of round-to-nearest-even at bfloat16's last bit (finite values):
+// the top 16 bits of the result are the rounded bfloat16
+inline __m256i bf16_rounding8(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
                                         _mm256_set1_epi32(0x7FFF));
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);  // (0..0xFFFF) per 32-bit lane
+  return _mm256_add_epi32(u, bias);
+}
+
+// 8 floats as bfloat16 holds them (held<at::BFloat16> of each lane), still floats
+inline __m256 held_bf16x8(__m256 v) {
+  return _mm256_castsi256_ps(_mm256_and_si256(bf16_rounding8(v), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// 8 floats -> 8 bfloat16 (rounding to nearest even, finite values) stored at dst
+inline void store_bf16x8(at::BFloat16* dst, __m256 v) {
+  const __m256i r = _mm256_srli_epi32(bf16_rounding8(v), 16);  // (0..0xFFFF) per 32-bit lane
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // 64-bit lanes 0, 2 first
   _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
 }
