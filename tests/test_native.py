@@ -224,6 +224,8 @@ def test_decode_step_attention_equals_the_models_combination(batch: int, heads: 
     assert got.dtype == dtype and got.shape == (batch, heads * head_dim)
     error = (got.double() - expected.reshape(batch, -1).double()).abs() / (1 + expected.reshape(batch, -1).abs())
     assert error.max().item() <= (1e-6 if dtype == torch.float32 else 2**-7)  # bfloat16: at most a last-bit step
+    if dtype == torch.bfloat16:  # the same roundings (the gain's included): equal but where the RMS sum's order tips
+        assert (got != expected.reshape(batch, -1)).float().mean().item() <= 0.01
     with pytest.raises(RuntimeError, match=r"subln_weight: \(2 Dh,\)"):
         torch.ops.phi4flash.diff_attention_step(q, k, v, valid, scale, lam, gain[:-1], lambda_init, eps)
 
