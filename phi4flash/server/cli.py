@@ -13,6 +13,7 @@ import argparse
 import functools
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -97,6 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the server is reachable from other machines%s", args.host,
                        "" if args.api_key else " and has no --api-key")
+    busy = _cannot_listen(args.host, args.port)
+    if busy:  # before the model loads (minutes for the real one), not after
+        print(f"phi4flash serve: cannot listen on {args.host}:{args.port}: {busy} "
+              "(another server may be using it: stop it, or pick another --port)", file=sys.stderr)
+        return 1
     if args.ray:
         if args.compile:  # the replicas load in processes of their own, which inherit this environment
             os.environ["PHI4FLASH_COMPILE"] = "1"
@@ -144,6 +150,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            timeout_graceful_shutdown=5))
     server.run()
     return _load_failed(args, failures[0]) if failures else 0
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why a server could not bind ``host:port`` now (e.g. "Address already in use"), or None if it could.
+
+    Binds each address ``host`` resolves to with SO_REUSEADDR, as uvicorn and Ray Serve do, so a port whose last
+    connections linger in TIME_WAIT counts as free and only a socket still bound to it counts as busy.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"{host!r} is not an address of this machine ({exc.strerror})"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return None
 
 
 def _load_failed(args: argparse.Namespace, exc: BaseException) -> int:

@@ -113,7 +113,6 @@ def serve_with_ray(*, model: str, replicas: int, host: str = "127.0.0.1", port: 
         else:
             # A private single-machine cluster that listens on loopback only.
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
-    serve.start(http_options={"host": host, "port": port})
     settings: dict[str, Any] = {"model": model, "replicas": replicas, "max_batch": max_batch, "max_queue": max_queue,
                                 "default_max_tokens": default_max_tokens, "device": device, "dtype": dtype,
                                 "replica_cpus": replica_cpus, "replica_gpus": replica_gpus}
@@ -123,11 +122,13 @@ def serve_with_ray(*, model: str, replicas: int, host: str = "127.0.0.1", port: 
         settings["quantize"] = quantize
     if model_name:
         settings["model_name"] = model_name
-    serve.run(build_app(settings), name="phi4flash", route_prefix="/")
-    logger.info("phi4flash on Ray Serve: http://%s:%d/v1 with %d replica(s)", host, port, replicas)
-    # SIGTERM (service managers, `kill`) shuts down as cleanly as Ctrl-C: replicas and the local Ray go too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Serve and the local Ray go whatever ends this: Ctrl-C, SIGTERM (service managers, `kill`), a port Ray Serve
+    # cannot bind, a deployment that fails.
     try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(settings), name="phi4flash", route_prefix="/")
+        logger.info("phi4flash on Ray Serve: http://%s:%d/v1 with %d replica(s)", host, port, replicas)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

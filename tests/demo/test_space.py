@@ -13,7 +13,7 @@ import venv
 from pathlib import Path
 
 import pytest
-from _process import stop
+from _process import free_port, stop
 
 pytest.importorskip("gradio")
 
@@ -62,12 +62,6 @@ def test_space_metadata() -> None:
     assert "python_version:" in front
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # about two minutes, most of it pip installing torch and gradio into the fresh environment
 @pytest.mark.timeout(900)
 def test_the_built_space_starts_from_its_requirements_alone(tmp_path: Path) -> None:
@@ -94,7 +88,7 @@ def test_the_built_space_starts_from_its_requirements_alone(tmp_path: Path) -> N
         done = subprocess.run(pip + args, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    port = _free_port()
+    port = free_port()
     # PHI4FLASH_NATIVE=0: a fresh environment would build phi4flash's C++ kernels on first use (minutes here;
     # they are tested elsewhere in the suite), so this app runs the pure PyTorch path.
     env.update(GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False",

@@ -9,21 +9,15 @@ import time
 
 import httpx
 import pytest
-from _process import stop
+from _process import free_port, stop
 
 from .server_helpers import MODEL_SOURCE
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(300)
 def test_serve_command_serves_the_embedded_model() -> None:
     openai = pytest.importorskip("openai")
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "phi4flash.server.cli", "--model", MODEL_SOURCE, "--port", str(port),
            "--api-key", "cli-key", "--max-batch", "2", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -56,7 +50,7 @@ def test_serve_command_serves_the_embedded_model() -> None:
 
 @pytest.mark.parametrize("background", [False, True])
 def test_a_model_that_cannot_load_ends_the_command_with_its_error(tmp_path, background: bool) -> None:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "phi4flash", "serve", "--model", str(tmp_path / "nonexistent"), "--port", str(port)]
     result = subprocess.run(cmd + (["--load-in-background"] if background else []), capture_output=True, text=True,
                             timeout=120)
@@ -72,3 +66,27 @@ def test_bad_arguments_exit_2() -> None:
     with pytest.raises(SystemExit) as e:
         main(["--max-batch", "0"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("ray", [False, True])
+def test_a_port_in_use_ends_the_command_before_the_model_loads(capsys, ray: bool) -> None:
+    from phi4flash.server.cli import main
+
+    port = free_port()
+    with socket.socket() as other_server:
+        other_server.bind(("127.0.0.1", port))
+        other_server.listen()
+        # A model that cannot load would end the command with another message: the port is checked first.
+        code = main(["--model", "/nonexistent", "--port", str(port)] + (["--ray"] if ray else []))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err
+    assert "pick another --port" in err
+    assert "cannot load" not in err
+
+
+def test_a_host_that_is_not_this_machines_ends_the_command() -> None:
+    from phi4flash.server.cli import _cannot_listen
+
+    assert _cannot_listen("127.0.0.1", free_port()) is None
+    assert "is not an address of this machine" in (_cannot_listen("no-such-host.invalid", 8000) or "")

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from _process import free_port
 
 from phi4flash import GenerationConfig
 
@@ -17,20 +18,14 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'phi4
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'phi4flash[ray]'")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(600)
 def test_two_replicas_answer(engine: Any) -> None:
     from phi4flash.server.ray_app import build_app
 
-    port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False)
     try:
+        port = free_port()  # after Ray has started its processes, which take ports too
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"model": MODEL_SOURCE, "replicas": 2, "max_batch": 4, "replica_cpus": 1}),
                   name="phi4flash", route_prefix="/")
@@ -59,3 +54,16 @@ def test_two_replicas_answer(engine: Any) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_a_port_ray_serve_cannot_bind_shuts_its_ray_down() -> None:
+    from phi4flash.server.ray_app import serve_with_ray
+
+    port = free_port()
+    with socket.socket() as other_server:
+        other_server.bind(("127.0.0.1", port))
+        other_server.listen()
+        with pytest.raises(Exception, match=f"127.0.0.1:{port}"):
+            serve_with_ray(model=MODEL_SOURCE, replicas=1, port=port)
+    assert not ray.is_initialized()
