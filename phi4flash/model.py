@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,11 @@ class _Context:
     # static: shapes depend on nothing but the batch (the whole global cache is attended with a mask), and
     # nothing reads a tensor's value in Python, so that the step can be compiled or captured as one graph
     static: bool = False
+    # with a cache, unless static: the furthest query's position + 1, which the cache has grown to hold
+    end: int | None = None
+    # one-token decode: (ring size, position held by each slot read, whether the query sees it) for the
+    # sliding layers, whose rings share one window: computed once a step, by the first of them
+    ring: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
 
 # Rows are told apart by their type: torch.compile reads a slice compared by identity or isinstance as a
@@ -275,9 +280,10 @@ class Phi4FlashModel(nn.Module):
             else:
                 if length > 1 and bool((start != start[0]).any()):
                     raise ValueError("multi-token continuation needs all selected cache rows at the same length")
-                cache.grow(int(start.max()) + length)
+                end = int(start.max()) + length
+                cache.grow(end)
             ctx = _Context(query_pos=start[:, None] + steps, key_valid=None, cache=cache, rows=row_index,
-                           static=static)
+                           static=static, end=None if static else end)
 
         residual_dtype = acc_dtype(self.final_layernorm.weight.dtype)
         x = self.embed_tokens(input_ids).to(residual_dtype)  # (B, T, D)
@@ -290,7 +296,7 @@ class Phi4FlashModel(nn.Module):
                 # The cross-decoder works per token on the shared K/V: the last token alone gives the
                 # same next-token logits, at half the prefill cost.
                 x, memory = x[:, -1:], memory[:, -1:] if memory is not None else None
-                ctx = _Context(query_pos=ctx.query_pos[:, -1:], key_valid=None, cache=ctx.cache, rows=ctx.rows)
+                ctx = replace(ctx, query_pos=ctx.query_pos[:, -1:])
             x, memory, shared_kv = layer(x, ctx, memory, shared_kv)
         if cache is not None:
             if _every_row(ctx.rows):
@@ -590,14 +596,19 @@ class DiffAttention(nn.Module):
                       ) -> tuple[torch.Tensor, ...]:
         """Keys = the ring's (earlier positions) + the new ones; then the ring keeps the newest W."""
         w = state.k.shape[1]
-        slots = torch.arange(w, device=k.device)
         row = _row_index(ctx.rows, k.shape[0], k.device)[:, None]
         if k.shape[1] == 1:  # decode: write first, then the ring alone holds exactly the window
             pos = ctx.query_pos  # (b, 1)
-            state.k[row, torch.remainder(pos, w)] = k.to(state.k.dtype)
-            state.v[row, torch.remainder(pos, w)] = v.to(state.v.dtype)
-            ring_pos = pos - torch.remainder(pos - slots, w)  # (b, W) position held by each slot
-            return _take(state.k, ctx.rows), _take(state.v, ctx.rows), ring_pos, ring_pos >= 0
+            unwrapped = ctx.end is not None and ctx.end <= w  # every row's position is its slot
+            slot = pos if unwrapped else torch.remainder(pos, w)
+            state.k[row, slot] = k.to(state.k.dtype)
+            state.v[row, slot] = v.to(state.v.dtype)
+            if ctx.ring is None or ctx.ring[0] != w:
+                ctx.ring = (w, *self._ring_positions(w, ctx))
+            _, ring_pos, ring_valid = ctx.ring
+            n = ring_pos.shape[1]
+            return _take(state.k[:, :n], ctx.rows), _take(state.v[:, :n], ctx.rows), ring_pos, ring_valid
+        slots = torch.arange(w, device=k.device)
         # Several new tokens: the ring, rolled so that its positions ascend, then the new keys. All rows
         # are at the same length here, so one roll serves them all, and the keys come out in position order.
         # A fresh sequence has nothing in the ring: the new keys alone, all valid.
@@ -617,6 +628,21 @@ class DiffAttention(nn.Module):
         state.v[row.expand_as(slot), slot] = v[:, -keep:].to(state.v.dtype)
         return keys, values, key_pos, key_valid
 
+    @staticmethod
+    def _ring_positions(w: int, ctx: _Context) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode: the position each ring slot holds and whether the query sees it, (b, n) each.
+
+        Until the longest row passes the window, slot i holds position i, and only the first ``ctx.end`` slots
+        are read (at a short context the attention reads a few slots, not the window's W); a slot past a row's
+        own position holds an earlier request's keys and is not valid.
+        """
+        pos = ctx.query_pos  # (b, 1)
+        if ctx.end is not None and ctx.end <= w:
+            ring_pos = torch.arange(ctx.end, device=pos.device).expand(pos.shape[0], ctx.end)
+            return ring_pos, ring_pos <= pos
+        ring_pos = pos - torch.remainder(pos - torch.arange(w, device=pos.device), w)  # (b, W)
+        return ring_pos, ring_pos >= 0
+
     def _global_keys(self, state: GlobalKV, k: torch.Tensor, v: torch.Tensor, ctx: _Context
                      ) -> tuple[torch.Tensor, ...]:
         """Write the new K/V at their positions; keys = every position up to the furthest query (static: every
@@ -624,7 +650,7 @@ class DiffAttention(nn.Module):
         row = _row_index(ctx.rows, k.shape[0], k.device)[:, None].expand_as(ctx.query_pos)
         state.k[row, ctx.query_pos] = k.to(state.k.dtype)
         state.v[row, ctx.query_pos] = v.to(state.v.dtype)
-        length = state.k.shape[1] if ctx.static else int(ctx.query_pos.max()) + 1
+        length = state.k.shape[1] if ctx.end is None else ctx.end
         keys = _take(state.k[:, :length], ctx.rows)  # (b, S, Hkv, Dh)
         values = _take(state.v[:, :length], ctx.rows)
         key_pos = torch.arange(length, device=k.device).expand(k.shape[0], length)

@@ -109,21 +109,43 @@ def test_kept_state_continues_like_the_whole_conversation() -> None:
 
 
 @pytest.mark.parametrize("rows", [[2, 0], [1, 2]])  # an index (copies) and a run of rows (views)
-def test_rows_at_different_lengths_decode_together(rows: list[int]) -> None:
+@pytest.mark.parametrize("length_a", [19, 7])  # past the window of 8 (its ring wraps), within it (rings unwrapped)
+def test_rows_at_different_lengths_decode_together(rows: list[int], length_a: int) -> None:
     model = tiny_model()
-    a, b = torch.randint(0, 100, (1, 19)), torch.randint(0, 100, (1, 6))
+    a, b = torch.randint(0, 100, (1, length_a)), torch.randint(0, 100, (1, 6))
     exp_a, exp_b = _full(model, a), _full(model, b)
     cache = model.new_cache(3, 32)
     with torch.no_grad():
-        model(a[:, :15], cache=cache, rows=rows[:1])
+        model(a[:, :length_a - 4], cache=cache, rows=rows[:1])
         model(b[:, :2], cache=cache, rows=rows[1:])
         for t in range(4):
-            logits = model.step(torch.tensor([a[0, 15 + t], b[0, 2 + t]]), cache, rows=rows)
-            assert (logits[0] - exp_a[0, 15 + t]).abs().max() <= 2e-4
+            logits = model.step(torch.tensor([a[0, length_a - 4 + t], b[0, 2 + t]]), cache, rows=rows)
+            assert (logits[0] - exp_a[0, length_a - 4 + t]).abs().max() <= 2e-4
             assert (logits[1] - exp_b[0, 2 + t]).abs().max() <= 2e-4
     lengths = [0, 0, 0]
-    lengths[rows[0]], lengths[rows[1]] = 19, 6
+    lengths[rows[0]], lengths[rows[1]] = length_a, 6
     assert cache.lengths.tolist() == lengths
+
+
+def test_decode_reads_only_the_ring_slots_written_so_far() -> None:
+    """Until a row passes the window, a sliding layer's decode step attends the slots up to the longest row's
+    position, not the whole ring (the rest hold nothing yet); past it, the whole ring."""
+    model = tiny_model()
+    sliding = [layer.attn for layer in model.model.layers if getattr(layer.attn, "window", None)]
+    assert sliding
+    keys_read: list[int] = []
+    for attn in sliding:
+        attn.inner_cross_attn.register_forward_pre_hook(lambda _, args: keys_read.append(args[1].shape[1]))
+    cache = model.new_cache(2, 32)
+    with torch.no_grad():
+        model(torch.randint(0, 100, (2, 3)), cache=cache)
+        reads = []
+        for _ in range(WINDOW):
+            keys_read.clear()
+            model.step(torch.randint(0, 100, (2,)), cache)
+            assert len(set(keys_read)) == 1
+            reads.append(keys_read[0])
+    assert reads == [4, 5, 6, 7, 8, 8, 8, 8]
 
 
 def test_a_moved_row_continues_where_it_was() -> None:
