@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the server is reachable from other machines%s", args.host,
                        "" if args.api_key else " and has no --api-key")
-    busy = _cannot_listen(args.host, args.port)
+    busy = _cannot_listen(args.host, args.port) if _listens_here(args) else None
     if busy:  # before the model loads (minutes for the real one), not after
         print(f"phi4flash serve: cannot listen on {args.host}:{args.port}: {busy} "
               "(another server may be using it: stop it, or pick another --port)", file=sys.stderr)
@@ -150,6 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            timeout_graceful_shutdown=5))
     server.run()
     return _load_failed(args, failures[0]) if failures else 0
+
+
+def _listens_here(args: argparse.Namespace) -> bool:
+    """Whether this command opens the HTTP port itself: always but with ``--ray`` joining a running cluster
+    (``RAY_ADDRESS``), whose Serve proxy owns the port and may already serve on it."""
+    return not (args.ray and os.environ.get("RAY_ADDRESS"))
 
 
 def _cannot_listen(host: str, port: int) -> str | None:

@@ -90,3 +90,14 @@ def test_a_host_that_is_not_this_machines_ends_the_command() -> None:
 
     assert _cannot_listen("127.0.0.1", free_port()) is None
     assert "is not an address of this machine" in (_cannot_listen("no-such-host.invalid", 8000) or "")
+
+
+def test_joining_a_ray_cluster_leaves_the_port_to_its_proxy(monkeypatch) -> None:
+    from phi4flash.server.cli import _listens_here, build_parser
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _listens_here(build_parser().parse_args([]))
+    assert _listens_here(build_parser().parse_args(["--ray"]))
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # a running cluster, whose Serve may already listen on the port
+    assert not _listens_here(build_parser().parse_args(["--ray"]))
+    assert _listens_here(build_parser().parse_args([]))
