@@ -72,9 +72,9 @@ class _Context:
     static: bool = False
     # with a cache, unless static: the furthest query's position + 1, which the cache has grown to hold
     end: int | None = None
-    # one-token decode: (ring size, position held by each slot read, whether the query sees it) for the
-    # sliding layers, whose rings share one window: computed once a step, by the first of them
-    ring: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    # one-token decode: (ring size, each row's slot to write, position held by each slot read, whether the query
+    # sees it) for the sliding layers, whose rings share one window: computed once a step, by the first of them
+    ring: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 # Rows are told apart by their type: torch.compile reads a slice compared by identity or isinstance as a
@@ -598,14 +598,11 @@ class DiffAttention(nn.Module):
         w = state.k.shape[1]
         row = _row_index(ctx.rows, k.shape[0], k.device)[:, None]
         if k.shape[1] == 1:  # decode: write first, then the ring alone holds exactly the window
-            pos = ctx.query_pos  # (b, 1)
-            unwrapped = ctx.end is not None and ctx.end <= w  # every row's position is its slot
-            slot = pos if unwrapped else torch.remainder(pos, w)
-            state.k[row, slot] = k.to(state.k.dtype)
-            state.v[row, slot] = v.to(state.v.dtype)
             if ctx.ring is None or ctx.ring[0] != w:
                 ctx.ring = (w, *self._ring_positions(w, ctx))
-            _, ring_pos, ring_valid = ctx.ring
+            _, slot, ring_pos, ring_valid = ctx.ring
+            state.k[row, slot] = k.to(state.k.dtype)
+            state.v[row, slot] = v.to(state.v.dtype)
             n = ring_pos.shape[1]
             return _take(state.k[:, :n], ctx.rows), _take(state.v[:, :n], ctx.rows), ring_pos, ring_valid
         slots = torch.arange(w, device=k.device)
@@ -629,8 +626,9 @@ class DiffAttention(nn.Module):
         return keys, values, key_pos, key_valid
 
     @staticmethod
-    def _ring_positions(w: int, ctx: _Context) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode: the position each ring slot holds and whether the query sees it, (b, n) each.
+    def _ring_positions(w: int, ctx: _Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode: each row's slot for the new key (b, 1), the position each ring slot read holds and whether
+        the query sees it (b, n).
 
         Until the longest row passes the window, slot i holds position i, and only the first ``ctx.end`` slots
         are read (at a short context the attention reads a few slots, not the window's W); a slot past a row's
@@ -639,9 +637,9 @@ class DiffAttention(nn.Module):
         pos = ctx.query_pos  # (b, 1)
         if ctx.end is not None and ctx.end <= w:
             ring_pos = torch.arange(ctx.end, device=pos.device).expand(pos.shape[0], ctx.end)
-            return ring_pos, ring_pos <= pos
+            return pos, ring_pos, ring_pos <= pos
         ring_pos = pos - torch.remainder(pos - torch.arange(w, device=pos.device), w)  # (b, W)
-        return ring_pos, ring_pos >= 0
+        return torch.remainder(pos, w), ring_pos, ring_pos >= 0
 
     def _global_keys(self, state: GlobalKV, k: torch.Tensor, v: torch.Tensor, ctx: _Context
                      ) -> tuple[torch.Tensor, ...]:

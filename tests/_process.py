@@ -11,12 +11,11 @@ from pathlib import Path
 _FIRST_PORT = 20000
 
 
-def _ephemeral_ports() -> tuple[int, int]:
+def _first_ephemeral_port() -> int:
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_port() -> int:
@@ -26,7 +25,7 @@ def free_port() -> int:
     and every ``bind(0)`` draws from too: a server started a few seconds later (Ray Serve's proxy, after Ray has
     started a dozen processes) can find it taken. So the port is drawn from below that range and above Ray's.
     """
-    low, _ = _ephemeral_ports()
+    low = _first_ephemeral_port()
     candidates = list(range(_FIRST_PORT, low)) if low > _FIRST_PORT + 100 else []
     random.SystemRandom().shuffle(candidates)
     for port in candidates[:200]:
