@@ -13,12 +13,14 @@ time budget cannot fit a skipped row, and the table is printed whatever happens.
   bounds the tests document): passed / failed / skipped counts;
 - prefill: phi4flash at the real size (tests/data/checkpoint/config.json, random weights, bfloat16),
   tokens/s of one prompt of 2K, 8K and 32K tokens in the engine's chunks;
-- decode: tokens/s of all rows together, greedy one-token steps at batch 1, 16 and 64 after a 2K prompt;
+- decode: tokens/s of all rows together, greedy eager one-token steps at batch 1, 16 and 64 after a 2K prompt;
 - paper: the paper's setting, a 2K prompt and a long generation, aggregate generated tokens/s of a batch
   (prefill included), phi4flash against transformers' Phi3ForCausalLM at Phi-4-mini-reasoning's real
   shape (random weights, bfloat16) driven by its own ``generate()`` with its static cache and SDPA; the
   two run in turns, and the generation is shortened (and says so) when the time left cannot fit it;
-- quantized: int8 / int4 weight-only decode, or the refusal where PyTorch lacks the CUDA kernels.
+- quantized: int8 / int4 weight-only decode, or the refusal where PyTorch lacks the CUDA kernels;
+- compiled: the compiled decode step (its compile time, then the decode's rows), last because its cold
+  compile at the real size takes over 5 minutes (324 s on an H200): it runs only when the budget has room.
 
 Speeds are the best of ``--rounds`` rounds with the spread (slowest / fastest) beside them. The table is
 also written to ``--output`` (default $OUT/gpu_check.md when OUT is set), the rows to a .json beside it.
@@ -61,9 +63,10 @@ from gpu_models import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("environment", "tests", "prefill", "decode", "paper", "quantized")
+SECTIONS = ("environment", "tests", "prefill", "decode", "paper", "quantized", "compiled")
 STATUSES = ("ok", "failed", "skipped")
 QUANTIZED_RESERVE = 100  # seconds the paper's setting leaves for the quantized section (real size)
+COMPILE_SECONDS = 340  # the compiled section's cold compile at the real size (324 s on an H200, 2026-12-04)
 
 # Sizes per mode; a flag given on the command line wins over both.
 REAL_SIZES = {"prefill_lengths": [2048, 8192, 32768], "decode_batches": [1, 16, 64], "decode_context": 2048,
@@ -253,7 +256,7 @@ class TestCounts:
     passed: int = 0
     failed: list[str] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> count
-    not_collected: list[str] = field(default_factory=list)  # "file (missing module X)"
+    not_collected: list[str] = field(default_factory=list)  # "file (missing module X)", "file (needs ...)"
 
     def summary(self) -> str:
         """``N passed, N failed, N skipped[, N files not collected]``."""
@@ -262,16 +265,22 @@ class TestCounts:
 
 
 def parse_junit(path: Path) -> TestCounts:
-    """Counts and names from pytest's JUnit XML. A file that could not be imported for a missing module is
-    ``not collected`` (the environment lacks an extra); any other collection error is a failure."""
+    """Counts and names from pytest's JUnit XML. A file that could not be imported for a missing module, or for
+    a version older than phi4flash needs (its ImportError says ``needs X>=V (found W)``), is ``not collected``
+    (the environment lacks an extra: the GPU image's transformers was 5.17 on 2026-12-04, phi4flash.hf needs
+    5.24); any other collection error is a failure."""
     counts = TestCounts()
     for case in ET.parse(path).getroot().iter("testcase"):
         name = f"{case.get('classname')}.{case.get('name')}".strip(".")
         failure, error, skipped = case.find("failure"), case.find("error"), case.find("skipped")
         if error is not None and error.get("message") == "collection failure":
             missing = re.search(r"No module named '([^']+)'", error.text or "")
+            too_old = re.search(r"needs (\S+) \(found ([^)]+)\)", error.text or "")
             if missing:
                 counts.not_collected.append(f"{name} (missing module {missing.group(1)})")
+                continue
+            if too_old:
+                counts.not_collected.append(f"{name} (needs {too_old.group(1)}, found {too_old.group(2)})")
                 continue
         if failure is not None or error is not None:
             counts.failed.append(name)
@@ -358,28 +367,35 @@ def decode_rows(check: Check, rows: list[Row], model: Any, section: str, label: 
 
 
 def section_decode(check: Check, rows: list[Row]) -> None:
-    """phi4flash decode tokens/s (all rows together) at each batch size: the eager step, then the compiled one
-    (torch.compile; CUDA graphs on a GPU) as ``phi4flash.load(..., compile=True)`` runs it."""
-    model = check.ours()
-    decode_rows(check, rows, model, "decode", "phi4flash")
+    """phi4flash decode tokens/s (all rows together) at each batch size, the eager step."""
+    decode_rows(check, rows, check.ours(), "decode", "phi4flash")
+
+
+def section_compiled(check: Check, rows: list[Row]) -> None:
+    """The compiled decode step (torch.compile; CUDA graphs where inductor takes them) as
+    ``phi4flash.load(..., compile=True)`` runs it: its compile time, then tokens/s at each batch size. Last of the
+    sections, since its cold compile at the real size took 324 s on the first H200 run (2026-12-04) and ate the
+    time of the sections after it."""
     from phi4flash.compiled import CompiledDecoder
 
+    if check.device.type != "cuda":  # minutes of inductor C++ on a small CPU; tests/test_compiled.py covers it there
+        rows.append(Row("compiled", "phi4flash, compiling the decode step", "skipped", "",
+                        "CUDA only here (the CPU's compiled step is tested by tests/test_compiled.py)"))
+        return
+    model = check.ours()
+    compiled: list[Any] = []
+
     def compile_step() -> tuple[str, str]:
-        check.budget.need(0 if check.args.tiny else 90, "compiling the decode step")
+        check.budget.need(0 if check.args.tiny else COMPILE_SECONDS, "compiling the decode step")
         decoder = CompiledDecoder(model)
         if not decoder.compile(max(check.args.decode_batches), check.args.decode_context + 8):
             raise RuntimeError(decoder.error)
         compiled.append(decoder)
         return f"{decoder.seconds:.0f} s", "once per process"
 
-    compiled: list[Any] = []
-    if check.device.type != "cuda":  # minutes of inductor C++ on a small CPU; tests/test_compiled.py covers it there
-        rows.append(Row("decode", "phi4flash, compiling the decode step", "skipped", "",
-                        "CUDA only here (the CPU's compiled step is tested by tests/test_compiled.py)"))
-        return
-    check.measure(rows, "decode", "phi4flash, compiling the decode step", compile_step)
+    check.measure(rows, "compiled", "phi4flash, compiling the decode step", compile_step)
     if compiled:
-        decode_rows(check, rows, model, "decode", "phi4flash (compiled step)", step=compiled[0])
+        decode_rows(check, rows, model, "compiled", "phi4flash (compiled step)", step=compiled[0])
 
 
 def section_paper(check: Check, rows: list[Row]) -> None:
@@ -469,7 +485,8 @@ def section_quantized(check: Check, rows: list[Row]) -> None:
 
 SECTION_FUNCTIONS: dict[str, Callable[[Check, list[Row]], None]] = {
     "environment": section_environment, "tests": section_tests, "prefill": section_prefill,
-    "decode": section_decode, "paper": section_paper, "quantized": section_quantized}
+    "decode": section_decode, "paper": section_paper, "quantized": section_quantized,
+    "compiled": section_compiled}
 
 
 def run_section(check: Check, name: str, rows: list[Row]) -> None:

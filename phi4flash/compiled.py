@@ -6,11 +6,17 @@ graph, dynamic in those sizes, serves every step of rows ``[0, n)`` of a cache. 
 requests on exactly those rows (it moves a later row down when an earlier request ends) and uses the eager step
 only where the graph is not ready.
 
-Compiling takes a while (about a minute on a small CPU, once per process; inductor caches its code on disk), so
-it is asked for (``phi4flash.load(..., compile=True)``, ``--compile`` on chat, demo and serve, or
-``PHI4FLASH_COMPILE=1``) and done while loading, on a scratch cache, with a log line for its time, or for why it
-could not be done (the eager step then runs). It is not done on a background thread while the engine serves: a
-process that quits during a compile aborts in C++.
+Compiling takes a while, once per process: about a minute on a small CPU; for the real model 7 minutes on 2 cores
+(324 s on an H200) the first time, and about a minute once inductor has cached its code on disk. So it is asked for
+(``phi4flash.load(..., compile=True)``, ``--compile`` on chat, demo and serve, or ``PHI4FLASH_COMPILE=1``) and done
+while loading, on a scratch cache, with a log line when it starts, one every half minute while it runs
+(:mod:`phi4flash.heartbeat`), and one for its time, or for why it could not be done (the eager step then runs).
+It is not done on a background thread while the engine serves: a process that quits during a compile aborts in
+C++.
+
+On the first GPU run (an H200, 2026-12-04) inductor compiled the step but skipped its CUDA graphs ("mutated
+inputs": the step writes the Mamba states and the cache's lengths in place), so on CUDA the step runs as fused
+kernels without graph replay; its speed there is not measured yet (docs/benchmarks.md, GPU check).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 import torch
 
 from .cache import Phi4FlashCache
+from .heartbeat import heartbeat
 from .model import Phi4FlashForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -75,15 +82,17 @@ class CompiledDecoder:
     def compile(self, rows: int, max_length: int) -> bool:
         """Compile for caches of ``rows`` rows on a scratch cache; False (``error`` says why) if it cannot be."""
         started = time.perf_counter()
-        logger.info("compiling the decode step (once per process; about a minute on a small CPU)")
+        logger.info("compiling the decode step (once per process: about a minute; for the real model up to 7 "
+                    "minutes the first time, while inductor's disk cache is cold)")
         try:
-            scratch = self.model.new_cache(rows, max_length)
-            prompt = torch.zeros(rows, 4, dtype=torch.long, device=self.model.device)
-            self.model(prompt, cache=scratch, logits_to_keep=1)
-            # dynamo compiles a batch of one row apart, and a batch of every cache row (a slice of the whole cache):
-            # with these three sizes compiled here, no later batch size recompiles
-            for batch in dict.fromkeys((min(2, rows), 1, rows)):
-                self._step(torch.zeros(batch, dtype=torch.long, device=self.model.device), scratch)
+            with heartbeat(logger, "compiling the decode step"):
+                scratch = self.model.new_cache(rows, max_length)
+                prompt = torch.zeros(rows, 4, dtype=torch.long, device=self.model.device)
+                self.model(prompt, cache=scratch, logits_to_keep=1)
+                # dynamo compiles a batch of one row apart, and a batch of every cache row (a slice of the whole
+                # cache): with these three sizes compiled here, no later batch size recompiles
+                for batch in dict.fromkeys((min(2, rows), 1, rows)):
+                    self._step(torch.zeros(batch, dtype=torch.long, device=self.model.device), scratch)
         except Exception as err:  # noqa: BLE001 - no compiler, an unsupported op: stay on the eager step, say why
             first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
             self.error = f"{type(err).__name__}: {first_line}"

@@ -8,6 +8,7 @@ compiler, or ``PHI4FLASH_NATIVE=0`` is set, everything runs on the pure PyTorch 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -17,6 +18,8 @@ import shutil
 import time
 from pathlib import Path
 from types import ModuleType
+
+from .heartbeat import heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -103,21 +106,24 @@ def wait_for_build_lock(build_dir: Path, poll_seconds: float = 0.5) -> None:
     lock = build_dir / "lock"
     said = False
     unheld = 0  # looks in a row that found no holder: a build that finishes closes the lock, then deletes it
-    while True:
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
-            return
-        held = _lock_is_held(lock)
-        unheld = unheld + 1 if held is False else 0
-        if unheld >= 2 or (held is None and age > STALE_LOCK_SECONDS):
-            logger.warning("removing %s, left by a build of phi4flash's kernels that was interrupted", lock)
-            lock.unlink(missing_ok=True)
-            return
-        if not said and held is not False:
-            logger.info("waiting for another process that builds phi4flash's kernels (%s)", lock)
-            said = True
-        time.sleep(poll_seconds)
+    with contextlib.ExitStack() as waiting:
+        while True:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                return
+            held = _lock_is_held(lock)
+            unheld = unheld + 1 if held is False else 0
+            if unheld >= 2 or (held is None and age > STALE_LOCK_SECONDS):
+                logger.warning("removing %s, left by a build of phi4flash's kernels that was interrupted", lock)
+                lock.unlink(missing_ok=True)
+                return
+            if not said and held is not False:
+                logger.info("waiting for another process that builds phi4flash's kernels (%s)", lock)
+                waiting.enter_context(heartbeat(logger, "waiting for another process that builds phi4flash's "
+                                                        "kernels"))
+                said = True
+            time.sleep(poll_seconds)
 
 
 def build_directory(name: str) -> Path:
@@ -130,7 +136,7 @@ def build_directory(name: str) -> Path:
 def build_needed(build_dir: Path) -> bool:
     """Whether loading the kernels from ``build_dir`` compiles them first: nothing built there yet, a source newer
     than the library, or a build file written for another checkout's sources or another environment's PyTorch
-    (ninja then rebuilds it all, silently: about a minute on 2 cores)."""
+    (ninja then rebuilds it all: about 2.5 minutes on 2 cores)."""
     try:
         built = (build_dir / f"{build_dir.name}.so").stat().st_mtime
         recipe = (build_dir / "build.ninja").read_text(encoding="utf-8", errors="replace")
@@ -156,12 +162,14 @@ def load() -> ModuleType | None:
         name = build_name()  # hashes every source: once
         build_dir = build_directory(name)
         wait_for_build_lock(build_dir)
-        if build_needed(build_dir):
-            logger.info("building phi4flash's C++ kernels for this CPU (about a minute, then cached in %s)",
-                        build_dir)
-        module = cpp_extension.load(
-            name=name, sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        building = build_needed(build_dir)
+        if building:
+            logger.info("building phi4flash's C++ kernels for this CPU (once: about 2.5 minutes on 2 cores, then "
+                        "cached in %s)", build_dir)
+        with heartbeat(logger, "building phi4flash's C++ kernels") if building else contextlib.nullcontext():
+            module = cpp_extension.load(
+                name=name, sources=[str(s) for s in SOURCES],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back, say why
         reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
         logger.info("phi4flash native CPU kernels unavailable (%s): pure PyTorch path; install g++ and ninja "

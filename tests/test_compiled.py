@@ -3,14 +3,18 @@ it is ready and gives the same tokens, and a step that cannot compile leaves the
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 import phi4flash
 from phi4flash import GenerationConfig, load_model
 from phi4flash import compiled as compiled_module
+from phi4flash import heartbeat as heartbeat_module
 from phi4flash.compiled import CompiledDecoder, compile_pays, wants_compile
 
+COMPILE_LOG: list[str] = []  # what the engines fixture's compile logged
 PROMPTS = ["What is 487 + 356?", "Solve 4x - 7 = 21", "What is 25% of 80?"]
 
 
@@ -45,14 +49,42 @@ def test_compiling_is_asked_for_and_pays_for_small_cpu_models(monkeypatch) -> No
     assert not wants_compile("auto", model, default=True) and wants_compile(True, model)
 
 
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def engines():
-    compiled = phi4flash.load("embedded", compile=True)  # compiles while loading
+    lines, logger = _Lines(), logging.getLogger("phi4flash.compiled")
+    level, every = logger.level, heartbeat_module.HEARTBEAT_SECONDS
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    heartbeat_module.HEARTBEAT_SECONDS = 0.5  # a compile takes seconds
+    try:
+        compiled = phi4flash.load("embedded", compile=True)  # compiles while loading
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+        heartbeat_module.HEARTBEAT_SECONDS = every
     eager = phi4flash.load("embedded", compile=False)
     assert compiled.compiled_step == "compiled", compiled.compiled_step
+    COMPILE_LOG[:] = lines.lines
     yield compiled, eager
     compiled.close()
     eager.close()
+
+
+def test_compiling_says_that_it_still_runs_until_it_is_done(engines) -> None:
+    """A compile says so when it starts, every HEARTBEAT_SECONDS while it runs (minutes for the real model), and
+    when it is done."""
+    log = COMPILE_LOG
+    assert log[0].startswith("compiling the decode step") and log[-1].startswith("compiled decode step ready in")
+    assert log[1:-1] and all(line.startswith("still compiling the decode step (") for line in log[1:-1])
 
 
 def test_engine_decodes_through_the_compiled_graph_with_the_same_tokens(engines) -> None:

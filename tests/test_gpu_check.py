@@ -25,7 +25,7 @@ GPU_MARK = "@pytest.mark." + "gpu"
 
 
 def _write_gpu_tests(folder: Path, *, failing: bool = True) -> Path:
-    """A small suite of gpu-marked tests: one passes, one is skipped, one fails, two files cannot be imported."""
+    """A small suite of gpu-marked tests: one passes, one is skipped, one fails, three files cannot be imported."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "test_kernels.py").write_text(textwrap.dedent(f"""\
         import pytest
@@ -45,6 +45,8 @@ def _write_gpu_tests(folder: Path, *, failing: bool = True) -> Path:
         (folder / "test_parity.py").write_text(f"import pytest\n\n{GPU_MARK}\ndef test_bound():\n"
                                                "    assert 0.2 < 0.1\n")
         (folder / "test_extra.py").write_text(f"import not_installed_extra  # {GPU_MARK}\n")
+        (folder / "test_old_extra.py").write_text(  # as phi4flash.hf refuses an older transformers
+            f"raise ImportError('phi4flash.hf needs transformers>=5.24 (found 5.17.0): pip install')  # {GPU_MARK}\n")
         (folder / "test_broken.py").write_text(f"raise RuntimeError('broken at import')  # {GPU_MARK}\n")
     return folder
 
@@ -173,7 +175,7 @@ def test_dry_run_runs_every_section(tmp_path: Path, capsys: pytest.CaptureFixtur
     code, out, rows = _run(["--dry-run", "--tests-dir", str(tests), "--output", str(output)], capsys)
     assert code == 0, out
     assert {r.section for r in rows} == set(gpu_check.SECTIONS)
-    compiled = ("decode", "phi4flash, compiling the decode step")
+    compiled = ("compiled", "phi4flash, compiling the decode step")
     assert [r for r in rows if r.status != "ok" and (r.section, r.item) != compiled] == []
     by_item = {(r.section, r.item): r for r in rows}
     assert by_item[compiled].status == "skipped" and "CUDA only" in by_item[compiled].detail  # a dry run is on CPU
@@ -198,11 +200,12 @@ def test_test_counts_name_failures_skips_and_missing_modules(tmp_path: Path,
     code, _, rows = _run(["--dry-run", "--sections", "tests", "--tests-dir", str(tests)], capsys)
     assert code == 1
     (row,) = rows
-    assert (row.item, row.status) == ("pytest -m gpu (4 files)", "failed")
-    assert row.result == "1 passed, 2 failed, 1 skipped, 1 file not collected"
+    assert (row.item, row.status) == ("pytest -m gpu (5 files)", "failed")
+    assert row.result == "1 passed, 2 failed, 1 skipped, 2 files not collected"
     assert "test_parity.test_bound" in row.detail and "test_broken" in row.detail
     assert "1 skipped: needs the real checkpoint" in row.detail
     assert "missing module not_installed_extra" in row.detail
+    assert "test_old_extra (needs transformers>=5.24, found 5.17.0)" in row.detail
 
 
 def test_the_projects_gpu_tests_are_found() -> None:

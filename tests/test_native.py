@@ -15,7 +15,9 @@ import pytest
 import torch
 from model_helpers import decode_attention_reference, tiny_model
 
+from phi4flash import heartbeat as heartbeat_module
 from phi4flash import native, ops, qkernels
+from phi4flash.heartbeat import heartbeat
 
 kernels = native.load()
 pytestmark = pytest.mark.skipif(kernels is None, reason="phi4flash's C++ kernels could not be built here (no g++?)")
@@ -471,20 +473,53 @@ def test_a_build_lock_left_by_an_interrupted_build_is_removed(tmp_path: Path, mo
 
     def build_in_progress() -> None:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # as PyTorch's FileBaton holds it while it builds
-        threading.Timer(0.3, lambda: (os.close(fd), lock.unlink())).start()
+        threading.Timer(0.6, lambda: (os.close(fd), lock.unlink())).start()
 
+    monkeypatch.setattr(heartbeat_module, "HEARTBEAT_SECONDS", 0.1)
     for where_proc_cannot_tell in (False, True):
         if where_proc_cannot_tell:
             monkeypatch.setattr(native, "_lock_is_held", lambda lock: None)
         build_in_progress()
         started = time.perf_counter()
-        native.wait_for_build_lock(tmp_path, poll_seconds=0.05)
-        assert 0.25 <= time.perf_counter() - started < 5 and not lock.exists()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="phi4flash.native"):
+            native.wait_for_build_lock(tmp_path, poll_seconds=0.05)
+        assert 0.55 <= time.perf_counter() - started < 5 and not lock.exists()
+        # a line when the wait starts, then one every HEARTBEAT_SECONDS while it lasts
+        assert "waiting for another process that builds" in caplog.text
+        assert "still waiting for another process that builds phi4flash's kernels (0 s so far)" in caplog.text
     lock.touch()  # where /proc cannot tell: by its age
     stale = time.time() - native.STALE_LOCK_SECONDS - 60
     os.utime(lock, (stale, stale))
     native.wait_for_build_lock(tmp_path)
     assert not lock.exists()
+
+
+def test_a_heartbeat_logs_while_its_block_runs_and_stops_with_it(caplog) -> None:
+    """The slow one-off work of a first start (a kernel build, a wait for another process's build, a compile) says
+    every half minute that it still runs; the heartbeat ends with its block."""
+    import logging
+    import threading
+    import time
+
+    logger = logging.getLogger("phi4flash.test_heartbeat")
+
+    def beats() -> list[str]:
+        return [record.getMessage() for record in caplog.records if record.name == logger.name]
+
+    with caplog.at_level("INFO", logger=logger.name):
+        with heartbeat(logger, "doing the slow thing", every=0.05):
+            time.sleep(0.4)
+        during = beats()
+        time.sleep(0.2)
+        assert beats() == during  # nothing after the block
+        assert len(during) >= 2 and all(line.startswith("still doing the slow thing (") and
+                                        line.endswith(" s so far)") for line in during)
+        started = time.perf_counter()
+        with heartbeat(logger, "doing a quick thing", every=5):
+            pass
+        assert time.perf_counter() - started < 1 and "quick" not in caplog.text  # ended at once, no line
+    assert not any(thread.name == "phi4flash-heartbeat" for thread in threading.enumerate())
 
 
 def test_a_build_that_will_run_is_told_apart_from_a_cached_one(tmp_path: Path) -> None:

@@ -638,9 +638,11 @@ def test_cuda_quantized_kernels_equal_the_reference(spec: str) -> None:
     linear = torch.nn.Linear(512, 256)
     layer = QuantizedLinear.like(linear, parsed)
     layer.set_weight(linear.weight.detach(), device=torch.device("cuda"), dtype=torch.bfloat16)
+    # set_weight quantizes the weight alone; the bias is loaded as it is (quantize_model_ does the same)
+    layer.bias = torch.nn.Parameter(linear.bias.detach().cuda(), requires_grad=False)
     for rows in (1, 64):
         x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
-        expected = x.float() @ dequantize(**layer.portable()).cuda().t()
+        expected = x.float() @ dequantize(**layer.portable()).cuda().t() + linear.bias.detach().cuda()
         assert (layer(x).float() - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()
     index = torch.tensor([0, 255, 17], device="cuda")
     assert torch.allclose(layer.rows(index).float().cpu(), dequantize(**layer.portable())[index.cpu()], atol=1e-2)
