@@ -276,11 +276,10 @@ def parse_junit(path: Path) -> TestCounts:
         if error is not None and error.get("message") == "collection failure":
             missing = re.search(r"No module named '([^']+)'", error.text or "")
             too_old = re.search(r"needs (\S+) \(found ([^)]+)\)", error.text or "")
-            if missing:
-                counts.not_collected.append(f"{name} (missing module {missing.group(1)})")
-                continue
-            if too_old:
-                counts.not_collected.append(f"{name} (needs {too_old.group(1)}, found {too_old.group(2)})")
+            why = (f"missing module {missing.group(1)}" if missing else
+                   f"needs {too_old.group(1)}, found {too_old.group(2)}" if too_old else None)
+            if why:
+                counts.not_collected.append(f"{name} ({why})")
                 continue
         if failure is not None or error is not None:
             counts.failed.append(name)
