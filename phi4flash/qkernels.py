@@ -86,7 +86,17 @@ def _warn_float32(name: str) -> None:
                    "bfloat16; pass dtype='bfloat16' (the default with quantize=) for speed", name)
 
 
-@functools.cache
+def _cpu_has_bfloat16_products() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+# Read once at import: torch.cpu's checks inside a compiled forward break its graph (dynamo does not trace them), and
+# a break inside the model's layer loop made the whole training forward run eagerly under bfloat16 autocast.
+_CPU_HAS_BFLOAT16_PRODUCTS = _cpu_has_bfloat16_products()
+
+
 def cpu_multiplies_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX tiles).
 
@@ -95,9 +105,7 @@ def cpu_multiplies_bfloat16() -> bool:
     benchmarks.md, "On a CPU with AVX2 only"), so the dense products of bfloat16 activations go through float32
     there (:func:`dense_linear`).
     """
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
+    return _CPU_HAS_BFLOAT16_PRODUCTS
 
 
 def float32_products(x: torch.Tensor) -> bool:

@@ -280,9 +280,8 @@ def test_training_runs_end_to_end_and_the_loss_goes_down(tmp_path: Path, monkeyp
     monkeypatch.setattr(train_mod, "make_batches", batches_seen)
     # at most 2,048 tokens a batch: inductor's C++ code also splits its graphs at 4,096 elements per row of a
     # reduction, which real batches cross (measured: four graphs at most, in a real run's 1-2 minutes of compile)
-    # float32 on every CPU, so that the graph count below is the same wherever CI runs: under bfloat16 autocast (the
-    # default on CPUs with AVX512-BF16 or AMX) this run compiled 27 graphs in 30 steps on a 2-core AMD EPYC with
-    # AVX512-BF16 (2026-12-04), a recompile per batch shape that is not fixed yet
+    # float32 on every CPU, so that the run takes the same time wherever CI runs (bfloat16 products are slow without
+    # AVX512-BF16 or AMX); test_the_training_forward_traces_as_one_graph covers bfloat16 autocast's graph
     cfg = TrainConfig(steps=30, minutes=None, batch_size=8, batch_tokens=2048, lr=5e-3, warmup_steps=3,
                       vocab_size=384, tokenizer_examples=600, model=dict(TINY), seed=1, bf16=False)
     assert cfg.compile
@@ -394,6 +393,25 @@ def test_the_mix_option_changes_the_named_families_and_keeps_the_others(
         with pytest.raises(SystemExit):
             main([*argv, "--mix", bad])
         assert says in capsys.readouterr().err, bad
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_training_forward_traces_as_one_graph(bf16: bool) -> None:
+    """The compiled training step sees the whole forward: a graph break inside the layer loop makes dynamo skip the
+    loop's frame (the run then goes eagerly, layer by layer, with a recompile per layer kind). Under bfloat16
+    autocast, a CPU-feature check in the Mamba layer's products once did that on every CPU."""
+    from model_helpers import tiny_model
+
+    from phi4flash.training.train import _training_kernels
+
+    native.ready()  # as the compiled step loads the kernels before tracing (a first load splits the graph)
+    model = tiny_model().train()
+    x = torch.randint(0, 100, (2, 24))
+    torch._dynamo.reset()
+    with _training_kernels(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, [str(reason) for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1
 
 
 @pytest.mark.parametrize("window", [None, 8])
