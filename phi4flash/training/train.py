@@ -64,7 +64,7 @@ DEFAULT_MODEL: dict[str, Any] = {
 class TrainConfig:
     """Everything that defines a training run (saved in train_summary.json)."""
 
-    steps: int = 9000  # the most optimizer steps (the data is made for this many; 85 compiled minutes take ~7000)
+    steps: int = 9000  # the most optimizer steps (the data is made for this many; 93 minutes on 2 cores: 3,800-4,700)
     minutes: float | None = 85.0  # stop after this much training time; the schedule follows the clock (None: steps)
     batch_size: int = 32
     batch_tokens: int = 10240  # most tokens in a batch, padding included (long chats come fewer at a time)
