@@ -146,11 +146,12 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def ours_generate_seconds(model: Any, prompt: torch.Tensor, new_tokens: int, chunk: int) -> float:
+def ours_generate_seconds(model: Any, prompt: torch.Tensor, new_tokens: int, chunk: int,
+                          step: Callable[[torch.Tensor, Any], torch.Tensor] | None = None) -> float:
     """Seconds for the paper's setting on ours: prefill the batch, then greedy steps to ``new_tokens`` each
-    (the first comes from the prefill, as in transformers' ``generate()``)."""
+    (the first comes from the prefill, as in transformers' ``generate()``), through ``step`` when given."""
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new_tokens + 1)
-    return timed(lambda: ours_decode(model, ours_prefill(model, prompt, cache, chunk), cache, new_tokens - 1),
+    return timed(lambda: ours_decode(model, ours_prefill(model, prompt, cache, chunk), cache, new_tokens - 1, step),
                  prompt.device)
 
 

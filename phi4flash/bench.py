@@ -215,7 +215,7 @@ def build_parser(prog: str = "phi4flash bench") -> argparse.ArgumentParser:
     parser.add_argument("--no-baseline", action="store_true", help="time phi4flash only")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="decode ours through the compiled step, as the engine does with compile=True (auto: "
-                             "where it pays, small models on the CPU, unless PHI4FLASH_COMPILE=0)")
+                             "where it pays, small models on the CPU and any on CUDA, unless PHI4FLASH_COMPILE=0)")
     return parser
 
 

@@ -155,8 +155,9 @@ class LocalEngine:
             kept_state_bytes: memory budget for kept conversation states (0 disables reuse).
             skip_cross_decoder: the prefill skip (off only to measure what it buys).
             reasoning_first: treat text before any ``<think>`` tag as reasoning.
-            compile: compile the decode step (:mod:`phi4flash.compiled`) now, before serving (a minute or so,
-                logged); "auto": as ``PHI4FLASH_COMPILE`` says (off when unset).
+            compile: compile the decode step (:mod:`phi4flash.compiled`) now, before serving (on the CPU a
+                minute or so, logged; on CUDA its CUDA graphs, under a second); "auto": as ``PHI4FLASH_COMPILE``
+                says, and when unset on CUDA only.
         """
         self.model = model.eval().tune_weight_layout()
         self.tokenizer = tokenizer

@@ -60,7 +60,11 @@ def load_engine() -> tuple[Any, str]:
     try:
         if source == "embedded":
             return phi4flash.load("embedded", quantize=QUANTIZE), source
-        return phi4flash.load(source, device="cuda" if has_gpu() else "cpu", quantize=QUANTIZE), source
+        # ZeroGPU lends the GPU per call, in a process of its own: CUDA graphs captured at start-up (the decode step
+        # on a dedicated GPU, compile="auto") could not replay there, so its calls decode with the eager step.
+        on_zero_gpu = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+        return phi4flash.load(source, device="cuda" if has_gpu() else "cpu", quantize=QUANTIZE,
+                              compile=False if on_zero_gpu else "auto"), source
     except Exception as exc:  # the page explains the failure instead of the Space crashing
         logger.exception("could not load %s", source)
         return exc, source

@@ -162,3 +162,55 @@ def test_chat_demo_and_serve_pass_the_compile_flag_to_load(monkeypatch) -> None:
         with pytest.raises(RuntimeError, match="loading stops here"):
             serve_load(args.model, max_batch=1, compile=True if args.compile else "auto")
     assert seen == [True, True, True, "auto", "auto", "auto"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_replay_the_static_step_and_are_captured_again_when_the_cache_grows(dtype: torch.dtype) -> None:
+    """On CUDA the step replays a CUDA graph per number of rows; the capture leaves the cache as it was, a grown
+    cache (new global K/V tensors) gets new graphs, and every replay gives the eager static step's logits."""
+    model = load_model("embedded", device="cuda", dtype=dtype)
+    decoder = CompiledDecoder(model)
+    assert decoder.compile(4, 16), decoder.error
+    assert len(decoder._step) == 0  # the scratch cache's graphs are dropped with it
+    cache, reference = model.new_cache(4, 16), model.new_cache(4, 16)
+    prompt = torch.randint(0, 500, (4, 12), device="cuda")
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        model(prompt, cache=cache, logits_to_keep=1)
+        model(prompt, cache=reference, logits_to_keep=1)
+        captured = []
+        for n in [4, 4, 1, 3, 4, 2, 4, 4, 1, 4]:  # past 16 positions the cache grows: its graphs are new
+            token = torch.arange(n, device="cuda") + 7
+            got = decoder(token, cache)
+            reference.grow(int(reference.lengths[:n].max()) + 1)
+            expected = model.step(token, reference, rows=slice(0, n), static=True)
+            scale = expected.abs().max().item()
+            assert (got - expected).abs().max().item() <= tolerance * max(1.0, scale), n
+            captured.append((len(decoder._step), cache.max_length))
+    assert torch.equal(cache.lengths, reference.lengths)
+    for state, expected_state in zip(cache.layers.values(), reference.layers.values(), strict=True):
+        for name, tensor in vars(state).items():
+            assert torch.allclose(tensor.float(), getattr(expected_state, name).float(), atol=tolerance), name
+    assert captured[3] == (3, 16)  # 4, 1 and 3 rows, on the first cache
+    assert captured[4] == (1, 32)  # the cache grew: its old graphs are dropped, 4 rows captured anew
+    assert captured[-1] == (3, 32)
+
+
+@pytest.mark.gpu
+def test_cuda_engine_decodes_through_the_graphs_by_default_with_the_eager_tokens(monkeypatch) -> None:
+    """On CUDA the graphs cost under a second, so the engine takes them unless told not to."""
+    monkeypatch.delenv("PHI4FLASH_COMPILE", raising=False)
+    graphed = phi4flash.load("embedded", device="cuda", dtype="float32")
+    eager = phi4flash.load("embedded", device="cuda", dtype="float32", compile=False)
+    try:
+        assert graphed.compiled_step == "compiled", graphed.compiled_step
+        config = GenerationConfig(temperature=0, max_new_tokens=120)
+        conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+        got = graphed.generate_batch(conversations, config)
+        expected = eager.generate_batch(conversations, config)
+        assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+        assert len(graphed._compiled._step) >= 1
+    finally:
+        graphed.close()
+        eager.close()

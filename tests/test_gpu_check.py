@@ -45,8 +45,10 @@ def _write_gpu_tests(folder: Path, *, failing: bool = True) -> Path:
         (folder / "test_parity.py").write_text(f"import pytest\n\n{GPU_MARK}\ndef test_bound():\n"
                                                "    assert 0.2 < 0.1\n")
         (folder / "test_extra.py").write_text(f"import not_installed_extra  # {GPU_MARK}\n")
-        (folder / "test_old_extra.py").write_text(  # as phi4flash.hf refuses an older transformers
-            f"raise ImportError('phi4flash.hf needs transformers>=5.24 (found 5.17.0): pip install')  # {GPU_MARK}\n")
+        (folder / "test_old_extra.py").write_text(  # as phi4flash.hf refuses an older transformers: the traceback
+            # shows the raising line's f-string, then the message with the version in it
+            f"found = '5.17.0'  # {GPU_MARK}\n"
+            "raise ImportError(f'phi4flash.hf needs transformers>=5.24 (found {found}): pip install')\n")
         (folder / "test_broken.py").write_text(f"raise RuntimeError('broken at import')  # {GPU_MARK}\n")
     return folder
 
@@ -175,7 +177,7 @@ def test_dry_run_runs_every_section(tmp_path: Path, capsys: pytest.CaptureFixtur
     code, out, rows = _run(["--dry-run", "--tests-dir", str(tests), "--output", str(output)], capsys)
     assert code == 0, out
     assert {r.section for r in rows} == set(gpu_check.SECTIONS)
-    compiled = ("compiled", "phi4flash, compiling the decode step")
+    compiled = ("compiled", "phi4flash, the decode step's CUDA graphs")
     assert [r for r in rows if r.status != "ok" and (r.section, r.item) != compiled] == []
     by_item = {(r.section, r.item): r for r in rows}
     assert by_item[compiled].status == "skipped" and "CUDA only" in by_item[compiled].detail  # a dry run is on CPU
