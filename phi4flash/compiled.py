@@ -172,10 +172,12 @@ class CompiledDecoder:
                 self.model(prompt, cache=scratch, logits_to_keep=1)
                 # dynamo compiles a batch of one row apart, and a batch of every cache row (a slice of the whole
                 # cache): with these three sizes compiled here, no later batch size recompiles
-                for batch in dict.fromkeys((min(2, rows), 1, rows)):
-                    self._step(torch.zeros(batch, dtype=torch.long, device=self.model.device), scratch)
-                if graphs:
-                    self._step.clear()
+                try:
+                    for batch in dict.fromkeys((min(2, rows), 1, rows)):
+                        self._step(torch.zeros(batch, dtype=torch.long, device=self.model.device), scratch)
+                finally:
+                    if graphs:
+                        self._step.clear()  # the scratch cache goes with its graphs
         except Exception as err:  # noqa: BLE001 - no compiler, an unsupported op: stay on the eager step, say why
             first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
             self.error = f"{type(err).__name__}: {first_line}"
