@@ -44,9 +44,14 @@ def _gpu_duration(messages: list[dict[str, str]], config: phi4flash.GenerationCo
     return gpu_seconds(config.max_new_tokens)
 
 
+def on_zero_gpu() -> bool:
+    """Whether the Space runs on ZeroGPU hardware (a GPU lent per call)."""
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
 def has_gpu() -> bool:
     """Whether a CUDA GPU is (or, on ZeroGPU, will be) available."""
-    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true") or torch.cuda.is_available()
+    return on_zero_gpu() or torch.cuda.is_available()
 
 
 def load_engine() -> tuple[Any, str]:
@@ -62,16 +67,15 @@ def load_engine() -> tuple[Any, str]:
             return phi4flash.load("embedded", quantize=QUANTIZE), source
         # ZeroGPU lends the GPU per call, in a process of its own: CUDA graphs captured at start-up (the decode step
         # on a dedicated GPU, compile="auto") could not replay there, so its calls decode with the eager step.
-        on_zero_gpu = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
         return phi4flash.load(source, device="cuda" if has_gpu() else "cpu", quantize=QUANTIZE,
-                              compile=False if on_zero_gpu else "auto"), source
+                              compile=False if on_zero_gpu() else "auto"), source
     except Exception as exc:  # the page explains the failure instead of the Space crashing
         logger.exception("could not load %s", source)
         return exc, source
 
 
 engine, MODEL_SOURCE = load_engine()
-zero_gpu = spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+zero_gpu = spaces is not None and on_zero_gpu()
 demo = build_demo(
     engine,
     title="phi4flash (embedded demo model, no GPU)" if MODEL_SOURCE == "embedded" else "Phi-4-mini-flash-reasoning",
