@@ -31,9 +31,11 @@ from phi4flash.training.tokenizer_train import model_config
 Batch = train_mod.Batch
 
 
-def _batches(tok: Tokenizer, count: int, seed: int) -> list[Batch]:
+def _batches(tok: Tokenizer, count: int, seed: int, weights: dict[str, float] | None = None,
+             tool_sessions: float = 0.0) -> list[Batch]:
     cfg = train_mod.TrainConfig()
-    examples = data.generate(cfg.batch_size * (count + 20), seed=seed, split="train")
+    examples = data.generate(cfg.batch_size * (count + 20), seed=seed, split="train", weights=weights,
+                             tool_sessions=tool_sessions)
     encoded = [train_mod.encode_example(tok, ex) for ex in examples]
     batches = train_mod.make_batches(encoded, cfg.batch_size, tok.token_to_id("<|endoftext|>"), seed, cfg.batch_tokens)
     return batches[:count]

@@ -430,3 +430,57 @@ def test_training_attention_path_matches_the_fused_one(window: int | None) -> No
         explicit = ops.differential_attention(*args)
     torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
     assert ops.FUSED_MIN_QUERIES == 32  # restored
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "length"),
+                         [(4, 2, 40), (4, 2, 200), (8, 4, 250), (8, 2, 193), (4, 2, 3)])
+def test_training_attention_equals_the_models_masked_attention(heads: int, kv_heads: int, length: int) -> None:
+    """The training attention (the causal case, in query blocks from BLOCKED_MIN_QUERIES on) gives the model's
+    masked attention and its gradients, for every head grouping (GQA of 2 and 4 query heads a kv head, one and two
+    kv pairs)."""
+    from phi4flash.training.attention import BLOCKED_MIN_QUERIES, training_attention
+
+    g = torch.Generator().manual_seed(length)
+    b, dh = 2, 8
+    q, k, v = (torch.randn(b, length, n, dh, generator=g, dtype=torch.float64, requires_grad=True)
+               for n in (heads, kv_heads, kv_heads))
+    weight = torch.rand(2 * dh, generator=g, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor(0.3, dtype=torch.float64)
+    pos = torch.arange(length)[None].expand(b, length)
+    expected = ops.differential_attention(q, k, v, lam, 0.2, weight, 1e-5, ops.attention_mask(pos, pos, None, None))
+    got = training_attention(q, k, v, lam, 0.2, weight, 1e-5, None, causal=True)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    for want, have in zip(torch.autograd.grad(expected, (q, k, v, weight), grad),
+                          torch.autograd.grad(got, (q, k, v, weight), grad), strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-10)
+    assert (length >= BLOCKED_MIN_QUERIES) == (length in (200, 250, 193))  # both paths are covered
+
+
+def test_training_kernels_swap_the_attention_in_and_back_out() -> None:
+    from phi4flash import model as model_mod
+    from phi4flash.training.attention import training_attention
+    from phi4flash.training.train import _training_kernels
+
+    assert model_mod.differential_attention is ops.differential_attention
+    with _training_kernels():
+        assert model_mod.differential_attention is training_attention
+    assert model_mod.differential_attention is ops.differential_attention
+
+
+def test_the_training_forward_of_a_long_batch_traces_as_one_graph() -> None:
+    """The blocked training attention (a fixed count of blocks, no loop over the length) keeps the compiled
+    step's one graph for batches longer than BLOCKED_MIN_QUERIES."""
+    from model_helpers import tiny_model
+
+    from phi4flash.training.attention import BLOCKED_MIN_QUERIES
+    from phi4flash.training.train import _training_kernels
+
+    native.ready()
+    model = tiny_model(sliding_window=256).train()
+    x = torch.randint(0, 100, (2, BLOCKED_MIN_QUERIES + 5))
+    torch._dynamo.reset()
+    with _training_kernels():
+        explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, [str(reason) for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1

@@ -37,6 +37,7 @@ from ..cli import HelpFormatter
 from ..qkernels import cpu_multiplies_bfloat16
 from ..tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from . import data as data_mod
+from .attention import BLOCKED_MIN_QUERIES, training_attention
 from .scan import training_scan
 from .tokenizer_train import generation_config, model_config, save_tokenizer_files, train_tokenizer, write_json
 
@@ -110,7 +111,9 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-TRAINING_FUSED_MIN_QUERIES = 256  # batches of this many tokens or more attend through SDPA (see _training_kernels)
+# Masked attention calls of this many queries or more go through SDPA; the training attention's own threshold, so
+# that the compiled step keeps two graphs (short and long batches) instead of three.
+TRAINING_FUSED_MIN_QUERIES = BLOCKED_MIN_QUERIES
 
 
 def trains_in_bfloat16(bf16: bool | None) -> bool:
@@ -126,21 +129,25 @@ def precision_name(bf16: bool) -> str:
 
 @contextlib.contextmanager
 def _training_kernels() -> Iterator[None]:
-    """Use :func:`training_scan` inside the model while training, and the explicit attention matmuls for short
-    batches.
+    """Use :func:`training_scan` and :func:`training_attention` inside the model while training, and the
+    explicit attention matmuls for the short batches that the training attention leaves to the model (longer
+    than the window: the sliding-window layers' masked attention).
 
     The model's chunked scan is built for long prompts at inference; for training chats of a few hundred
-    tokens on a CPU it is ~20x slower than this recurrence. SDPA's fused CPU kernel (forward and backward) is
-    slower than the explicit matmuls for batches of about 128 tokens and faster from about 200 on (one step of
-    the embedded model's shape, 2 threads, bfloat16 autocast, 2026-12-01: 1.15 vs 1.05 s at 80 x 128 tokens,
-    1.05 vs 1.13 s at 40 x 256, 1.19 vs 1.6 s at 20 x 512, 1.36 vs 1.8 s at 13 x 768; on 30 batches as
-    ``phi4flash train`` draws them, 0.80-0.84 vs 0.85-0.99 s a step). Both are swapped in and back out.
+    tokens on a CPU it is ~20x slower than this recurrence. The training attention (each head group at its own
+    width, causal query blocks) took 0.51-0.65x the time of SDPA's fused kernel at 256-512 tokens, forward and
+    backward, and a training step 0.88x (benchmarks/bench_train_attention.py, 2026-12-04). For the masked calls,
+    SDPA's fused CPU kernel (forward and backward) is slower than the explicit matmuls for batches of about 128
+    tokens and faster from about 200 on (2026-12-01: 1.15 vs 1.05 s a step at 80 x 128 tokens, 1.05 vs 1.13 s
+    at 40 x 256, 1.19 vs 1.6 s at 20 x 512). All are swapped in and back out.
     """
     from .. import model as model_mod
     from .. import ops
 
-    # The model module imports the scan under these names (the dispatching one first).
-    swaps = {n: training_scan for n in ("selective_scan_auto", "selective_scan") if hasattr(model_mod, n)}
+    # The model module imports the scan under these names (the dispatching one first), and the attention.
+    swaps: dict[str, Callable[..., Any]] = {
+        n: training_scan for n in ("selective_scan_auto", "selective_scan") if hasattr(model_mod, n)}
+    swaps["differential_attention"] = training_attention
     saved = {n: getattr(model_mod, n) for n in swaps}
     fused = ops.FUSED_MIN_QUERIES
     for n, fn in swaps.items():
