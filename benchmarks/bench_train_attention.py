@@ -1,6 +1,7 @@
 """Training speed on the CPU: the training step with phi4flash's training attention (``training/attention.py``:
 each head group at its own width, queries in blocks against the keys they see) against the model's own attention
-(SDPA's fused kernel from 256 tokens on, the explicit matmuls below), on the batches the shipped model's run drew.
+(SDPA's fused kernel from ``TRAINING_FUSED_MIN_QUERIES`` tokens on, the explicit matmuls below; before the
+training attention the threshold was 256, 192 since), on the batches the shipped model's run drew.
 
     python benchmarks/bench_train_attention.py [--rounds 3] [--batches 30] [--threads 2] [--compiled]
 
@@ -15,13 +16,12 @@ attention alone, forward and backward, at four batch lengths of the same 10,240-
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
 
 import torch
-from bench_train_compile import _batches, _trainer
+from bench_train_compile import _batches, _trainer, batch_arguments
 from tokenizers import Tokenizer
 
 from phi4flash import model as model_mod
@@ -53,11 +53,7 @@ def _attention_alone(length: int, rounds: int) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is reported")
-    parser.add_argument("--batches", type=int, default=30, help="batches per round and side")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--seed", type=int, default=5, help="seed of the chats")
+    parser = batch_arguments(__doc__.split("\n")[0])
     parser.add_argument("--compiled", action="store_true", help="compile both sides' training steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,7 +88,7 @@ def main() -> int:
     print("| tokens | batch | training attention ms | model's attention ms | ratio |")
     print("|---:|---:|---:|---:|---:|")
     with train_mod._training_kernels(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for length in (128, 256, 384, 512):  # the model's attention as in training (SDPA from 256 tokens on)
+        for length in (128, 256, 384, 512):  # the model's attention with training's threshold
             best = _attention_alone(length, args.rounds)
             ours, theirs = best["training attention"], best["model's attention"]
             print(f"| {length} | {min(32, 10240 // length)} | {ours * 1e3:.1f} | {theirs * 1e3:.1f} | "

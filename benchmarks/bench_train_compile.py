@@ -55,12 +55,18 @@ def _trainer(tok: Tokenizer, compiled: bool, bf16: bool) -> Callable[[Batch], fl
     return step
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def batch_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with the options of a benchmark of training steps on drawn batches: rounds, batches, threads, seed."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is reported")
     parser.add_argument("--batches", type=int, default=30, help="batches per round and side")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=5, help="seed of the chats")
+    return parser
+
+
+def main() -> int:
+    parser = batch_arguments(__doc__.split("\n")[0])
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="bfloat16 autocast or float32; auto: as phi4flash train picks on this CPU")
     args = parser.parse_args()

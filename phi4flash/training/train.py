@@ -129,9 +129,9 @@ def precision_name(bf16: bool) -> str:
 
 @contextlib.contextmanager
 def _training_kernels() -> Iterator[None]:
-    """Use :func:`training_scan` and :func:`training_attention` inside the model while training, and the
-    explicit attention matmuls for the short batches that the training attention leaves to the model (longer
-    than the window: the sliding-window layers' masked attention).
+    """Use :func:`training_scan` and :func:`training_attention` inside the model while training; the masked
+    calls that the training attention leaves to the model (the sliding-window layers on batches longer than the
+    window) take the explicit matmuls below :data:`TRAINING_FUSED_MIN_QUERIES` queries and SDPA from there on.
 
     The model's chunked scan is built for long prompts at inference; for training chats of a few hundred
     tokens on a CPU it is ~20x slower than this recurrence. The training attention (each head group at its own
