@@ -38,9 +38,10 @@ logger = logging.getLogger(__name__)
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<|tool_call|>", "<|/tool_call|>"
 # Compact JSON as json.dumps writes it (and the model saw in training): no free whitespace to ramble in.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# Bytes that end a JSON document soonest, best first: close an object, an array; the shortest scalars; open
-# a string; separate. The shortest completion is found greedily over single-byte tokens in this order.
-_CLOSING_BYTES = b'}]0"nft,[{'
+# Bytes that end a JSON document soonest, best first: close an object, an array; end the value (before a digit,
+# which would only lengthen a number); the shortest scalars; open a string, an array, an object. The shortest
+# completion is found greedily over single-byte tokens in this order.
+_CLOSING_BYTES = b'}],0"nft[{'
 _FREE_TEXT = 32  # at least this many bytes allowed: inside free text (a string), where only '"' ends anything
 # Within this many tokens of the budget's end, each sampled token must leave the document completable in time.
 _BUDGET_MARGIN = 24

@@ -295,3 +295,24 @@ def test_auto_tool_choice_leaves_uncompilable_tools_free_and_says_so(caplog):
     assert isinstance(optional_calls(tok, TOOLS, max_new_tokens=64), Constraint)
     with pytest.raises(ValueError, match="frobnicate"):
         constraint_for(tok, tools=odd, max_new_tokens=64)
+
+
+@pytest.mark.parametrize("schema", [
+    {"$ref": "#/$defs/Node", "$defs": {"Node": {
+        "type": "object", "properties": {"value": {"type": "integer"},
+                                         "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}}},
+        "required": ["value", "children"], "additionalProperties": False}}},
+    {"type": "array", "items": {"type": "number"}, "minItems": 3},
+], ids=["recursive node", "three numbers"])
+def test_low_budget_ends_a_number_that_would_never_end(schema):
+    tok = tiny_chat_tokenizer()
+    constraint = constraint_for(tok, schema=schema, max_new_tokens=48, max_reasoning_tokens=0)
+    digits = torch.zeros(1, tok.vocab_size)
+    digits[0, tok.encode("7")[0]] = 10.0  # a model that, once in a number, writes digits forever
+    ids: list[int] = []
+    while not ids or ids[-1] not in tok.stop_token_ids:
+        assert len(ids) < 48, tok.decode(ids)
+        ids.append(int(torch.argmax(mask_logits(digits, [constraint], [ids])[0])))
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert "7777" in text  # the digits ran until the budget made them stop
+    jsonschema.validate(json.loads(text), schema)

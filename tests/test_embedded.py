@@ -99,3 +99,14 @@ def test_a_capped_reasoning_still_ends_in_an_answer(engine, close_at: str) -> No
             engine.tokenizer, max_new_tokens=128, max_reasoning_tokens=64, close_at=close_at))) for p in problems])
     clean = [checks.clean_answer(done.answer) for done in results]
     assert sum(clean) >= len(problems) - 1, [done.answer for done in results]
+
+
+def test_a_follow_up_question_without_tools_gets_an_answer_not_a_call(engine) -> None:
+    """Held-out problems asked after an earlier exchange with no tool list: answered, never a call of a tool that
+    does not exist (what a model that met second questions mostly in tool sessions does). The eleventh run: 16 of
+    20 right, no call; the sixteenth: a phantom call."""
+    from phi4flash.training import checks
+
+    follow = checks.follow_up_check(engine, n_per_family=2)
+    assert follow["tool_calls"] == 0, follow["example_call"]
+    assert follow["right"] >= 0.75 * follow["n"], follow

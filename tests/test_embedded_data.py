@@ -399,3 +399,16 @@ def test_agent_steps_restate_the_expression_with_the_result_in_place() -> None:
         call = json.loads(made.value)
         left, right = (int(v) for v in call["arguments"].values())
         assert restated[2].split() in ([str(left), s, str(right)] for s in "+-×*x/÷"), (restated[2], call)
+
+
+def test_the_multi_turn_share_sets_how_many_plain_chats_carry_an_earlier_exchange() -> None:
+    def follow_ups(examples: list[data.Example]) -> int:
+        plain = [e for e in examples if e.family != "tool"]
+        return sum(sum(m["role"] == "user" for m in e.messages) > 1 for e in plain)
+
+    default = data.generate(2000, seed=5)
+    assert default == data.generate(2000, seed=5, multi_turn=data.MULTI_TURN_RATE)  # the older runs' data
+    more = data.generate(2000, seed=5, multi_turn=0.25)
+    plain = sum(e.family != "tool" for e in more)
+    assert follow_ups(default) < 0.08 * plain < 0.18 * plain < follow_ups(more) < 0.32 * plain
+    assert follow_ups(data.generate(500, seed=5, multi_turn=0.0)) == 0

@@ -379,6 +379,8 @@ def test_the_mix_option_changes_the_named_families_and_keeps_the_others(
         with pytest.raises(SystemExit):
             main([*argv, "--tool-sessions", bad])
         assert "between 0 and 1" in capsys.readouterr().err, bad
+    assert cfg.multi_turn == data.MULTI_TURN_RATE  # the data of the runs before the option existed
+    assert _run_command([*argv, "--multi-turn", "0.25"], monkeypatch)[0].multi_turn == 0.25
     cfg, _, _ = _run_command([*argv, "--tool-name-weight", "3"], monkeypatch)
     assert cfg.tool_name_weight == 3.0 and TrainConfig().tool_name_weight == 1.0
     cfg, _, _ = _run_command([*argv, "--tool-argument-weight", "2.5"], monkeypatch)

@@ -7,7 +7,9 @@
   its answer by executing the calls;
 - **the reasoning budget**: held-out problems with the reasoning capped, closed either at the cap (the
   token) or at the end of the line the cap falls in; an answer is clean when it has a boxed value and no
-  reasoning left in it.
+  reasoning left in it;
+- **follow-ups**: held-out problems asked as the second question of a conversation without tools (the earlier
+  reply whole or its answer only, as chat UIs keep it): right, and answered without a tool call.
 """
 
 from __future__ import annotations
@@ -177,10 +179,31 @@ def budget_check(engine: Any, budgets: Sequence[int] = (16, 64), n_per_family: i
     return rows
 
 
+def follow_up_check(engine: Any, n_per_family: int = 6, seed: int = 0) -> dict[str, Any]:
+    """Held-out math problems, each after an earlier exchange on another held-out problem and no tool list:
+    how many are right, and how many replies call a tool (a model that met second questions mostly in tool
+    sessions calls tools that do not exist)."""
+    from .. import GenerationConfig
+
+    families = data_mod.MATH_FAMILIES
+    problems = data_mod.generate(n_per_family * len(families), seed=seed, split="heldout")
+    earlier = data_mod.generate(len(problems) + 1, seed=seed + 1, split="heldout")[1:]  # another family each
+    jobs = []
+    for i, (ex, prev) in enumerate(zip(problems, earlier, strict=True)):
+        reply = prev.completion if i % 2 == 0 else prev.answer
+        messages = [*prev.message_dicts(), {"role": "assistant", "content": reply}, *ex.message_dicts()]
+        jobs.append((messages, GenerationConfig(temperature=0.0, max_new_tokens=768)))
+    done = _generate_all(engine, jobs)
+    calls = [c.answer for c in done if tool_format.parse_tool_calls(c.answer)[1]]
+    right = sum(grade(ex, c.answer)[1] for ex, c in zip(problems, done, strict=True))
+    return {"n": len(problems), "right": right, "tool_calls": len(calls), "example_call": calls[0][:160] if calls
+            else None}
+
+
 def run_extras(engine: Any, progress: bool = False, constrain: bool = True) -> dict[str, Any]:
     """All the checks above (``constrain``: the agents' calls follow the tools' grammar, see :func:`run_agent`)."""
     return {"article": article_check(engine), "agents": agent_check(engine, constrain=constrain),
-            "budget": budget_check(engine)}
+            "budget": budget_check(engine), "follow_ups": follow_up_check(engine)}
 
 
 def format_extras(extras: dict[str, Any]) -> str:
@@ -198,4 +221,8 @@ def format_extras(extras: dict[str, Any]) -> str:
     for row in extras["budget"]:
         lines.append(f"| {row['budget']} | {'the cap' if row['mode'] == 'token' else 'the end of the line'} | "
                      f"{row['clean']}/{row['n']} | {row['right']}/{row['n']} |")
+    if "follow_ups" in extras:  # (reports written before the check existed lack it)
+        follow = extras["follow_ups"]
+        lines += ["", f"follow-up questions without tools: {follow['right']}/{follow['n']} right, "
+                      f"{follow['tool_calls']} with a tool call"]
     return "\n".join(lines)

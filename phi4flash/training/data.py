@@ -315,6 +315,7 @@ def generate(
     weights: dict[str, float] | None = None,
     extras: bool = True,
     tool_sessions: float = 0.0,
+    multi_turn: float = MULTI_TURN_RATE,
 ) -> list[Example]:
     """Generate ``n`` examples, deterministically for a given ``seed``.
 
@@ -328,6 +329,8 @@ def generate(
         extras: For train, add the occasional system message, earlier exchange or cut reasoning.
         tool_sessions: For train, the share of tool chats that are sessions of several requests on one tool
             list with every reply trained (:func:`~.toolchat.session_chat`); 0 keeps the data of older runs.
+        multi_turn: For train with extras, the share of chats without tools that carry an earlier exchange
+            before the question (the default keeps the data of older runs).
 
     Returns:
         The examples, in generation order.
@@ -351,17 +354,17 @@ def generate(
         else:
             ex = _draw(family, rng, held_out, tool_sessions)
         if not held_out and extras:
-            ex = _decorate(ex, rng)
+            ex = _decorate(ex, rng, multi_turn)
         out.append(ex)
     return out
 
 
-def _decorate(ex: Example, rng: random.Random) -> Example:
+def _decorate(ex: Example, rng: random.Random, multi_turn: float = MULTI_TURN_RATE) -> Example:
     """Sometimes put a system message or an earlier exchange before the question, as the web chat does, or
     cut the reasoning short."""
     messages = list(ex.messages)
     if messages[0]["role"] != "system":  # tool chats have their system turn already
-        if rng.random() < MULTI_TURN_RATE:
+        if rng.random() < multi_turn:
             prev = _draw(rng.choice(["addition", "equation", "percent", "quadratic", "offdomain"]), rng, False)
             # Chat UIs keep either the whole earlier turn or only its answer; both should work.
             reply = prev.completion if rng.random() < 0.5 else prev.answer

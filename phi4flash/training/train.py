@@ -89,6 +89,9 @@ class TrainConfig:
     # Share of the tool chats that are sessions of several requests on one tool list, every reply trained
     # (data.generate's tool_sessions; 0 gives the data of the runs before it existed).
     tool_sessions: float = 0.0
+    # Share of the chats without tools that carry an earlier exchange (data.generate's multi_turn): many tool
+    # sessions with few plain follow-ups teach a model that a second question calls a tool even when none is listed.
+    multi_turn: float = data_mod.MULTI_TURN_RATE
     # Weight in the loss of the tokens of the tool name a thought picks ("Weather: call get_weather.", "..., a sum,
     # with add."), the one decision of a tool chat that the rest copies; 1 weighs every trained token the same.
     tool_name_weight: float = 1.0
@@ -386,7 +389,7 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
     n_examples = cfg.steps * cfg.batch_size if cfg.init_from else max(cfg.steps * cfg.batch_size,
                                                                           cfg.tokenizer_examples)
     examples = data_mod.generate(n_examples, seed=cfg.seed, split="train", weights=cfg.weights,
-                                 tool_sessions=cfg.tool_sessions)
+                                 tool_sessions=cfg.tool_sessions, multi_turn=cfg.multi_turn)
     source_summary = None
     if cfg.init_from:
         tok, config_dict, model, source_summary = _start_from(cfg.init_from)
@@ -632,6 +635,9 @@ def build_parser(prog: str = "phi4flash train") -> argparse.ArgumentParser:
     parser.add_argument("--tool-sessions", type=_share, default=defaults.tool_sessions, metavar="SHARE",
                         help="share of the tool chats that are sessions of several requests on one tool list, "
                              "every reply trained (0 to 1)")
+    parser.add_argument("--multi-turn", type=_share, default=defaults.multi_turn, metavar="SHARE",
+                        help="share of the chats without tools that carry an earlier exchange before the "
+                             "question (0 to 1)")
     parser.add_argument("--tool-name-weight", type=_weight, default=defaults.tool_name_weight, metavar="W",
                         help="weight in the loss of the tool name that a thought picks before a call "
                              "(1: every trained token the same)")
@@ -694,8 +700,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes or None, seed=args.seed, batch_size=args.batch_size,
                       lr=args.lr, threads=args.threads, bf16=args.bf16, compile=not args.no_compile, model=model,
                       vocab_size=args.vocab_size, init_from=args.init_from, weights=args.mix,
-                      tool_sessions=args.tool_sessions, tool_name_weight=args.tool_name_weight,
-                      tool_argument_weight=args.tool_argument_weight)
+                      tool_sessions=args.tool_sessions, multi_turn=args.multi_turn,
+                      tool_name_weight=args.tool_name_weight, tool_argument_weight=args.tool_argument_weight)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = shlex.join(["phi4flash", "train", *(argv if argv is not None else sys.argv[1:])])
     result = train(cfg, out, progress=True, command=command)
