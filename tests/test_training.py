@@ -278,8 +278,8 @@ def test_training_runs_end_to_end_and_the_loss_goes_down(tmp_path: Path, monkeyp
         return batches
 
     monkeypatch.setattr(train_mod, "make_batches", batches_seen)
-    # at most 2,048 tokens a batch: inductor's C++ code also splits its graphs at 4,096 elements per row of a
-    # reduction, which real batches cross (measured: four graphs at most, in a real run's 1-2 minutes of compile)
+    # at most 2,048 tokens a batch keeps the run short (inductor's split of its sums at 4,096 elements no longer
+    # splits the graphs: test_training_compiles_sum_without_size_guards)
     # float32 on every CPU, so that the run takes the same time wherever CI runs (bfloat16 products are slow without
     # AVX512-BF16 or AMX); test_the_training_forward_traces_as_one_graph covers bfloat16 autocast's graph
     cfg = TrainConfig(steps=30, minutes=None, batch_size=8, batch_tokens=2048, lr=5e-3, warmup_steps=3,
@@ -468,6 +468,27 @@ def test_training_kernels_swap_the_attention_in_and_back_out() -> None:
     with _training_kernels():
         assert model_mod.differential_attention is training_attention
     assert model_mod.differential_attention is ops.differential_attention
+
+
+@pytest.mark.parametrize("guarded", [False, True], ids=["training", "inductor's default"])
+def test_training_compiles_sum_without_size_guards(guarded: bool) -> None:
+    """Inside the training kernels a float32 sum over batch x length compiles once for sizes on both sides of
+    inductor's 4,096-element chunking (and sums as well); with the guard (inductor's default), twice."""
+    from torch._dynamo.utils import counters
+
+    from phi4flash.training.train import _training_kernels
+
+    def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+        return (x * x).sum((0, 1))  # as the gradient of a per-channel weight sums over the whole batch
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(sum_of_squares, dynamic=True)
+    with torch._inductor.config.patch(force_disable_caches=True), _training_kernels(guarded_sums=guarded):
+        for batch, length in ((20, 50), (50, 100), (30, 100), (60, 150)):
+            x = torch.randn(batch, length, 3, generator=torch.Generator().manual_seed(length))
+            torch.testing.assert_close(compiled(x), sum_of_squares(x.double()).float(), rtol=1e-5, atol=0)
+    assert counters["stats"]["unique_graphs"] == (2 if guarded else 1), counters["stats"]
 
 
 def test_the_training_forward_of_a_long_batch_traces_as_one_graph() -> None:

@@ -81,7 +81,7 @@ class TrainConfig:
     # bfloat16 autocast (None: where the CPU multiplies bfloat16 in hardware, see qkernels.cpu_multiplies_bfloat16;
     # float32 elsewhere, where PyTorch's bfloat16 matrix products are 4-117x slower than float32's).
     bf16: bool | None = None
-    # torch.compile the model's training forward and backward (a handful of graphs for every batch shape; see
+    # torch.compile the model's training forward and backward (three graphs for every batch shape; see
     # _compiled): its first steps also compile, inside the time budget.
     compile: bool = True
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
@@ -131,7 +131,44 @@ def precision_name(bf16: bool) -> str:
 
 
 @contextlib.contextmanager
-def _training_kernels() -> Iterator[None]:
+def _sums_without_size_guards() -> Iterator[None]:
+    """While compiling, sum float32 reductions over batch x length in inductor's 4,096-element chunks whatever
+    the size, instead of asking whether the batch's size passes 4,096 elements.
+
+    Inductor's C++ backend chunks a float32 sum only above 4,096 elements, and under dynamic shapes that
+    question becomes a guard on batch x length: every attention branch then compiles twice (batches of at most
+    4,096 tokens and more; the gradients of the per-channel weights sum over every token). Chunking those sums
+    always (what it does for any large sum) keeps one graph per branch: 3 cold compiles instead of 6. Sums over
+    one dimension keep inductor's choice: chunking the ones over the length alone too made steps 5% slower
+    (benchmarks/bench_train_graphs.py). Without the private hook (another torch), compiles are as before.
+    """
+    try:
+        import sympy
+        from torch._inductor.codegen import cpp
+    except ImportError:  # pragma: no cover - a torch without inductor's C++ backend
+        yield
+        return
+    original = getattr(cpp.CppKernel, "need_use_acc_helper", None)
+    if original is None:  # pragma: no cover - another torch
+        yield
+        return
+
+    def need_use_acc_helper(self: Any, reduction_type: str, dtype: torch.dtype, use_scalar: bool) -> bool:
+        if reduction_type == "sum" and dtype == torch.float:
+            size = sympy.sympify(math.prod(self.call_ranges[self.reduction_depth:]))
+            if len(size.free_symbols) >= 2:  # batch x length
+                return True
+        return original(self, reduction_type, dtype, use_scalar)
+
+    cpp.CppKernel.need_use_acc_helper = need_use_acc_helper
+    try:
+        yield
+    finally:
+        cpp.CppKernel.need_use_acc_helper = original
+
+
+@contextlib.contextmanager
+def _training_kernels(guarded_sums: bool = False) -> Iterator[None]:
     """Use :func:`training_scan` and :func:`training_attention` inside the model while training; the masked
     calls that the training attention leaves to the model (the sliding-window layers on batches longer than the
     window) take the explicit matmuls below :data:`TRAINING_FUSED_MIN_QUERIES` queries and SDPA from there on.
@@ -143,6 +180,8 @@ def _training_kernels() -> Iterator[None]:
     SDPA's fused CPU kernel (forward and backward) is slower than the explicit matmuls for batches of about 128
     tokens and faster from about 200 on (2026-12-01: 1.15 vs 1.05 s a step at 80 x 128 tokens, 1.05 vs 1.13 s
     at 40 x 256, 1.19 vs 1.6 s at 20 x 512). All are swapped in and back out.
+
+    Compiles inside it sum without size guards (:func:`_sums_without_size_guards`) unless ``guarded_sums``.
     """
     from .. import model as model_mod
     from .. import ops
@@ -157,7 +196,8 @@ def _training_kernels() -> Iterator[None]:
         setattr(model_mod, n, fn)
     ops.FUSED_MIN_QUERIES = TRAINING_FUSED_MIN_QUERIES
     try:
-        yield
+        with contextlib.nullcontext() if guarded_sums else _sums_without_size_guards():
+            yield
     finally:
         for n, fn in saved.items():
             setattr(model_mod, n, fn)
@@ -517,9 +557,10 @@ def train_step(forward: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.
 def _compiled(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``model`` under torch.compile with dynamic shapes, where static shapes would compile once per batch length.
 
-    A handful of graphs take every batch: one per attention branch (under or over the training attention's 256
-    queries and the 512-token window) and per side of inductor's 4,096-element split of its reductions. The
-    model's attention modules stop splitting long batches into query blocks (see below).
+    Three graphs take every batch, one per attention branch (under the training attention's 192 queries, up to
+    the 512-token window, beyond it), inside :func:`_training_kernels` (outside it, each branch twice: both sides
+    of inductor's 4,096-element split of its sums). The model's attention modules stop splitting long batches into
+    query blocks (see below).
     """
     from .. import native
 
