@@ -41,7 +41,8 @@ def _batches(tok: Tokenizer, count: int, seed: int, weights: dict[str, float] | 
     return batches[:count]
 
 
-def _trainer(tok: Tokenizer, compiled: bool, bf16: bool) -> Callable[[Batch], float]:
+def _trainer(tok: Tokenizer, compiled: bool, bf16: bool, loss_positions_only: bool = True
+             ) -> Callable[[Batch], float]:
     torch.manual_seed(0)
     model = Phi4FlashForCausalLM(Phi4FlashConfig.from_dict(model_config(tok, **train_mod.DEFAULT_MODEL)))
     model.init_weights(std=0.02)
@@ -50,7 +51,8 @@ def _trainer(tok: Tokenizer, compiled: bool, bf16: bool) -> Callable[[Batch], fl
     forward = train_mod._compiled(model) if compiled else model
 
     def step(batch: Batch) -> float:
-        return train_mod.train_step(forward, model, optimizer, *batch, bf16=bf16)
+        return train_mod.train_step(forward, model, optimizer, *batch, bf16=bf16,
+                                    loss_positions_only=loss_positions_only)
 
     return step
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,50 @@ logger = logging.getLogger(__name__)
 FP32_PARAMETERS = ("A_log", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
 
+class LossPositions(NamedTuple):
+    """The N positions of a (B, T) batch whose next-token logits a training step needs: those that carry a loss.
+
+    The cross-decoder works per token on the self-decoder's states (each GMU reads the memory at its own
+    position, each cross-attention query the shared K/V of the positions up to its own), so it and the head run
+    on these N tokens alone and the logits there are those of the whole forward; a prompt's tokens go through
+    the self-decoder only. The N tokens go on as a (B, J) grid, J = ceil(N / B), filled row by row and padded at
+    its end (so that the tokens' sizes are a product of two, as the batch's are: a compiled step does not split
+    its graph on how many there are). Build it with :meth:`from_mask`; :meth:`take` lays out targets alike.
+    """
+
+    tokens: torch.Tensor  # (B, J) row * T + position of each token (the padding repeats the first)
+    real: torch.Tensor  # (B, J) False at the padding
+    slots: torch.Tensor  # (B, K) each row's k-th token in the grid (flattened; a shorter row repeats its last)
+    positions: torch.Tensor  # (B, K) the position of each slot's token
+    back: torch.Tensor  # (B, J) each token's slot in the flattened (B * K) slots (the padding: slot 0)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> LossPositions:
+        """The positions where the (B, T) boolean ``mask`` is True; K is the most of them in one row."""
+        batch, length = mask.shape
+        device = mask.device
+        counts = mask.sum(1)  # (B,)
+        flat = mask.flatten().nonzero().squeeze(1)  # (N,) row by row
+        n = flat.numel()
+        per_row = max(-(-n // batch), 1)
+        pad = batch * per_row - n
+        tokens = torch.cat([flat, flat[:1].expand(pad) if n else flat.new_zeros(pad)])  # (B * J,)
+        starts = counts.cumsum(0) - counts  # (B,) each row's first token in the grid
+        width = max(int(counts.max()), 1)
+        rank = torch.minimum(torch.arange(width, device=device)[None], (counts - 1).clamp(min=0)[:, None])
+        slots = (starts[:, None] + rank).clamp(max=max(n - 1, 0))  # (B, K)
+        rows = flat // length
+        back = torch.cat([rows * width + torch.arange(n, device=device) - starts[rows], flat.new_zeros(pad)])
+        real = torch.arange(batch * per_row, device=device) < n
+        return cls(tokens.view(batch, per_row), real.view(batch, per_row), slots, tokens[slots] % length,
+                   back.view(batch, per_row))
+
+    def take(self, values: torch.Tensor, fill: float | int) -> torch.Tensor:
+        """(B, T) per-position values (targets, loss weights) at the N tokens, as the logits lay them out
+        (B, J), ``fill`` at the padding."""
+        return torch.where(self.real, values.flatten()[self.tokens], fill)
+
+
 @dataclass
 class _Context:
     """Where the T new tokens sit, shared by all layers of one forward call."""
@@ -75,6 +120,8 @@ class _Context:
     # one-token decode: (ring size, each row's slot to write, position held by each slot read, whether the query
     # sees it) for the sliding layers, whose rings share one window: computed once a step, by the first of them
     ring: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # in the cross-decoder of a forward that keeps the loss positions only: the N tokens' places
+    kept: LossPositions | None = None
 
 
 # Rows are told apart by their type: torch.compile reads a slice compared by identity or isinstance as a
@@ -132,7 +179,8 @@ class Phi4FlashForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 cache: Phi4FlashCache | None = None, rows: list[int] | torch.Tensor | slice | None = None,
-                logits_to_keep: int = 0, skip_cross_decoder: bool = True, static: bool = False) -> torch.Tensor:
+                logits_to_keep: int = 0, skip_cross_decoder: bool = True, static: bool = False,
+                loss_positions: LossPositions | None = None) -> torch.Tensor:
         """Logits for the new tokens.
 
         Args:
@@ -148,12 +196,16 @@ class Phi4FlashForCausalLM(nn.Module):
             static: one-token decode whose shapes depend on the batch only, for compiled or captured graphs:
                 the caller makes sure the cache holds one more token (``cache.grow``), ``rows`` is None or a
                 slice, and the global K/V is read whole under a mask.
+            loss_positions: training without a cache: the logits of these N positions only, and the
+                cross-decoder run at them only (:class:`LossPositions`).
 
         Returns:
-            (B, T, V) float32 logits, or (B, 1, V) with ``logits_to_keep=1``.
+            (B, T, V) float32 logits, or (B, 1, V) with ``logits_to_keep=1``, or (B, J, V) at ``loss_positions``
+            (its grid of tokens: :meth:`LossPositions.take` lays out the targets alike).
         """
         last_only = logits_to_keep == 1 and skip_cross_decoder
-        hidden = self.model(input_ids, attention_mask, cache=cache, rows=rows, last_only=last_only, static=static)
+        hidden = self.model(input_ids, attention_mask, cache=cache, rows=rows, last_only=last_only, static=static,
+                            loss_positions=loss_positions)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden).float()
@@ -255,14 +307,18 @@ class Phi4FlashModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 cache: Phi4FlashCache | None = None, rows: list[int] | torch.Tensor | slice | None = None,
-                last_only: bool = False, static: bool = False, self_decoder_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, static: bool = False, self_decoder_only: bool = False,
+                loss_positions: LossPositions | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) hidden states, or (B, 1, D) when ``last_only`` (cross-decoder skip); with
         ``self_decoder_only`` the self-decoder's (B, T, D) output, un-normalised (the caches written, the
-        cross-decoder not run)."""
+        cross-decoder not run); with ``loss_positions`` (no cache) the (B, J, D) states of those N tokens, the
+        cross-decoder run at them only."""
         config = self.config
         batch, length = input_ids.shape
         device = input_ids.device
         steps = torch.arange(length, device=device)
+        if loss_positions is not None and (cache is not None or last_only or self_decoder_only):
+            raise ValueError("loss_positions is for the full forward of a training batch: no cache, all layers")
         if cache is None:
             ctx = _Context(query_pos=steps.expand(batch, length), cache=None, rows=None,
                            key_valid=None if attention_mask is None else attention_mask.to(device).bool())
@@ -297,6 +353,11 @@ class Phi4FlashModel(nn.Module):
                 # same next-token logits, at half the prefill cost.
                 x, memory = x[:, -1:], memory[:, -1:] if memory is not None else None
                 ctx = replace(ctx, query_pos=ctx.query_pos[:, -1:])
+            if loss_positions is not None and idx == config.kv_layer + 1:
+                # The same per-token argument for the loss positions: the N tokens go on alone.
+                x = x.flatten(0, 1)[loss_positions.tokens]  # (B, J, D)
+                memory = memory.flatten(0, 1)[loss_positions.tokens] if memory is not None else None
+                ctx = replace(ctx, query_pos=loss_positions.positions, kept=loss_positions)
             x, memory, shared_kv = layer(x, ctx, memory, shared_kv)
         if cache is not None:
             if _every_row(ctx.rows):
@@ -558,6 +619,11 @@ class DiffAttention(nn.Module):
                 else:
                     assert isinstance(state, GlobalKV)
                     k, v, key_pos, key_valid = self._global_keys(state, k, v, ctx)
+        if ctx.kept is not None:
+            # the kept tokens as each batch row's queries at their positions, then back to the tokens' grid
+            q = q.flatten(0, 1)[ctx.kept.slots]  # (B, K, H, Dh)
+            y = self.inner_cross_attn(q, k, v, attention_mask(ctx.query_pos, key_pos, key_valid, self.window))
+            return self.out_proj(y.flatten(0, 1)[ctx.kept.back]), None  # (B, J, D)
         if key_valid is None and t == k.shape[1] and (self.window is None or t <= self.window):
             # the queries are the keys (from position 0), without padding, and the window cuts nothing
             y = self.inner_cross_attn(q, k, v, None, causal=True)

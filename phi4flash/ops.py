@@ -205,7 +205,7 @@ FUSED_MIN_QUERIES = 32
 
 def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
                            lambda_init: float, subln_weight: torch.Tensor, eps: float,
-                           mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
+                           mask: torch.Tensor | None, causal: bool = False, always_fused: bool = False) -> torch.Tensor:
     """Differential attention with the official even/odd head pairing.
 
     Heads split into even (group 1) and odd (group 2) halves, GQA within each half: query head h uses
@@ -218,6 +218,8 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         mask: (B, 1, T, S) boolean or None (no masking at all).
         causal: with ``mask`` None, query i sees keys 0..i (queries and keys are the same positions);
             the fused kernel then skips the masked blocks.
+        always_fused: SDPA's fused kernels whatever the count of queries (by default from
+            :data:`FUSED_MIN_QUERIES` on).
 
     Returns:
         (B, T, H * Dh) in q's dtype.
@@ -229,7 +231,7 @@ def differential_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     # group 0: even heads with even kv heads; group 1: odd with odd
     qs = [pairs[:, :, :, group].transpose(1, 2) for group in (0, 1)]  # (B, H/2, T, Dh) each
     scale = 1.0 / math.sqrt(dh)
-    if t >= FUSED_MIN_QUERIES:  # many queries (prefill): the fused kernels
+    if always_fused or t >= FUSED_MIN_QUERIES:  # many queries (prefill): the fused kernels
         kv_pairs = k.view(b, s, hkv // 2, 2, dh)
         ks = [kv_pairs[:, :, :, group].transpose(1, 2) for group in (0, 1)]  # (B, Hkv/2, S, Dh) each
         # Zero-padding q and k to V's width 2Dh leaves every score unchanged and lets SDPA take its fused

@@ -219,9 +219,9 @@ def test_tool_names_weigh_more_in_the_loss_and_the_reported_loss_stays_the_plain
 
     def one_step(w: torch.Tensor | None) -> tuple[float, torch.Tensor]:
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))
+        model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))  # logits at every position
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        loss = train_step(model, model, optimizer, x, y, w, bf16=False, grad_clip=100.0)
+        loss = train_step(model, model, optimizer, x, y, w, bf16=False, grad_clip=100.0, loss_positions_only=False)
         return loss, model[1].weight.detach().clone()
 
     plain_loss, plain = one_step(None)
@@ -397,21 +397,24 @@ def test_the_mix_option_changes_the_named_families_and_keeps_the_others(
         assert says in capsys.readouterr().err, bad
 
 
+@pytest.mark.parametrize("loss_positions", [False, True], ids=["every position", "loss positions"])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_the_training_forward_traces_as_one_graph(bf16: bool) -> None:
+def test_the_training_forward_traces_as_one_graph(bf16: bool, loss_positions: bool) -> None:
     """The compiled training step sees the whole forward: a graph break inside the layer loop makes dynamo skip the
     loop's frame (the run then goes eagerly, layer by layer, with a recompile per layer kind). Under bfloat16
     autocast, a CPU-feature check in the Mamba layer's products once did that on every CPU."""
     from model_helpers import tiny_model
 
+    from phi4flash.model import LossPositions
     from phi4flash.training.train import _training_kernels
 
     native.ready()  # as the compiled step loads the kernels before tracing (a first load splits the graph)
     model = tiny_model().train()
     x = torch.randint(0, 100, (2, 24))
+    kwargs = {"loss_positions": LossPositions.from_mask(_random_loss_mask(2, 24, 0))} if loss_positions else {}
     torch._dynamo.reset()
     with _training_kernels(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        explanation = torch._dynamo.explain(model)(x)
+        explanation = torch._dynamo.explain(model)(x, **kwargs)
     assert explanation.graph_break_count == 0, [str(reason) for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
 
@@ -507,3 +510,91 @@ def test_the_training_forward_of_a_long_batch_traces_as_one_graph() -> None:
         explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, [str(reason) for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+def test_loss_positions_take_every_marked_token_once_row_by_row() -> None:
+    from phi4flash.model import LossPositions
+
+    mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    kept = LossPositions.from_mask(mask)
+    assert kept.tokens.tolist() == [[1, 2], [4, 13], [14, 1]]  # 5 tokens on a 3 x 2 grid, one of padding
+    assert kept.real.tolist() == [[True, True], [True, True], [True, False]]
+    assert kept.positions[0].tolist() == [1, 2, 4] and kept.positions[2].tolist() == [3, 4, 4]  # the last repeated
+    assert kept.slots.shape == (3, 3)
+    assert torch.equal(kept.slots.flatten()[kept.back[kept.real]], torch.arange(5))  # back undoes the slots
+    targets = torch.arange(15).view(3, 5)
+    assert kept.take(targets, -100).tolist() == [[1, 2], [4, 13], [14, -100]]
+
+
+def _random_loss_mask(batch: int, length: int, seed: int) -> torch.Tensor:
+    """Rows with a prompt, then trained tokens here and there; the second row has none, the last is trained from
+    its middle to its end."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, length, generator=g) < 0.6
+    mask[:, :3] = False
+    mask[1] = False
+    mask[-1, length // 2:] = True
+    return mask
+
+
+@pytest.mark.parametrize("length", [6, 30], ids=["within the window", "beyond the window"])
+@pytest.mark.parametrize("training_kernels", [False, True], ids=["model's attention", "training kernels"])
+def test_the_forward_at_the_loss_positions_gives_the_whole_forwards_logits_and_gradients(
+        length: int, training_kernels: bool) -> None:
+    """The cross-decoder works per token, so running it (and the head) at the loss positions only changes no
+    logit there and no gradient."""
+    import contextlib
+
+    from model_helpers import tiny_model
+
+    from phi4flash.model import LossPositions
+    from phi4flash.training.train import _training_kernels
+
+    model = tiny_model().double().train()
+    x = torch.randint(0, 100, (4, length), generator=torch.Generator().manual_seed(length))
+    kept = LossPositions.from_mask(_random_loss_mask(4, length, length))
+    weights = torch.randn(int(kept.real.sum()), 101, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    with _training_kernels() if training_kernels else contextlib.nullcontext():
+        for positions in (None, kept):
+            model.zero_grad()
+            logits = model(x) if positions is None else model(x, loss_positions=positions)
+            picked = (logits.flatten(0, 1)[kept.tokens[kept.real]] if positions is None
+                      else logits[kept.real])  # (N, V)
+            (picked * weights).sum().backward()
+            results.append((picked.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (whole, whole_grads), (kept_logits, kept_grads) = results
+    torch.testing.assert_close(kept_logits, whole, rtol=1e-6, atol=1e-6)  # the head's logits are float32
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_a_training_step_at_the_loss_positions_gives_the_same_loss_and_gradients() -> None:
+    from model_helpers import tiny_model
+
+    x = torch.randint(0, 100, (3, 20), generator=torch.Generator().manual_seed(2))
+    mask = _random_loss_mask(3, 20, 2)
+    y = torch.where(mask, torch.randint(0, 100, (3, 20), generator=torch.Generator().manual_seed(3)), -100)
+    weights = mask.double() * (1 + torch.arange(20, dtype=torch.float64) % 3)
+    seen = []
+    for loss_positions_only in (False, True):
+        model = tiny_model().double().train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = train_step(model, model, optimizer, x, y, weights, bf16=False, grad_clip=1e9,
+                          loss_positions_only=loss_positions_only)
+        seen.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    assert seen[0][0] == pytest.approx(seen[1][0], rel=1e-6)  # the loss is taken on float32 logits
+    for name, grad in seen[0][1].items():
+        torch.testing.assert_close(seen[1][1][name], grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_loss_positions_are_for_the_full_forward_only() -> None:
+    from model_helpers import tiny_model
+
+    from phi4flash.model import LossPositions
+
+    model = tiny_model()
+    x = torch.randint(0, 100, (1, 5))
+    kept = LossPositions.from_mask(torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="loss_positions is for the full forward"):
+        model(x, cache=model.new_cache(1, 8), loss_positions=kept)

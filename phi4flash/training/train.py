@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from ..cli import HelpFormatter
+from ..model import LossPositions
 from ..qkernels import cpu_multiplies_bfloat16
 from ..tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from . import data as data_mod
@@ -518,9 +519,10 @@ def _train(cfg: TrainConfig, out: Path, progress: bool, command: str) -> TrainRe
     return TrainResult(out, losses, train_seconds, n_params, summary)
 
 
-def train_step(forward: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module,
+def train_step(forward: Callable[..., torch.Tensor], model: torch.nn.Module,
                optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               weights: torch.Tensor | None = None, *, bf16: bool = True, grad_clip: float = 1.0) -> float:
+               weights: torch.Tensor | None = None, *, bf16: bool = True, grad_clip: float = 1.0,
+               loss_positions_only: bool = True) -> float:
     """One optimizer step of ``phi4flash train`` (the benchmarks time this same function).
 
     Args:
@@ -532,21 +534,28 @@ def train_step(forward: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.
         weights: ``(batch, length)`` weight of each target in the loss, or None for the plain mean.
         bf16: run the forward under bfloat16 autocast.
         grad_clip: the gradients' largest total norm.
+        loss_positions_only: run the cross-decoder and the head at the targets' positions only (the same
+            logits there, less work: :class:`phi4flash.model.LossPositions`); False runs them everywhere.
 
     Returns:
         The batch's mean cross-entropy over its targets, unweighted (comparable between runs).
     """
+    targets, w = y.reshape(-1), None if weights is None else weights.reshape(-1)
+    kept = LossPositions.from_mask(y != -100) if loss_positions_only else None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = forward(x)  # (batch, length, vocab)
-    flat = logits.float().view(-1, logits.shape[-1])  # (batch * length, vocab)
-    if weights is None:
-        loss = F.cross_entropy(flat, y.view(-1), ignore_index=-100)
+        if kept is not None and bool(kept.real.any()):
+            logits = forward(x, loss_positions=kept)  # (batch, about N / batch, vocab)
+            targets, w = kept.take(y, -100).reshape(-1), None if weights is None else kept.take(weights, 0).reshape(-1)
+        else:
+            logits = forward(x)  # (batch, length, vocab)
+    flat = logits.float().view(-1, logits.shape[-1])  # (positions, vocab)
+    if w is None:
+        loss = F.cross_entropy(flat, targets, ignore_index=-100)
         reported = loss
     else:
-        per_token = F.cross_entropy(flat, y.view(-1), ignore_index=-100, reduction="none")  # 0 where y is -100
-        w = weights.view(-1)
+        per_token = F.cross_entropy(flat, targets, ignore_index=-100, reduction="none")  # 0 where y is -100
         loss = (per_token * w).sum() / w.sum()
-        reported = per_token.detach().sum() / (y != -100).sum()
+        reported = per_token.detach().sum() / (targets != -100).sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
