@@ -573,7 +573,8 @@ def test_a_training_step_at_the_loss_positions_gives_the_same_loss_and_gradients
     from model_helpers import tiny_model
 
     x = torch.randint(0, 100, (3, 20), generator=torch.Generator().manual_seed(2))
-    mask = _random_loss_mask(3, 20, 2)
+    mask = _random_loss_mask(3, 20, 3)
+    assert int(mask.sum()) % 3, "the grid of loss positions should end in padding, which must carry no loss"
     y = torch.where(mask, torch.randint(0, 100, (3, 20), generator=torch.Generator().manual_seed(3)), -100)
     weights = mask.double() * (1 + torch.arange(20, dtype=torch.float64) % 3)
     seen = []
@@ -586,6 +587,30 @@ def test_a_training_step_at_the_loss_positions_gives_the_same_loss_and_gradients
     assert seen[0][0] == pytest.approx(seen[1][0], rel=1e-6)  # the loss is taken on float32 logits
     for name, grad in seen[0][1].items():
         torch.testing.assert_close(seen[1][1][name], grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_the_cross_attention_at_the_loss_positions_compiles_once_for_any_count_of_queries() -> None:
+    """Batches whose most loss positions in a row fall on both sides of TRAINING_FUSED_MIN_QUERIES share one
+    graph: the masked cross-attention at the loss positions takes the fused kernel whatever the count."""
+    from model_helpers import tiny_model
+    from torch._dynamo.utils import counters
+
+    from phi4flash.model import LossPositions
+    from phi4flash.training.train import TRAINING_FUSED_MIN_QUERIES, _training_kernels
+
+    native.ready()
+    model = tiny_model(sliding_window=512).train()
+    forward = torch.compile(model, dynamic=True, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    with _training_kernels(), torch.no_grad():
+        for length, trained_from in ((300, 200), (320, 20)):  # 100 and 300 loss positions in a row
+            mask = torch.zeros(2, length, dtype=torch.bool)
+            mask[:, trained_from:] = True
+            kept = LossPositions.from_mask(mask)
+            assert (kept.slots.shape[1] >= TRAINING_FUSED_MIN_QUERIES) == (trained_from == 20)
+            forward(torch.randint(0, 100, (2, length)), loss_positions=kept)
+    assert counters["stats"]["unique_graphs"] == 1, counters["stats"]
 
 
 def test_loss_positions_are_for_the_full_forward_only() -> None:

@@ -42,10 +42,9 @@ def training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: t
     """
     b, t, h, dh = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    if mask is not None and s != t:
-        return ops.differential_attention(q, k, v, lam, lambda_init, subln_weight, eps, mask, always_fused=True)
     if mask is not None or not causal or s != t:
-        return ops.differential_attention(q, k, v, lam, lambda_init, subln_weight, eps, mask, causal)
+        return ops.differential_attention(q, k, v, lam, lambda_init, subln_weight, eps, mask, causal,
+                                          always_fused=mask is not None and s != t)
     pairs, g = hkv // 2, h // hkv  # kv pairs; query heads per kv head within a head group
     # Query head 2j + group (pair-index j = p g + i) scores key head 2p + group and sums the pair's values
     # [V_2p || V_2p+1]; both groups' queries, by kv pair: (B, P, 2, g, T, Dh).

@@ -540,14 +540,13 @@ def train_step(forward: Callable[..., torch.Tensor], model: torch.nn.Module,
     Returns:
         The batch's mean cross-entropy over its targets, unweighted (comparable between runs).
     """
-    targets, w = y.reshape(-1), None if weights is None else weights.reshape(-1)
-    kept = LossPositions.from_mask(y != -100) if loss_positions_only else None
+    trained = y != -100
+    kept = LossPositions.from_mask(trained) if loss_positions_only and bool(trained.any()) else None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        if kept is not None and bool(kept.real.any()):
-            logits = forward(x, loss_positions=kept)  # (batch, about N / batch, vocab)
-            targets, w = kept.take(y, -100).reshape(-1), None if weights is None else kept.take(weights, 0).reshape(-1)
-        else:
-            logits = forward(x)  # (batch, length, vocab)
+        # (batch, length, vocab), or (batch, about N / batch, vocab) at the N loss positions
+        logits = forward(x) if kept is None else forward(x, loss_positions=kept)
+    targets = (y if kept is None else kept.take(y, -100)).reshape(-1)
+    w = None if weights is None else (weights if kept is None else kept.take(weights, 0)).reshape(-1)
     flat = logits.float().view(-1, logits.shape[-1])  # (positions, vocab)
     if w is None:
         loss = F.cross_entropy(flat, targets, ignore_index=-100)
