@@ -213,6 +213,38 @@ class Constraint:
                                self.matcher.get_error().splitlines()[0])
         self._seen = len(generated_ids)
 
+    def canonical(self, generated_ids: Sequence[int], token: int) -> int:
+        """The token to emit for ``token``, sampled after ``generated_ids``: where the grammar forces the text
+        that follows ``token``, the longer token that the tokenizer writes for the start of the two together,
+        else ``token``. The text is the same either way.
+
+        The model picks ``", "`` and the grammar then forces ``description": "`` (the only key left); the
+        tokenizer writes ``", "description": "`` as one token, and that is all the model saw in training, so
+        without this the forced text would come in tokens it never saw there, and the copy that follows them
+        (the description itself) goes wrong more often.
+        """
+        self.follow(generated_ids)
+        if self.matcher.is_error():
+            return token
+        after = self.matcher.deep_copy()
+        if not after.consume_token(token):
+            return token
+        forced = after.compute_ff_bytes().split(b"\xff", 1)[0]  # (an added token, such as <|/tool_call|>, ends it)
+        head = self.vocab.tokens[token]
+        if not forced or token in self.vocab.special_token_ids:
+            return token
+        try:
+            ids = self.vocab((head + forced).decode())
+        except UnicodeDecodeError:  # a token that ends inside a character: the tokenizer cannot take its text
+            return token
+        if not ids or ids[0] == token:
+            return token
+        longer = self.vocab.tokens[ids[0]]
+        if len(longer) <= len(head) or not longer.startswith(head) or not self.matcher.deep_copy().consume_token(
+                ids[0]):
+            return token
+        return ids[0]
+
     def narrowed(self, logits: torch.Tensor, allowed: np.ndarray) -> list[int] | None:
         """The only tokens allowed next when more than the grammar decides, else None (the grammar's mask).
 

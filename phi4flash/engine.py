@@ -472,6 +472,8 @@ class LocalEngine:
                 logits = logits.index_fill(0, self._stop_index, float("-inf"))
             previous = [request.prompt_ids + request.generated] if config.repetition_penalty != 1.0 else None
             token = int(request.sampler(logits[None], previous)[0])
+        if config.constraint is not None and token not in self.stop_token_ids:
+            token = config.constraint.canonical(request.generated, token)  # the forced text in trained tokens
         if token in self.stop_token_ids:
             request.recorder.token(request.channel)
             self._finish(request, "stop")

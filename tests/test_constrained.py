@@ -316,3 +316,76 @@ def test_low_budget_ends_a_number_that_would_never_end(schema):
     text = tok.decode(ids, skip_special_tokens=True)
     assert "7777" in text  # the digits ran until the budget made them stop
     jsonschema.validate(json.loads(text), schema)
+
+
+REGISTER = [{"type": "function", "function": {"name": "register", "parameters": {
+    "type": "object", "properties": {"name": {"type": "string"}, "description": {"type": "string"}},
+    "required": ["name", "description"]}}}]
+CALL_HEAD = '<think>ok</think><|tool_call|>[{"name": "register", "arguments": {"name": "Zed'
+
+
+def _merged_key_tokens(tok: ChatTokenizer) -> tuple[int, int]:
+    """The embedded tokenizer's token for '", "' and its one token for '", "description": "' (what training saw)."""
+    (short,) = tok.encode('", "')
+    (merged,) = tok.encode('", "description": "')
+    return short, merged
+
+
+def test_a_token_followed_by_forced_text_becomes_the_token_the_tokenizer_writes_for_both():
+    """After the name's value the grammar forces `description": "` (the only key left): the model's '", "' is
+    emitted as the tokenizer's one token for '", "description": "', the same text in the tokens it was trained on;
+    a token that nothing forced text follows stays as the model picked it."""
+    tok = ChatTokenizer.from_pretrained(EMBEDDED_DIR)
+    short, merged = _merged_key_tokens(tok)
+    for required in (True, False):
+        constraint = constraint_for(tok, tools=REGISTER, max_new_tokens=200, required=required)
+        head = tok.encode(CALL_HEAD)
+        assert constraint.canonical(head, short) == merged
+        assert tok.decode([*head, merged]) == tok.decode([*head, short]) + 'description": "'  # the same text
+        (letter,) = tok.encode("e")
+        assert constraint.canonical(head, letter) == letter  # the value goes on: nothing forced after it
+        (close,) = tok.encode('"}}]')
+        done = tok.encode(CALL_HEAD + '", "description": "a bank')
+        # '"}}]' is followed by the added token <|/tool_call|>, which is never merged
+        assert constraint_for(tok, tools=REGISTER, max_new_tokens=200).canonical(done, close) == close
+    # a key that the tokenizer does not merge with '", "' is forced in its own tokens, as before
+    other = [{"type": "function", "function": {"name": "register", "parameters": {
+        "type": "object", "properties": {"name": {"type": "string"}, "zqx": {"type": "string"}},
+        "required": ["name", "zqx"]}}}]
+    assert constraint_for(tok, tools=other, max_new_tokens=200).canonical(tok.encode(CALL_HEAD), short) == short
+
+
+def test_the_engine_emits_the_merged_token_where_the_model_picks_the_short_one():
+    """Through LocalEngine: a model that prefers '", "' wherever the grammar allows it writes the call with the
+    merged key token, never '", "' and then the forced key in its own tokens."""
+    from model_helpers import tiny_model
+
+    from phi4flash import GenerationConfig, LocalEngine
+
+    tok = ChatTokenizer.from_pretrained(EMBEDDED_DIR)
+    short, merged = _merged_key_tokens(tok)
+    (open_id,) = tok.encode("<|tool_call|>")
+    head = tok.encode('[{"name": "register", "arguments": {"name": "')
+
+    def prefer_the_call_then_the_short_token(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        wanted = [short, open_id, *head]
+        for token in wanted:  # the first of these that the grammar allows now
+            if logits[token] > float("-inf"):
+                logits[token] = logits.max() + 50.0
+                break
+        return logits
+
+    engine = LocalEngine(tiny_model(vocab_size=tok.vocab_size, context_length=400), tok, max_batch=1)
+    try:
+        constraint = constraint_for(tok, tools=REGISTER, max_new_tokens=60, max_reasoning_tokens=0)
+        config = GenerationConfig(temperature=0, max_new_tokens=60, constraint=constraint,
+                                  logits_processor=prefer_the_call_then_the_short_token)
+        done = engine.generate([{"role": "user", "content": "Register Zed, a bank."}], config)
+    finally:
+        engine.close()
+    ids = done.token_ids
+    assert merged in ids, tok.decode(ids)
+    assert not any(a == short and tok.decode([b]).startswith("description") for a, b in zip(ids, ids[1:], strict=False))
+    call = json.loads(done.answer.split("<|tool_call|>")[-1].split("<|/tool_call|>")[0])
+    assert call[0]["name"] == "register" and set(call[0]["arguments"]) == {"name", "description"}

@@ -389,6 +389,12 @@ def test_the_mix_option_changes_the_named_families_and_keeps_the_others(
         with pytest.raises(SystemExit):
             main([*argv, "--tool-name-weight", bad])
         assert "expected a number >= 1" in capsys.readouterr().err, bad
+    assert cfg.warmup_steps == TrainConfig().warmup_steps
+    assert _run_command([*argv, "--warmup-steps", "5"], monkeypatch)[0].warmup_steps == 5
+    for bad in ("-1", "2.5", "few"):
+        with pytest.raises(SystemExit):
+            main([*argv, "--warmup-steps", bad])
+        assert "expected a whole number >= 0" in capsys.readouterr().err, bad
     for bad, says in (("tools=0.3", "FAMILY one of addition"), ("tool:0.3", "FAMILY=WEIGHT"),
                       ("tool=lots", "must be a number"), ("tool=-1", ">= 0"),
                       (",".join(f"{f}=0" for f in data.DEFAULT_WEIGHTS), "every family a weight of 0")):

@@ -664,6 +664,8 @@ def build_parser(prog: str = "phi4flash train") -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data, tokenizer and weights")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="most chats per optimizer step")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (warmup, then cosine)")
+    parser.add_argument("--warmup-steps", type=_count, default=defaults.warmup_steps,
+                        help="steps of linear warmup to the peak learning rate (a short continuation wants few)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="train under bfloat16 autocast, or in float32 (--no-bf16); default: bfloat16 where the "
@@ -714,6 +716,13 @@ _share = _number_type("a number between 0 and 1", lambda value: 0 <= value <= 1)
 _weight = _number_type("a number >= 1", lambda value: value >= 1)  # a loss weight
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
+    return int(text)
+
+
 def parse_mix(text: str) -> dict[str, float]:
     """``"tool=0.3,percent=0.15"`` -> the default family mix with those shares changed.
 
@@ -747,7 +756,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = dict(DEFAULT_MODEL, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
                  num_hidden_layers=args.layers)
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes or None, seed=args.seed, batch_size=args.batch_size,
-                      lr=args.lr, threads=args.threads, bf16=args.bf16, compile=not args.no_compile, model=model,
+                      lr=args.lr, warmup_steps=args.warmup_steps, threads=args.threads, bf16=args.bf16,
+                      compile=not args.no_compile, model=model,
                       vocab_size=args.vocab_size, init_from=args.init_from, weights=args.mix,
                       tool_sessions=args.tool_sessions, multi_turn=args.multi_turn,
                       tool_name_weight=args.tool_name_weight, tool_argument_weight=args.tool_argument_weight)

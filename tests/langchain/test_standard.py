@@ -2,7 +2,8 @@
 
 CPU: the embedded model (or a tiny random engine before it ships); every test of both suites must pass on it,
 with no expected failures (the last, the CJK customer name of ``test_unicode_tool_call_integration``, passes
-since the tool-heavy continuations, and with the eleventh run that replaced them: docs/embedded.md). The
+since the tool-heavy continuations, and with the eleventh run and the sixteenth run continued that replaced
+them: docs/embedded.md). The
 real-weights class runs on CUDA only, where a test that checks what a reasoning model would *choose to say* is
 xfailed with the reason.
 """
