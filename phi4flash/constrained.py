@@ -224,15 +224,15 @@ class Constraint:
         (the description itself) goes wrong more often.
         """
         self.follow(generated_ids)
-        if self.matcher.is_error():
+        if self.matcher.is_error() or token in self.vocab.special_token_ids:
             return token
         after = self.matcher.deep_copy()
         if not after.consume_token(token):
             return token
         forced = after.compute_ff_bytes().split(b"\xff", 1)[0]  # (an added token, such as <|/tool_call|>, ends it)
-        head = self.vocab.tokens[token]
-        if not forced or token in self.vocab.special_token_ids:
+        if not forced:
             return token
+        head = self.vocab.tokens[token]
         try:
             ids = self.vocab((head + forced).decode())
         except UnicodeDecodeError:  # a token that ends inside a character: the tokenizer cannot take its text

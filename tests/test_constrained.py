@@ -347,7 +347,14 @@ def test_a_token_followed_by_forced_text_becomes_the_token_the_tokenizer_writes_
         (close,) = tok.encode('"}}]')
         done = tok.encode(CALL_HEAD + '", "description": "a bank')
         # '"}}]' is followed by the added token <|/tool_call|>, which is never merged
-        assert constraint_for(tok, tools=REGISTER, max_new_tokens=200).canonical(done, close) == close
+        ending = constraint_for(tok, tools=REGISTER, max_new_tokens=200, required=required)
+        assert ending.canonical(done, close) == close
+        # the closing quote takes the forced text up to the added token: '"}}]' when this call must be the only
+        # one, '"}}' when another may follow (", {" could still come)
+        (quote,) = tok.encode('"')
+        (closing,) = tok.encode('"}}]' if required else '"}}')
+        assert constraint_for(tok, tools=REGISTER, max_new_tokens=200, required=required).canonical(
+            done, quote) == closing
     # a key that the tokenizer does not merge with '", "' is forced in its own tokens, as before
     other = [{"type": "function", "function": {"name": "register", "parameters": {
         "type": "object", "properties": {"name": {"type": "string"}, "zqx": {"type": "string"}},
